@@ -1,0 +1,21 @@
+"""Backend choice: "numpy" (reference), "numba" (fast CPU) or "cupy" (GPU), from the input array."""
+from __future__ import annotations
+
+BACKENDS = ("auto", "numpy", "numba", "cupy")
+
+
+def is_cupy(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def select(backend: str, *arrays) -> str:
+    """Resolve ``backend`` for the given arrays; "auto" follows where the data lives."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_gpu = any(is_cupy(a) for a in arrays)
+    if backend == "auto":
+        return "cupy" if on_gpu else "numba"
+    if on_gpu != (backend == "cupy"):
+        where = "CuPy (GPU)" if on_gpu else "NumPy (CPU)"
+        raise ValueError(f"backend {backend!r} cannot run on {where} arrays; move the data or use backend='auto'")
+    return backend

@@ -1,0 +1,112 @@
+"""Teacher-forced perplexity with a fixed, documented protocol.
+
+Protocol (``PROTOCOL``), all in tokens of the SmolLM2 tokenizer:
+
+* corpus: the 300 Lee news articles joined by a blank line (75,678 tokens);
+  no BOS token is added (SmolLM2's own tokenizer adds none).
+* split: ``tune`` = articles 0..149, ``test`` = articles 150..299 (disjoint,
+  each tokenized on its own after joining its articles).  Use ``tune`` for any
+  choice of hyper-parameters and report final numbers on ``test`` only.
+* from each split the first ``n_tokens`` tokens are scored (default 8192).
+* windows: ``ctx`` = 512 tokens, ``stride`` = 256: window ``k`` covers
+  ``[k*stride, k*stride + ctx)`` and scores only targets not scored by the
+  previous window, so every target after the first window sees at least
+  ``ctx - stride`` tokens of context (the HF sliding-window recipe).
+  The first token of the stream is never a target.
+* ppl = exp(mean negative log-likelihood over scored targets), natural log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import numpy as np
+
+from .model import LlamaConfig, forward, infer_config
+
+__all__ = ["PROTOCOL", "Protocol", "split_tokens", "perplexity", "nll_windows",
+           "log_softmax_nll"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    ctx: int = 512
+    stride: int = 256
+    n_tokens: int = 8192
+    split_at_document: int = 150   # tune = docs[:150], test = docs[150:]
+
+
+PROTOCOL = Protocol()
+
+
+def split_tokens(split: str, n_tokens: int | None = None, documents=None,
+                 tokenizer=None, protocol: Protocol = PROTOCOL) -> np.ndarray:
+    """Token stream of the ``"tune"`` or ``"test"`` split, truncated to ``n_tokens``.
+
+    ``n_tokens=None`` means the protocol default; ``n_tokens=0`` or negative
+    means the whole split.
+    """
+    from .data import corpus_tokens, load_documents
+
+    docs = documents if documents is not None else load_documents()
+    cut = protocol.split_at_document
+    if split == "tune":
+        part = docs[:cut]
+    elif split == "test":
+        part = docs[cut:]
+    else:
+        raise ValueError("split must be 'tune' or 'test'")
+    toks = corpus_tokens(part, tokenizer)
+    n = protocol.n_tokens if n_tokens is None else int(n_tokens)
+    return toks[:n] if n > 0 else toks
+
+
+def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-row negative log-likelihood of ``targets`` under ``logits`` (float64)."""
+    z = logits.astype(np.float64, copy=False)
+    m = z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(axis=-1)) + m[:, 0]
+    return lse - z[np.arange(len(targets)), targets]
+
+
+def nll_windows(weights: Mapping[str, np.ndarray], tokens, ctx: int = PROTOCOL.ctx,
+                stride: int = PROTOCOL.stride, config: LlamaConfig | None = None,
+                n_layers: int | None = None, progress=None) -> np.ndarray:
+    """NLL (nats) of every scored target, in order (length ``len(tokens) - 1``)."""
+    toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if not (0 < stride <= ctx):
+        raise ValueError("need 0 < stride <= ctx")
+    if toks.size < 2:
+        raise ValueError("need at least 2 tokens")
+    cfg = config or infer_config(weights)
+    out = []
+    prev_end = 1          # targets [1, prev_end) already scored
+    begin = 0
+    n = toks.size
+    while prev_end < n:
+        end = min(begin + ctx, n)
+        logits = forward(weights, toks[begin:end], cfg, n_layers=n_layers)
+        # logits[j] predicts toks[begin + j + 1]; score targets t in [prev_end, end)
+        first = prev_end - begin - 1
+        tgt = toks[prev_end:end]
+        out.append(log_softmax_nll(logits[first:end - begin - 1], tgt))
+        if progress is not None:
+            progress(end, n)
+        prev_end = end
+        begin += stride
+    return np.concatenate(out)
+
+
+def perplexity(weights: Mapping[str, np.ndarray], tokens, ctx: int = PROTOCOL.ctx,
+               stride: int = PROTOCOL.stride, config: LlamaConfig | None = None,
+               n_layers: int | None = None, progress=None) -> float:
+    """exp(mean NLL) of ``tokens`` under the model given by ``weights``.
+
+    ``weights`` is the dict from :func:`eqcore.evaluation.load_gguf`, possibly
+    with any linear weights replaced (same shapes, float32).  ``config``
+    defaults to :func:`infer_config` (SmolLM2-135M head_dim/rope/eps).
+    """
+    nll = nll_windows(weights, tokens, ctx=ctx, stride=stride, config=config,
+                      n_layers=n_layers, progress=progress)
+    return float(math.exp(float(np.mean(nll))))

@@ -1,0 +1,44 @@
+"""Array interop: NumPy and CuPy pass through; torch, JAX and other DLPack arrays are
+converted without copying where possible (bfloat16 included)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import is_cupy
+from .dtypes import bfloat16
+
+
+def as_array(a):
+    """NumPy or CuPy view of ``a`` (NumPy, CuPy, torch, JAX, or any DLPack producer)."""
+    if isinstance(a, np.ndarray) or is_cupy(a):
+        return a
+    mod = type(a).__module__
+    if mod.startswith("torch"):
+        return _from_torch(a)
+    if hasattr(a, "__dlpack_device__"):
+        dev_type, _ = a.__dlpack_device__()
+        if dev_type == 1:  # kDLCPU
+            try:
+                return np.from_dlpack(a)
+            except (BufferError, TypeError, RuntimeError):
+                return np.asarray(a)  # e.g. JAX bfloat16, which NumPy's DLPack does not know
+        import cupy
+
+        return cupy.from_dlpack(a)
+    if hasattr(a, "__array__"):
+        return np.asarray(a)
+    raise TypeError(f"cannot use {type(a).__name__} as an array")
+
+
+def _from_torch(t):
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        bits = _from_torch(t.view(torch.int16))
+        return bits.view(bfloat16) if isinstance(bits, np.ndarray) else bits.view(np.uint16)
+    if t.is_cuda:
+        import cupy
+
+        return cupy.from_dlpack(t)
+    return np.from_dlpack(t)

@@ -1,0 +1,89 @@
+"""Quantization-range optimisation: the NumPy reference of EasyQuant's Adam on scales.
+
+For each row (or group of ``group_size`` input columns) with non-outlier entries x
+(outliers are zeroed, which removes them exactly: Q[0] - 0 = 0):
+
+    s0   = max|x| / qmax                      (1.0 if the group is all zero)
+    Q[x] = s * clamp(rint(x / s), qmin, qmax)  (x / s in float32, half to even)
+    L(s) = sum (Q[x] - x)^2,  dL/ds = 2 * sum (Q[x] - x) * clamp(rint(x / s))
+
+Adam runs on the relative scale u = s / s0 against the normalised loss
+L / (n * s0^2), so ``lr`` means the same for weights of any magnitude. Every step
+evaluates L at the current s = float32(u * s0) and the best scale seen (s0
+included, at step 1) is returned, never the last.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import QuantConfig
+
+
+def group_view(x: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows, cols) -> zero-padded (rows * n_groups, g) groups, their true sizes, n_groups."""
+    rows, cols = x.shape
+    g = cols if group_size is None else min(group_size, cols)
+    n_groups = -(-cols // g)
+    padded = np.zeros((rows, n_groups * g), dtype=x.dtype)
+    padded[:, :cols] = x
+    sizes = np.full(n_groups, g, dtype=np.float64)
+    sizes[-1] = cols - (n_groups - 1) * g
+    return padded.reshape(rows * n_groups, g), np.tile(sizes, rows), n_groups
+
+
+def codes_reference(x: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Signed codes clamp(rint(x / s)) as float32; x and s float32, s broadcastable."""
+    return np.clip(np.rint(x / s), qmin, qmax)
+
+
+def initial_scales(absmax: np.ndarray, qmax: int) -> np.ndarray:
+    """Vectorised :func:`eqcore.rowmath.initial_scale` (float64)."""
+    s0 = absmax.astype(np.float64) / qmax
+    return np.where((s0 > 0) & np.isfinite(s0), s0, 1.0)
+
+
+def optimize_scales_reference(x: np.ndarray, config: QuantConfig) -> np.ndarray:
+    """Best scales (rows, n_groups) float32 for float32 ``x`` with outliers zeroed."""
+    rows = x.shape[0]
+    xg, n, n_groups = group_view(np.asarray(x, dtype=np.float32), config.group_size)
+    qmin, qmax = config.qmin, config.qmax
+    s0 = initial_scales(np.abs(xg).max(axis=1), qmax)
+    best_s = s0.astype(np.float32)
+    if config.steps == 0:
+        return best_s.reshape(rows, n_groups)
+    b1, b2 = config.betas
+    x64 = xg.astype(np.float64)
+    u = np.ones_like(s0)
+    m = np.zeros_like(s0)
+    v = np.zeros_like(s0)
+    best_loss = np.full_like(s0, np.inf)
+    for t in range(1, config.steps + 1):
+        s = (u * s0).astype(np.float32)
+        q = codes_reference(xg, s[:, None], qmin, qmax).astype(np.float64)
+        err = s.astype(np.float64)[:, None] * q - x64
+        loss = (err * err).sum(axis=1)
+        grad = 2.0 * (err * q).sum(axis=1)
+        better = loss < best_loss
+        best_loss = np.where(better, loss, best_loss)
+        best_s = np.where(better, s, best_s)
+        g = grad / (n * s0)
+        m = b1 * m + (1.0 - b1) * g
+        v = b2 * v + (1.0 - b2) * g * g
+        mhat = m / (1.0 - b1 ** t)
+        vhat = v / (1.0 - b2 ** t)
+        u = np.maximum(u - config.lr * mhat / (np.sqrt(vhat) + config.eps), 1e-3)
+    return best_s.reshape(rows, n_groups)
+
+
+def expand_scales(scales: np.ndarray, cols: int, group_size: int | None) -> np.ndarray:
+    """Per-element scales (rows, cols) from per-group scales (rows, n_groups)."""
+    g = cols if group_size is None else min(group_size, cols)
+    return np.repeat(scales, g, axis=1)[:, :cols]
+
+
+def reconstruction_loss(x: np.ndarray, scales: np.ndarray, config: QuantConfig) -> np.ndarray:
+    """Per-row sum of squared error of quantizing float32 ``x`` with ``scales``."""
+    s = expand_scales(scales, x.shape[1], config.group_size)
+    q = codes_reference(x, s, config.qmin, config.qmax)
+    err = s.astype(np.float64) * q - x.astype(np.float64)
+    return (err * err).sum(axis=1)
