@@ -25,9 +25,9 @@ def as_array(a):
         import cupy
 
         return cupy.from_dlpack(a)
-    if hasattr(a, "__array__"):
-        return np.asarray(a)
-    raise TypeError(f"cannot use {type(a).__name__} as an array")
+    if isinstance(a, (str, bytes, dict)) or a is None:
+        raise TypeError(f"expected an array, got {type(a).__name__}")
+    return np.asarray(a)  # array_like: lists, scalars, objects with __array__
 
 
 def _from_torch(t):

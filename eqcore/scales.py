@@ -36,6 +36,13 @@ def codes_reference(x: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.nd
     return np.clip(np.rint(x / s), qmin, qmax)
 
 
+def loss_and_grad(xg: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """L(s) and the paper's dL/ds = 2 sum (Q[x] - x) q for each group (row of ``xg``)."""
+    q = codes_reference(xg, s[:, None], qmin, qmax).astype(np.float64)
+    err = s.astype(np.float64)[:, None] * q - xg.astype(np.float64)
+    return (err * err).sum(axis=1), 2.0 * (err * q).sum(axis=1)
+
+
 def initial_scales(absmax: np.ndarray, qmax: int) -> np.ndarray:
     """Vectorised :func:`eqcore.rowmath.initial_scale` (float64)."""
     s0 = absmax.astype(np.float64) / qmax
@@ -52,17 +59,13 @@ def optimize_scales_reference(x: np.ndarray, config: QuantConfig) -> np.ndarray:
     if config.steps == 0:
         return best_s.reshape(rows, n_groups)
     b1, b2 = config.betas
-    x64 = xg.astype(np.float64)
     u = np.ones_like(s0)
     m = np.zeros_like(s0)
     v = np.zeros_like(s0)
     best_loss = np.full_like(s0, np.inf)
     for t in range(1, config.steps + 1):
         s = (u * s0).astype(np.float32)
-        q = codes_reference(xg, s[:, None], qmin, qmax).astype(np.float64)
-        err = s.astype(np.float64)[:, None] * q - x64
-        loss = (err * err).sum(axis=1)
-        grad = 2.0 * (err * q).sum(axis=1)
+        loss, grad = loss_and_grad(xg, s, qmin, qmax)
         better = loss < best_loss
         best_loss = np.where(better, loss, best_loss)
         best_s = np.where(better, s, best_s)
@@ -83,7 +86,6 @@ def expand_scales(scales: np.ndarray, cols: int, group_size: int | None) -> np.n
 
 def reconstruction_loss(x: np.ndarray, scales: np.ndarray, config: QuantConfig) -> np.ndarray:
     """Per-row sum of squared error of quantizing float32 ``x`` with ``scales``."""
-    s = expand_scales(scales, x.shape[1], config.group_size)
-    q = codes_reference(x, s, config.qmin, config.qmax)
-    err = s.astype(np.float64) * q - x.astype(np.float64)
-    return (err * err).sum(axis=1)
+    xg, _, n_groups = group_view(np.asarray(x, dtype=np.float32), config.group_size)
+    loss, _ = loss_and_grad(xg, np.asarray(scales, dtype=np.float32).reshape(-1), config.qmin, config.qmax)
+    return loss.reshape(-1, n_groups).sum(axis=1)

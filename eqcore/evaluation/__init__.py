@@ -24,9 +24,9 @@ from .data import (corpus_tokens, encode, find_model_file, find_text_file,
                    load_documents, load_tokenizer)
 
 
-def load_model(path=None):
+def load_model(path=None, max_layers=None):
     """``(weights, config)`` of the shipped SmolLM2-135M GGUF, dequantized to fp32."""
-    return load_gguf(path if path is not None else find_model_file())
+    return load_gguf(path if path is not None else find_model_file(), max_layers=max_layers)
 
 
 __all__ = [

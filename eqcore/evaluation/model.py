@@ -127,21 +127,27 @@ def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
         w.reshape(n_heads, hd // 2, 2, inp).swapaxes(1, 2).reshape(out, inp))
 
 
-def load_gguf(path) -> tuple[dict[str, np.ndarray], LlamaConfig]:
+def load_gguf(path, max_layers: int | None = None) -> tuple[dict[str, np.ndarray], LlamaConfig]:
     """Dequantize every tensor of a LLaMA GGUF file to float32.
 
     Returns ``(weights, config)``; ``weights`` uses HF names
     (``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.q_proj.weight``,
     ..., ``model.norm.weight`` and ``lm_head.weight`` only when untied).
+    ``max_layers``: load only the first blocks (a truncated model, for tests);
+    the returned config then has ``n_layers = max_layers``.
     """
     import gguf  # run-time dependency of the evaluation only
 
     reader = gguf.GGUFReader(str(path))
     cfg = config_from_gguf(reader)
+    if max_layers is not None:
+        cfg = dataclasses.replace(cfg, n_layers=min(int(max_layers), cfg.n_layers))
     weights: dict[str, np.ndarray] = {}
     for t in reader.tensors:
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= cfg.n_layers:
+            continue
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        arr = np.array(arr, dtype=np.float32, order="C")  # own, writable copy
         name = t.name
         if name == "token_embd.weight":
             hf = "model.embed_tokens.weight"
@@ -247,7 +253,8 @@ def _rotate(x, cos, sin):
 
 
 def _silu(x):
-    return x / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-x))
 
 
 def _softmax_inplace(s):
@@ -258,13 +265,16 @@ def _softmax_inplace(s):
 
 
 def forward(weights: Mapping[str, np.ndarray], tokens, config: LlamaConfig | None = None,
-            n_layers: int | None = None, return_hidden: bool = False) -> np.ndarray:
+            n_layers: int | None = None, return_hidden: bool = False,
+            logits_from: int = 0) -> np.ndarray:
     """Teacher-forced forward over one sequence; returns logits ``(T, vocab)``.
 
     ``tokens``: 1-D int sequence (positions start at 0).  ``n_layers``: run only
     the first ``n_layers`` blocks (then final norm and head), for quick tests.
     ``return_hidden``: return the final-normed hidden states ``(T, d)`` instead
-    of logits.  All arithmetic is float32.
+    of logits.  ``logits_from``: compute the LM head only for positions
+    ``>= logits_from`` (the result then has ``T - logits_from`` rows).  All
+    arithmetic is float32.
     """
     cfg = config or infer_config(weights)
     toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -307,7 +317,7 @@ def forward(weights: Mapping[str, np.ndarray], tokens, config: LlamaConfig | Non
         u = h @ weights[p + "mlp.up_proj.weight"].T
         x = x + (_silu(g) * u) @ weights[p + "mlp.down_proj.weight"].T
 
-    x = _rmsnorm(x, weights["model.norm.weight"], eps).astype(f32, copy=False)
+    x = _rmsnorm(x[logits_from:], weights["model.norm.weight"], eps).astype(f32, copy=False)
     if return_hidden:
         return x
     head = weights.get("lm_head.weight")

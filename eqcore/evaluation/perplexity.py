@@ -73,7 +73,12 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def nll_windows(weights: Mapping[str, np.ndarray], tokens, ctx: int = PROTOCOL.ctx,
                 stride: int = PROTOCOL.stride, config: LlamaConfig | None = None,
                 n_layers: int | None = None, progress=None) -> np.ndarray:
-    """NLL (nats) of every scored target, in order (length ``len(tokens) - 1``)."""
+    """NLL (nats) of every scored target, in stream order.
+
+    Every token except the first is scored once, except that with
+    ``stride == ctx`` the first token of each later window has no context in
+    its window and is skipped (``len(tokens) - 1 - (n_windows - 1)`` targets).
+    """
     toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if not (0 < stride <= ctx):
         raise ValueError("need 0 < stride <= ctx")
@@ -86,11 +91,15 @@ def nll_windows(weights: Mapping[str, np.ndarray], tokens, ctx: int = PROTOCOL.c
     n = toks.size
     while prev_end < n:
         end = min(begin + ctx, n)
-        logits = forward(weights, toks[begin:end], cfg, n_layers=n_layers)
-        # logits[j] predicts toks[begin + j + 1]; score targets t in [prev_end, end)
-        first = prev_end - begin - 1
-        tgt = toks[prev_end:end]
-        out.append(log_softmax_nll(logits[first:end - begin - 1], tgt))
+        # a target t needs context inside the window: t >= begin + 1
+        start = max(prev_end, begin + 1)
+        # logits row j predicts toks[begin + j + 1]; score targets [start, end)
+        first = start - begin - 1
+        if start >= end:      # only possible for a 1-token tail window
+            break
+        logits = forward(weights, toks[begin:end - 1], cfg, n_layers=n_layers,
+                         logits_from=first)
+        out.append(log_softmax_nll(logits, toks[start:end]))
         if progress is not None:
             progress(end, n)
         prev_end = end

@@ -1,0 +1,243 @@
+"""Numba-CUDA Adam on scales: one launch, one thread block per (row, group).
+
+Same algorithm as :func:`eqcore.scales.optimize_scales_reference`, with the scalar
+maths of :mod:`eqcore.rowmath` compiled unchanged as device functions. Each block
+copies its group into dynamic shared memory once (groups longer than
+``_MAX_SHARED_FLOATS`` are re-read from global memory every step instead) and runs
+all steps on chip. Per step every thread accumulates float64 loss and gradient over
+its elements (i = tid, tid + B, ...); a butterfly warp reduction (``shfl_xor``) plus
+one shared-memory exchange between warps gives every thread bitwise-identical
+totals, so every thread runs ``adam_step`` and tracks the best scale itself: no
+broadcast, one ``syncthreads`` per step (none for one-warp blocks).
+
+Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which has no warp shuffles,
+``shfl_xor`` is emulated through shared memory; everything else is the same code.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+from numba.cuda import float32, float64
+from numba.cuda.core import config as _numba_cuda_config
+
+from . import rowmath
+from .config import QuantConfig
+
+SIMULATOR = bool(_numba_cuda_config.ENABLE_CUDASIM)
+_FULL = 0xFFFFFFFF
+_MAX_WARPS = 32  # 1024 threads at most
+_RED_SIZE = 4 * _MAX_WARPS  # [parity][loss | grad][warp]
+_MAX_SHARED_FLOATS = 11_776  # 46 KiB of dynamic shared memory (48 KiB default limit)
+_MAX_THREADS = 256
+SIGNATURE = (
+    "void(float32[:, ::1], float32[:, ::1], int64, int64, int64, int64, int64,"
+    " float64, float64, float64, float64)"
+)
+
+_quant_code = cuda.jit(device=True)(rowmath.quant_code)
+_initial_scale = cuda.jit(device=True)(rowmath.initial_scale)
+_adam_step = cuda.jit(device=True)(rowmath.adam_step)
+
+
+if SIMULATOR:
+
+    @cuda.jit(device=True)
+    def _shfl_xor(mask, value, lane_mask):
+        """Shared-memory stand-in for ``cuda.shfl_xor_sync`` (all threads must call)."""
+        buf = cuda.shared.array(1024, float64)
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()
+        buf[tid] = value
+        cuda.syncthreads()
+        out = buf[tid ^ lane_mask]
+        cuda.syncthreads()
+        return type(value)(out)
+
+else:
+    _shfl_xor = cuda.shfl_xor_sync
+
+
+@cuda.jit(device=True)
+def _warp_sum(a):
+    """Butterfly sum over a warp; every lane ends with the identical total."""
+    off = 16
+    while off > 0:
+        a += _shfl_xor(_FULL, a, off)
+        off //= 2
+    return a
+
+
+@cuda.jit(device=True)
+def _warp_max(a):
+    off = 16
+    while off > 0:
+        a = max(a, _shfl_xor(_FULL, a, off))
+        off //= 2
+    return a
+
+
+def _make_kernel(in_shared: bool):
+    """Python kernel; ``in_shared`` picks shared-memory or global-memory group data."""
+
+    def kernel(x, out, g, n_groups, qmin, qmax, steps, lr, beta1, beta2, eps):
+        blk = cuda.blockIdx.x
+        row = blk // n_groups
+        grp = blk - row * n_groups
+        start = grp * g
+        n = min(g, x.shape[1] - start)
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        nwarps = nthreads // 32
+        lane = tid % 32
+        warp = tid // 32
+        xs = cuda.shared.array(0, float32)
+        red_max = cuda.shared.array(_MAX_WARPS, float32)
+        red = cuda.shared.array(_RED_SIZE, float64)
+
+        # Load (thread-private mapping: no barrier needed before reuse) and max|x|.
+        amax = float32(0.0)
+        for i in range(tid, n, nthreads):
+            v = x[row, start + i]
+            if in_shared:
+                xs[i] = v
+            amax = max(amax, abs(v))
+        amax = _warp_max(amax)
+        if nwarps > 1:
+            if lane == 0:
+                red_max[warp] = amax
+            cuda.syncthreads()
+            for w in range(nwarps):
+                amax = max(amax, red_max[w])
+        s0 = _initial_scale(float64(amax), qmax)
+
+        best_s = float32(s0)
+        best_loss = math.inf
+        u = 1.0
+        m = 0.0
+        v2 = 0.0
+        nf = float64(n)
+        for t in range(1, steps + 1):
+            s = float32(u * s0)
+            s64 = float64(s)
+            loss = 0.0
+            grad = 0.0
+            for i in range(tid, n, nthreads):
+                xv = xs[i] if in_shared else x[row, start + i]
+                q = _quant_code(xv, s, qmin, qmax)
+                e = s64 * q - float64(xv)
+                loss += e * e
+                grad += e * q
+            loss = _warp_sum(loss)
+            grad = _warp_sum(grad)
+            if nwarps > 1:
+                base = (t % 2) * 2 * _MAX_WARPS  # double buffer: one barrier per step
+                if lane == 0:
+                    red[base + warp] = loss
+                    red[base + _MAX_WARPS + warp] = grad
+                cuda.syncthreads()
+                loss = 0.0
+                grad = 0.0
+                for w in range(nwarps):
+                    loss += red[base + w]
+                    grad += red[base + _MAX_WARPS + w]
+            if loss < best_loss:
+                best_loss = loss
+                best_s = s
+            gnorm = (2.0 * grad) / (nf * s0)
+            u, m, v2 = _adam_step(u, m, v2, gnorm, float64(t), lr, beta1, beta2, eps)
+        if tid == 0:
+            out[row, grp] = best_s
+
+    kernel.__name__ = "adam_scales_shared" if in_shared else "adam_scales_global"
+    return kernel
+
+
+_PY_KERNELS = {True: _make_kernel(True), False: _make_kernel(False)}
+_KERNELS: dict = {}
+
+
+def _kernel(in_shared: bool):
+    """Compiled kernel (eagerly for :data:`SIGNATURE` on a GPU, so it is the tested PTX)."""
+    if in_shared not in _KERNELS:
+        jit = cuda.jit if SIMULATOR else cuda.jit(SIGNATURE)
+        _KERNELS[in_shared] = jit(_PY_KERNELS[in_shared])
+    return _KERNELS[in_shared]
+
+
+def launch_config(g: int) -> tuple[int, bool]:
+    """(threads per block, group kept in shared memory) for group length ``g``."""
+    threads = 32
+    while threads < _MAX_THREADS and threads * 4 < g:
+        threads *= 2
+    return threads, g <= _MAX_SHARED_FLOATS
+
+
+def compile_ptx_for(cc: tuple[int, int], in_shared: bool = True) -> str:
+    """PTX of the kernel for compute capability ``cc``, no GPU needed."""
+    from numba.cuda import dispatcher
+
+    class _Device:
+        compute_capability = tuple(cc)
+
+    saved = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: _Device()
+    try:
+        ptx, _ = cuda.compile_ptx(_PY_KERNELS[in_shared], SIGNATURE, cc=tuple(cc))
+    finally:
+        dispatcher.get_current_device = saved
+    return ptx
+
+
+def _cai(a):
+    return getattr(a, "__cuda_array_interface__", None)
+
+
+def optimize_scales_cuda(x, config: QuantConfig):
+    """Best float32 scales (rows, n_groups) on the GPU; see the module docstring.
+
+    ``x``: float32 C-contiguous (rows, cols) with outliers zeroed, either a device
+    array (CuPy or any ``__cuda_array_interface__`` object; the result is a CuPy
+    array for CuPy input, else a Numba device array) or a NumPy array (result is
+    NumPy; this is also how the CUDA simulator is driven).
+    """
+    iface = _cai(x)
+    if iface is None:
+        x = np.asarray(x)
+    shape = tuple(iface["shape"]) if iface is not None else x.shape
+    dtype = np.dtype(iface["typestr"]) if iface is not None else x.dtype
+    if len(shape) != 2 or dtype != np.float32:
+        raise ValueError(f"x must be a 2-D float32 matrix, got shape {shape} dtype {dtype}")
+    rows, cols = shape
+    if iface is not None and iface.get("strides") not in (None, (cols * 4, 4)):
+        raise ValueError("x must be C-contiguous")
+    g = cols if config.group_size is None else min(config.group_size, cols)
+    n_groups = -(-cols // g) if g else 0
+    threads, in_shared = launch_config(g)
+    shared_bytes = 4 * g if in_shared else 0
+    b1, b2 = config.betas
+    args = (g, n_groups, config.qmin, config.qmax, config.steps,
+            float(config.lr), float(b1), float(b2), float(config.eps))
+
+    if iface is None:
+        out = np.empty((rows, n_groups), np.float32)
+        if out.size:
+            d_x = cuda.to_device(np.ascontiguousarray(x))
+            d_out = cuda.device_array((rows, n_groups), np.float32)
+            _kernel(in_shared)[rows * n_groups, threads, 0, shared_bytes](d_x, d_out, *args)
+            d_out.copy_to_host(out)
+        return out
+
+    if type(x).__module__.startswith("cupy"):
+        import cupy
+
+        out = cupy.empty((rows, n_groups), cupy.float32)
+        ptr = cupy.cuda.get_current_stream().ptr
+        stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+    else:
+        out = cuda.device_array((rows, n_groups), np.float32)
+        stream = cuda.default_stream()
+    if rows * n_groups:
+        _kernel(in_shared)[rows * n_groups, threads, stream, shared_bytes](x, out, *args)
+    return out

@@ -1,0 +1,103 @@
+"""The eqcore file format: quantized tensors inside an ordinary safetensors file.
+
+A quantized weight ``name`` is stored as five tensors ``name.qweight`` (uint32),
+``name.scales`` (float32), ``name.outlier_rowptr`` (int32), ``name.outlier_cols``
+(uint16/int32), ``name.outlier_vals`` (weight dtype), and the metadata entry
+``eqcore.tensor.<name>``: a JSON string with shape, dtype, bits, group_size, sigma
+(and rel_error when known). ``eqcore.format_version`` marks the file. Every other
+tensor is an ordinary one, passed through unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .safetensors_io import SafetensorsReader, SafetensorsWriter
+from .tensor import FIELDS, FormatError, QuantizedTensor
+
+FORMAT_VERSION = "1"
+VERSION_KEY = "eqcore.format_version"
+TENSOR_KEY = "eqcore.tensor."
+
+
+def write_entry(writer: SafetensorsWriter, name: str, value, **extra) -> None:
+    """Add one plain array or QuantizedTensor (with optional extra metadata) to ``writer``."""
+    if isinstance(value, QuantizedTensor):
+        writer.metadata[VERSION_KEY] = FORMAT_VERSION
+        writer.metadata[TENSOR_KEY + name] = json.dumps({**value.metadata(), **extra}, sort_keys=True)
+        for field, arr in value.arrays().items():
+            writer.add(f"{name}.{field}", _host(arr))
+    else:
+        writer.add(name, _host(value))
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") and type(a).__module__.startswith("cupy") else np.asarray(a)
+
+
+def quantized_names(reader: SafetensorsReader) -> dict[str, dict]:
+    """Metadata of the quantized tensors declared in a file; FormatError if malformed."""
+    meta = reader.metadata
+    declared = {k[len(TENSOR_KEY):]: v for k, v in meta.items() if k.startswith(TENSOR_KEY)}
+    if declared and meta.get(VERSION_KEY) is None:
+        raise FormatError(f"{reader.path}: quantized tensors present but no {VERSION_KEY}")
+    version = meta.get(VERSION_KEY)
+    if version is not None and version != FORMAT_VERSION:
+        raise FormatError(f"{reader.path}: eqcore format version {version!r} is not supported "
+                          f"(this eqcore reads version {FORMAT_VERSION}); upgrade eqcore")
+    out = {}
+    for name, text in declared.items():
+        try:
+            m = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{reader.path}: metadata of {name!r} is not JSON ({e})") from None
+        if not isinstance(m, dict):
+            raise FormatError(f"{reader.path}: metadata of {name!r} is not a JSON object")
+        missing = [f"{name}.{f}" for f in FIELDS if f"{name}.{f}" not in reader]
+        if missing:
+            raise FormatError(f"{reader.path}: quantized tensor {name!r} lacks {missing}")
+        out[name] = m
+    return out
+
+
+def entry_names(reader: SafetensorsReader) -> list[str]:
+    """Logical tensor names in file order: quantized names once, plain tensors as they are."""
+    q = quantized_names(reader)
+    owned = {f"{n}.{f}": n for n in q for f in FIELDS}
+    names, seen = [], set()
+    for key in reader.keys():
+        name = owned.get(key, key)
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def read_entry(reader: SafetensorsReader, name: str, qmeta: dict | None = None):
+    """One logical tensor: a QuantizedTensor (validated) or a plain (memory-mapped) array."""
+    qmeta = quantized_names(reader) if qmeta is None else qmeta
+    if name not in qmeta:
+        return reader.get(name)
+    arrays = {f: reader.get(f"{name}.{f}") for f in FIELDS}
+    try:
+        return QuantizedTensor.from_arrays(arrays, qmeta[name])
+    except (FormatError, TypeError, ValueError) as e:
+        raise FormatError(f"{reader.path}: quantized tensor {name!r} is malformed: {e}") from None
+
+
+def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Write plain arrays and QuantizedTensors to one safetensors file, atomically."""
+    with SafetensorsWriter(path, metadata) as w:
+        for name, value in tensors.items():
+            write_entry(w, name, value)
+
+
+def load_file(path) -> dict:
+    """Read every tensor of a file: QuantizedTensor for quantized weights, arrays otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    with SafetensorsReader(path) as r:
+        q = quantized_names(r)
+        return {name: read_entry(r, name, q) for name in entry_names(r)}

@@ -1,0 +1,8 @@
+"""Test data: realistic heavy-tailed weight matrices."""
+import numpy as np
+
+
+def weights(rows, cols, seed=0, dtype=np.float32, scale=0.02):
+    """Student-t(4) weights like an LLM's: a few entries far out in the tails."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_t(4, size=(rows, cols)) * scale).astype(dtype)
