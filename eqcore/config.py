@@ -26,7 +26,7 @@ class QuantConfig:
     outlier_stats: str = "tensor"
     group_size: int | None = None
     steps: int = 500
-    lr: float = 1e-3
+    lr: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
