@@ -36,7 +36,7 @@ def _from_torch(t):
     t = t.detach()
     if t.dtype == torch.bfloat16:
         bits = _from_torch(t.view(torch.int16))
-        return bits.view(bfloat16) if isinstance(bits, np.ndarray) else bits.view(np.uint16)
+        return bits.view(bfloat16)  # NumPy via ml_dtypes; CuPy >= 14 knows ml_dtypes.bfloat16 too
     if t.is_cuda:
         import cupy
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from .backend import is_cupy
 from .config import SUPPORTED_BITS
 from .dtypes import dtype_name, weight_dtype
 from .outliers import Outliers, col_index_dtype
@@ -129,6 +130,8 @@ class QuantizedTensor:
              f"outlier_cols must be {col_index_dtype(cols)} ({nnz},), got {oc.dtype} {oc.shape}")
         need(ov.dtype == dt and ov.shape == (nnz,), f"outlier_vals must be {dt} ({nnz},), got {ov.dtype} {ov.shape}")
         if nnz:
+            if is_cupy(rp):  # the index checks below run on the host
+                rp, oc = rp.get(), oc.get()
             c = oc.astype(np.int64)
             need(bool(c.min() >= 0 and c.max() < cols), f"outlier_cols out of range [0, {cols})")
             row_of = np.repeat(np.arange(rows), np.diff(rp))

@@ -1,0 +1,116 @@
+"""Real CUDA kernels (eqcore.gpu) against the NumPy reference, bit for bit. Needs a GPU."""
+import numpy as np
+import pytest
+
+import eqcore
+from eqcore import gpu, kernels
+from eqcore.dequant import dequantize_reference
+from eqcore.dtypes import weight_dtype
+from eqcore.outliers import find_outliers
+from eqcore.packing import pack, unpack
+from eqcore.quantize import encode_reference
+from eqcore.tensor import QuantizedTensor
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+SHAPES = [(1, 1), (3, 33), (7, 100), (17, 4096), (5, 4099), (2, 65536 + 77), (64, 11008)]
+DTYPES = ["float16", "bfloat16", "float32"]
+
+
+def same_bits(a, b):
+    a = a.get() if hasattr(a, "get") else a
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ia, ib = a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}")
+    bad = np.argwhere(ia != ib)
+    assert bad.size == 0, f"{len(bad)} mismatches, first at {bad[0]}"
+
+
+def host(qt):
+    return QuantizedTensor(*(cp.asnumpy(a) for a in qt.arrays().values()), **qt.metadata())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequant_fused_matches_reference(shape, bits):
+    rng = np.random.default_rng(hash((shape, bits)) % 2**32)
+    for dtype, g, sigma in [("float16", None, 3.0), ("bfloat16", 128, 2.0), ("float32", 7, None)]:
+        w = (rng.standard_normal(shape) * 0.02).astype(weight_dtype(dtype))
+        qt = eqcore.quantize(w, bits=bits, group_size=g, sigma=sigma, steps=1, backend="numpy")
+        for out in DTYPES:
+            same_bits(gpu.dequantize(qt, out), dequantize_reference(qt, out))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_encode_pack_unpack_match_reference(shape, bits):
+    rng = np.random.default_rng(1)
+    cfg = eqcore.QuantConfig(bits=bits, group_size=64)
+    ng = kernels.group_of(shape[1], 64)[1]
+    x = rng.standard_normal(shape).astype(np.float32)
+    scales = rng.uniform(0.05, 1.0, (shape[0], ng)).astype(np.float32)
+    scales[0, 0] = 1e-40  # subnormal: checks the kernels are not built with -ftz=true
+    same_bits(gpu.encode(x, scales, bits, 64), encode_reference(x, scales, cfg))
+    codes = rng.integers(0, 1 << bits, shape).astype(np.uint8)
+    packed = pack(codes, bits)
+    same_bits(gpu.pack(cp.asarray(codes), bits), packed)
+    same_bits(gpu.unpack(cp.asarray(packed), bits, shape[1]), unpack(packed, bits, shape[1]))
+
+
+def test_pack_refuses_out_of_range_codes():
+    with pytest.raises(ValueError, match="codes must lie"):
+        gpu.pack(cp.full((2, 3), 16, cp.uint8), 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ["float64"])
+def test_scatter_outliers(dtype):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((33, 500)).astype(weight_dtype(dtype))
+    o, _ = find_outliers(w, 2.0)
+    dense = np.zeros(w.shape, weight_dtype(dtype))
+    expected = dense.copy()
+    expected[np.repeat(np.arange(33), np.diff(o.rowptr)), o.cols.astype(np.int64)] = o.vals
+    d = cp.asarray(dense)
+    gpu.scatter_outliers(d, *(cp.asarray(a) for a in o))
+    same_bits(d, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,group_size", [(4, None), (3, 128), (8, 64), (2, None)])
+def test_quantize_on_gpu(dtype, bits, group_size):
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((96, 1000)) * 0.02).astype(weight_dtype(dtype))
+    qt = eqcore.quantize(cp.asarray(w), bits=bits, group_size=group_size, steps=20)
+    assert isinstance(qt.qweight, cp.ndarray) and isinstance(qt.scales, cp.ndarray)
+    o, mask = find_outliers(w, 3.0)
+    same_bits(qt.outlier_rowptr, o.rowptr)
+    same_bits(qt.outlier_cols, o.cols)
+    same_bits(qt.outlier_vals, o.vals)
+    x = w.astype(np.float32)
+    x[mask] = 0
+    cfg = eqcore.QuantConfig(bits=bits, group_size=group_size)
+    same_bits(qt.qweight, encode_reference(x, cp.asnumpy(qt.scales), cfg))
+    ref = eqcore.quantize(w, bits=bits, group_size=group_size, steps=20, backend="numpy")
+    np.testing.assert_allclose(cp.asnumpy(qt.scales), ref.scales, rtol=1e-5)
+    same_bits(eqcore.dequantize(qt), dequantize_reference(host(qt)))
+
+
+def test_torch_dlpack_input():
+    torch = pytest.importorskip("torch")
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        t = torch.randn(64, 300, device="cuda", dtype=dt) * 0.02
+        qt = eqcore.quantize(t, bits=4, steps=5)
+        assert isinstance(qt.qweight, cp.ndarray)
+        same_bits(gpu.dequantize(qt), dequantize_reference(host(qt)))
+
+
+def test_jax_dlpack_input():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX has no GPU")
+    for dt in (jnp.float16, jnp.bfloat16, jnp.float32):
+        a = (jax.random.normal(jax.random.PRNGKey(0), (64, 300)) * 0.02).astype(dt)
+        qt = eqcore.quantize(a, bits=3, steps=5)
+        assert isinstance(qt.qweight, cp.ndarray)
+        same_bits(gpu.dequantize(qt), dequantize_reference(host(qt)))

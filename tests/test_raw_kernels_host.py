@@ -1,0 +1,216 @@
+"""raw_kernels/*.cu compiled with g++ (tests/host_shim.h) and run on the CPU through the
+same launch plans as the GPU (eqcore.kernels.*_launch): bit-exact against the NumPy
+reference for encode, pack, unpack, dequant (+ fused scatter) and scatter_outliers."""
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import eqcore
+from eqcore import kernels
+from eqcore.dequant import dequantize_reference
+from eqcore.dtypes import bfloat16, weight_dtype
+from eqcore.outliers import find_outliers
+from eqcore.packing import pack, unpack
+from eqcore.quantize import encode_reference
+from eqcore.tensor import QuantizedTensor
+
+HERE = Path(__file__).resolve().parent
+BITS = st.sampled_from([2, 3, 4, 8])
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    names = kernels.all_names()
+    d = tmp_path_factory.mktemp("host_kernels")
+    src = d / "exports.cpp"
+    lines = [f'#include "{HERE / "host_shim.h"}"', f'#include "{kernels.kernel_dir() / kernels.SOURCE}"']
+    for i, n in enumerate(names):
+        lines.append(f'extern "C" void eqh_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+                     f'unsigned bz, void** args) {{ eqshim::launch(&{n}, dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, args); }}')
+    src.write_text("\n".join(lines) + "\n")
+    so = d / "libeqhost.so"
+    cmd = [gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
+           "-Wno-unknown-pragmas", "-o", str(so), str(src)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 and "_Float16" in r.stderr:
+        pytest.skip(f"g++ lacks _Float16: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    handle = ctypes.CDLL(str(so))
+    table = {}
+    for i, n in enumerate(names):
+        fn = getattr(handle, f"eqh_{i}")
+        fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_void_p]
+        fn.restype = None
+        table[n] = fn
+    return table
+
+
+def run(lib, launch: kernels.Launch):
+    """Launch on the host: args as cuLaunchKernel wants them (pointers to each value)."""
+    keep, ptrs = [], (ctypes.c_void_p * len(launch.args))()
+    for i, a in enumerate(launch.args):
+        if isinstance(a, np.ndarray):
+            p = ctypes.c_void_p(a.ctypes.data)
+            keep.append(p)
+            ptrs[i] = ctypes.addressof(p)
+        else:
+            assert isinstance(a, np.generic), f"argument {i} of {launch.name} is a {type(a)}"
+            buf = np.array(a)
+            keep.append(buf)
+            ptrs[i] = buf.ctypes.data
+    lib[launch.name](*launch.grid, *launch.block, ptrs)
+
+
+def place(a: np.ndarray, misalign: bool) -> np.ndarray:
+    """A C-contiguous copy of ``a``, at an address that is not 16-byte aligned if asked."""
+    n = a.size * a.itemsize
+    buf = np.zeros(n + 32, np.uint8)
+    off = (-buf.ctypes.data) % 16 + (a.itemsize if misalign else 0)
+    out = buf[off:off + n].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def same_bits(a: np.ndarray, b: np.ndarray):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ia, ib = a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}")
+    bad = np.argwhere(ia != ib)
+    assert bad.size == 0, f"{len(bad)} mismatches, first at {bad[0]}: {a[tuple(bad[0])]!r} vs {b[tuple(bad[0])]!r}"
+
+
+shapes = st.tuples(st.integers(1, 5), st.integers(1, 200))
+groups = st.one_of(st.none(), st.integers(1, 80))
+
+
+@st.composite
+def encode_case(draw):
+    rows, cols = draw(shapes)
+    bits, g = draw(BITS), draw(groups)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    cfg = eqcore.QuantConfig(bits=bits, group_size=g)
+    _, ng = kernels.group_of(cols, g)
+    # scales: powers of two (exact ties x / s = k + 1/2 below), random, or subnormal
+    kind = draw(st.sampled_from(["pow2", "random", "tiny"]))
+    if kind == "pow2":
+        scales = np.exp2(rng.integers(-8, 3, (rows, ng))).astype(np.float32)
+    elif kind == "random":
+        scales = rng.uniform(1e-3, 2.0, (rows, ng)).astype(np.float32)
+    else:
+        scales = rng.uniform(1e-42, 1e-38, (rows, ng)).astype(np.float32)  # subnormal float32
+    s = np.repeat(scales, cols if g is None else min(g, cols), axis=1)[:, :cols]
+    x = (s * rng.integers(-(1 << bits), 1 << bits, (rows, cols)) * 0.5).astype(np.float32)  # ties, clamps
+    noise = rng.standard_normal((rows, cols)).astype(np.float32) * s * (1 << (bits - 1))
+    x = np.where(rng.random((rows, cols)) < 0.5, x, noise).astype(np.float32)
+    x[rng.random((rows, cols)) < 0.1] = 0.0
+    return x, scales, cfg
+
+
+@SETTINGS
+@given(encode_case(), st.booleans())
+def test_encode(lib, case, misalign):
+    x, scales, cfg = case
+    expected = encode_reference(x, scales, cfg)
+    out = place(np.full(expected.shape, 0xDEADBEEF, np.uint32), misalign)
+    run(lib, kernels.encode_launch(place(x, misalign), place(scales, misalign), out, cfg.bits, cfg.group_size))
+    same_bits(out, expected)
+
+
+@SETTINGS
+@given(shapes, BITS, st.integers(0, 2**32 - 1), st.booleans())
+def test_pack_unpack(lib, shape, bits, seed, misalign):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, shape).astype(np.uint8)
+    expected = pack(codes, bits)
+    packed = place(np.full(expected.shape, 0xFFFFFFFF, np.uint32), misalign)
+    run(lib, kernels.pack_launch(place(codes, misalign), packed, bits))
+    same_bits(packed, expected)
+    back = place(np.full(shape, 0xFF, np.uint8), misalign)
+    run(lib, kernels.unpack_launch(place(expected, misalign), back, bits))
+    same_bits(back, unpack(expected, bits, shape[1]))
+
+
+def quantized(rng, rows, cols, dtype, bits, sigma, g, steps=2) -> QuantizedTensor:
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 2.0)).astype(weight_dtype(dtype))
+    return eqcore.quantize(w, bits=bits, sigma=sigma, group_size=g, steps=steps, backend="numpy")
+
+
+def dequant_host(lib, qt: QuantizedTensor, out_dtype, misalign=False) -> np.ndarray:
+    out = place(np.zeros(qt.shape, weight_dtype(out_dtype)) + np.asarray(7, weight_dtype(out_dtype)), misalign)
+    run(lib, kernels.dequant_launch(place(qt.qweight, misalign), qt.scales, qt.outlier_rowptr, qt.outlier_cols,
+                                    qt.outlier_vals, out, qt.bits, qt.group_size))
+    return out
+
+
+@SETTINGS
+@given(st.tuples(st.integers(1, 4), st.integers(1, 300)), BITS, groups, st.sampled_from(DTYPES),
+       st.sampled_from(DTYPES), st.sampled_from([None, 1.0, 2.0, 3.0]), st.integers(0, 2**32 - 1), st.booleans())
+def test_dequant_fused(lib, shape, bits, g, dtype, out_dtype, sigma, seed, misalign):
+    qt = quantized(np.random.default_rng(seed), *shape, dtype, bits, sigma, g)
+    same_bits(dequant_host(lib, qt, out_dtype, misalign), dequantize_reference(qt, out_dtype))
+
+
+def test_dequant_multi_tile_int32_cols(lib):
+    """cols > 65536: int32 outlier columns, 17 column tiles per row, ragged last block."""
+    rng = np.random.default_rng(7)
+    for bits, dtype in [(4, "bfloat16"), (3, "float16")]:
+        qt = quantized(rng, 2, 65536 + 77, dtype, bits, 2.5, 4096, steps=1)
+        assert qt.outlier_cols.dtype == np.int32 and qt.outliers.nnz > 100
+        for out_dtype in ("float16", "bfloat16", "float32"):
+            same_bits(dequant_host(lib, qt, out_dtype), dequantize_reference(qt, out_dtype))
+
+
+def test_dequant_outliers_really_scattered(lib):
+    """Guards against a tautology: the outlier phase must change the output."""
+    qt = quantized(np.random.default_rng(1), 3, 100, "float32", 4, 1.0, None)
+    assert qt.outliers.nnz > 0
+    empty = QuantizedTensor(qt.qweight, qt.scales, np.zeros(4, np.int32), qt.outlier_cols[:0], qt.outlier_vals[:0],
+                            shape=qt.shape, dtype=qt.dtype, bits=qt.bits)
+    with_o, without = dequant_host(lib, qt, "float32"), dequant_host(lib, empty, "float32")
+    changed = with_o != without
+    assert changed.sum() == qt.outliers.nnz
+
+
+def test_float64_outliers_round_like_the_reference(lib):
+    """float64 -> bfloat16 rounds twice (ml_dtypes), float64 -> float16 once (NumPy)."""
+    vals = np.array([1 + 2**-8 + 2**-30, 1 + 2**-11 + 2**-40, -(1 + 2**-11 + 2**-40), 1e-40], np.float64)
+    qt = QuantizedTensor(np.zeros((1, 4), np.uint32), np.ones((1, 1), np.float32), np.array([0, 4], np.int32),
+                         np.arange(4, dtype=np.uint16), vals, shape=(1, 4), dtype="float64", bits=4)
+    for out_dtype in ("float16", "bfloat16", "float32", "float64"):
+        same_bits(dequant_host(lib, qt, out_dtype), dequantize_reference(qt, out_dtype))
+
+
+@SETTINGS
+@given(st.tuples(st.integers(1, 6), st.integers(1, 300)), st.sampled_from(DTYPES), st.sampled_from(DTYPES),
+       st.integers(0, 2**32 - 1))
+def test_scatter_outliers(lib, shape, dtype, out_dtype, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(weight_dtype(dtype))
+    o, _ = find_outliers(w, 1.5)
+    dense = rng.standard_normal(shape).astype(weight_dtype(out_dtype))
+    expected = dense.copy()
+    r = np.repeat(np.arange(shape[0]), np.diff(o.rowptr))
+    expected[r, o.cols.astype(np.int64)] = o.vals.astype(weight_dtype(out_dtype))
+    run(lib, kernels.scatter_launch(o.rowptr, o.cols, o.vals, dense))
+    same_bits(dense, expected)
+
+
+def test_launch_plans_refuse_bad_arrays():
+    x = np.zeros((2, 40), np.float32)
+    with pytest.raises(ValueError, match="scales"):
+        kernels.encode_launch(x, np.zeros((2, 2), np.float32), np.zeros((2, 8), np.uint32), 4, None)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.pack_launch(np.zeros((40, 2), np.uint8).T, np.zeros((2, 8), np.uint32), 4)
+    with pytest.raises(ValueError, match="output dtype"):
+        kernels.scatter_launch(np.zeros(3, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float32),
+                               np.zeros((2, 4), np.int16))
+    assert np.dtype(bfloat16).name == "bfloat16"
