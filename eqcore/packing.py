@@ -27,14 +27,31 @@ def packed_cols(cols: int, bits: int) -> int:
     return -(-cols // BLOCK) * bits
 
 
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes (rows, cols), each < 2**bits, into (rows, packed_cols) uint32."""
+def check_codes(codes, bits: int) -> tuple[np.ndarray, int]:
+    """Validated (codes, bits) for packing: 2-D integers in [0, 2**bits)."""
     bits = check_bits(bits)
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError(f"codes must be 2-D, got shape {codes.shape}")
     if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+    return codes, bits
+
+
+def check_packed(packed, bits: int, cols: int) -> tuple[np.ndarray, int]:
+    """Validated (packed, bits) for unpacking ``cols`` codes per row."""
+    bits = check_bits(bits)
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or packed.dtype != np.uint32:
+        raise ValueError(f"packed must be a 2-D uint32 array, got {packed.dtype} {packed.shape}")
+    if packed.shape[1] != packed_cols(cols, bits):
+        raise ValueError(f"packed has {packed.shape[1]} words per row; {cols} {bits}-bit codes need {packed_cols(cols, bits)}")
+    return packed, bits
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (rows, cols), each < 2**bits, into (rows, packed_cols) uint32."""
+    codes, bits = check_codes(codes, bits)
     rows, cols = codes.shape
     nblk = -(-cols // BLOCK)
     padded = np.zeros((rows, nblk * BLOCK), dtype=np.uint64)
@@ -48,13 +65,8 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
     """Inverse of :func:`pack`: (rows, packed_cols) uint32 -> (rows, cols) uint8 codes."""
-    bits = check_bits(bits)
-    packed = np.asarray(packed)
-    if packed.ndim != 2 or packed.dtype != np.uint32:
-        raise ValueError(f"packed must be a 2-D uint32 array, got {packed.dtype} {packed.shape}")
+    packed, bits = check_packed(packed, bits, cols)
     rows = packed.shape[0]
-    if packed.shape[1] != packed_cols(cols, bits):
-        raise ValueError(f"packed has {packed.shape[1]} words per row; {cols} {bits}-bit codes need {packed_cols(cols, bits)}")
     bitstream = (packed[:, :, None].astype(np.uint64) >> np.arange(32, dtype=np.uint64)) & 1
     per_code = bitstream.reshape(rows, -1, bits) << np.arange(bits, dtype=np.uint64)
     return per_code.sum(axis=2, dtype=np.uint64)[:, :cols].astype(np.uint8)

@@ -21,7 +21,7 @@ def quant_code(x, s, qmin, qmax):
         return float(qmax)
     f = float(math.floor(y))
     d = y - f
-    if d > 0.5 or (d == 0.5 and math.fmod(f, 2.0) != 0.0):
+    if d > 0.5 or (d == 0.5 and f - 2.0 * math.floor(f * 0.5) != 0.0):  # tie: to even
         return f + 1.0
     return f
 

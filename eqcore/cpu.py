@@ -1,0 +1,290 @@
+"""Fast CPU path: the reference algorithms compiled with Numba, parallel over rows / groups.
+
+Same numerical contract as the NumPy reference (``scales``, ``quantize``, ``packing``,
+``dequant``): codes, packing and dequantized values are bit-identical; scales follow
+the reference Adam exactly, except that the float64 loss / gradient sums of a group
+are added in a different (vectorised) order.
+
+The per-group code is built by factories (:func:`make_loss_grad`,
+:func:`make_group_adam`) from the scalar helpers of :mod:`eqcore.rowmath`, using only
+scalar maths and array indexing, so a GPU backend can compile the very same bodies
+with ``numba.cuda.jit(device=True)`` by passing device versions of the helpers.
+
+Note: Numba's on-disk cache (``cache=True``) keys on this file only; clear
+``eqcore/__pycache__/cpu.*.nbi|nbc`` after editing ``rowmath.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from . import rowmath
+from .dtypes import bfloat16, weight_dtype
+from .packing import BLOCK, check_bits, check_codes, check_packed, packed_cols
+
+# -- scalar helpers ---------------------------------------------------------------
+quant_code_ref = njit(rowmath.quant_code)
+initial_scale = njit(rowmath.initial_scale)
+adam_step = njit(rowmath.adam_step)
+
+
+@njit
+def quant_code(x, s, qmin, qmax):
+    """Branch-free :func:`eqcore.rowmath.quant_code` for float32 x, s, qmin, qmax.
+
+    Returns the same integer value (as float32): the float32 quotient is rounded half
+    to even by ``rint`` (IEEE default mode), then clamped; rint is monotone, so
+    clamping after rounding equals the reference's clamping before it. Compiled
+    without fast-math, so ``x / s`` stays an IEEE division even when inlined into
+    the fast-math loss loop.
+    """
+    return min(max(np.rint(x / s), qmin), qmax)
+
+
+def make_loss_grad(quant_code):
+    """(loss, sum(err * q)) of group ``x[start:start+n]`` at float32 scale ``s``, float64."""
+
+    def loss_grad(x, start, n, s, qmin, qmax):
+        xs = x[start:start + n]
+        sd = np.float64(s)
+        loss = 0.0
+        grad = 0.0
+        for i in range(n):
+            xi = xs[i]
+            q = np.float64(quant_code(xi, s, qmin, qmax))
+            err = sd * q - np.float64(xi)
+            loss += err * err
+            grad += err * q
+        return loss, grad
+
+    return loss_grad
+
+
+def make_group_adam(loss_grad, initial_scale, adam_step):
+    """Best scale (float32) of one group: the per-group body of ``optimize_scales_reference``."""
+
+    def group_adam(x, start, n, qmin, qmax, steps, lr, beta1, beta2, eps):
+        absmax = np.float32(0.0)
+        for i in range(n):
+            a = abs(x[start + i])
+            if a > absmax:
+                absmax = a
+        s0 = initial_scale(np.float64(absmax), np.float64(qmax))
+        best_s = np.float32(s0)
+        if steps == 0:
+            return best_s
+        nf = np.float64(n)
+        u = 1.0
+        m = 0.0
+        v = 0.0
+        best_loss = math.inf
+        for t in range(1, steps + 1):
+            s = np.float32(u * s0)
+            loss, grad = loss_grad(x, start, n, s, qmin, qmax)
+            if loss < best_loss:
+                best_loss = loss
+                best_s = s
+            g = 2.0 * grad / (nf * s0)
+            u, m, v = adam_step(u, m, v, g, np.float64(t), lr, beta1, beta2, eps)
+        return best_s
+
+    return group_adam
+
+
+# reassoc lets LLVM vectorise the float64 sums; quant_code is compiled apart, without it
+_loss_grad = njit(fastmath={"reassoc"})(make_loss_grad(quant_code))
+_group_adam = njit(make_group_adam(_loss_grad, initial_scale, adam_step))
+
+
+@njit
+def f32_to_bf16_bits(f):
+    """bfloat16 bits of float32 ``f``, round to nearest even (NaN stays a quiet NaN)."""
+    b = np.int64(np.float32(f).view(np.uint32))
+    if (b & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16((b >> 16) | 0x40)
+    return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+
+
+@njit
+def f32_to_f16_bits(f):
+    """IEEE float16 bits of float32 ``f``, round to nearest even, subnormals and overflow included.
+
+    Branch-free (selects only): normal halves re-bias the exponent and round 13 bits
+    away; half subnormals let the FPU round |f| + 0.5 to a multiple of 2**-24.
+    """
+    a = np.int64(np.float32(f).view(np.uint32))
+    sign = (a >> 16) & 0x8000
+    a &= 0x7FFFFFFF
+    t = np.float32(abs(np.float32(f)) + np.float32(0.5))
+    sub = np.int64(np.float32(t).view(np.uint32)) - 0x3F000000
+    h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+    h = sub if a < 0x38800000 else h  # below 2**-14
+    h = 0x7C00 if a >= 0x477FF000 else h  # >= 65520 rounds to inf
+    h = (0x7E00 | ((a >> 13) & 0x3FF)) if a > 0x7F800000 else h  # NaN stays NaN
+    return np.uint16(sign | h)
+
+
+# -- row kernels ------------------------------------------------------------------
+@njit
+def _pack_row(codes, bits, out):
+    """Stream ``codes`` (uint8) into ``out`` (uint32 words), zero-padded to whole blocks."""
+    cols = codes.shape[0]
+    acc = np.uint64(0)
+    nb = 0
+    w = 0
+    for c in range(out.shape[0] // bits * BLOCK):
+        if c < cols:
+            acc |= np.uint64(codes[c]) << np.uint64(nb)
+        nb += bits
+        if nb >= 32:
+            out[w] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+            w += 1
+            acc >>= np.uint64(32)
+            nb -= 32
+
+
+@njit
+def _unpack_row(words, bits, out):
+    """Codes of one packed row into ``out`` (uint8, length cols)."""
+    mask = np.uint64((1 << bits) - 1)
+    for c in range(out.shape[0]):
+        b = c * bits
+        w = b >> 5
+        sh = b & 31
+        v = np.uint64(words[w]) >> np.uint64(sh)
+        if sh + bits > 32:
+            v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
+        out[c] = np.uint8(v & mask)
+
+
+@njit(parallel=True, cache=True)
+def _optimize_kernel(flat, rows, cols, g, n_groups, qmin, qmax, steps, lr, beta1, beta2, eps, out):
+    for k in prange(rows * n_groups):
+        r = k // n_groups
+        lo = (k - r * n_groups) * g
+        n = min(g, cols - lo)
+        out[k] = _group_adam(flat, r * cols + lo, n, qmin, qmax, steps, lr, beta1, beta2, eps)
+
+
+@njit(parallel=True, cache=True)
+def _encode_kernel(x, scales, g, bits, qmin, qmax, out):
+    rows, cols = x.shape
+    n_groups = scales.shape[1]
+    for r in prange(rows):
+        codes = np.empty(cols, np.uint8)
+        for j in range(n_groups):
+            s = scales[r, j]
+            for c in range(j * g, min(j * g + g, cols)):
+                codes[c] = np.uint8(quant_code(x[r, c], s, qmin, qmax) - qmin)
+        _pack_row(codes, bits, out[r])
+
+
+@njit(parallel=True, cache=True)
+def _pack_kernel(codes, bits, out):
+    for r in prange(codes.shape[0]):
+        _pack_row(codes[r], bits, out[r])
+
+
+@njit(parallel=True, cache=True)
+def _unpack_kernel(packed, bits, out):
+    for r in prange(packed.shape[0]):
+        _unpack_row(packed[r], bits, out[r])
+
+
+_F32, _BF16, _F16 = 0, 1, 2  # how _dequant_kernel writes its float32 values
+
+
+@njit(parallel=True, cache=True)
+def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, out):
+    rows, cols = out.shape
+    n_groups = scales.shape[1]
+    half = np.float32(1 << (bits - 1))
+    for r in prange(rows):
+        codes = np.empty(cols, np.uint8)
+        _unpack_row(qweight[r], bits, codes)
+        vals = np.empty(cols, np.float32)
+        for j in range(n_groups):
+            s = scales[r, j]
+            for c in range(j * g, min(j * g + g, cols)):
+                vals[c] = (np.float32(codes[c]) - half) * s
+        orow = out[r]
+        if mode == _BF16:
+            for c in range(cols):
+                orow[c] = f32_to_bf16_bits(vals[c])
+        elif mode == _F16:
+            for c in range(cols):
+                orow[c] = f32_to_f16_bits(vals[c])
+        else:
+            for c in range(cols):
+                orow[c] = vals[c]
+        for p in range(rowptr[r], rowptr[r + 1]):
+            orow[ocols[p]] = ovals[p]
+
+
+# -- public API (signatures used by quantize.py / dequant.py) -----------------------
+def _group(cols: int, group_size: int | None) -> tuple[int, int]:
+    g = cols if group_size is None else min(group_size, cols)
+    return g, -(-cols // g)
+
+
+def optimize_scales(x: np.ndarray, config) -> np.ndarray:
+    """Numba ``optimize_scales_reference``: best scales (rows, n_groups) float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    g, n_groups = _group(cols, config.group_size)
+    out = np.empty(rows * n_groups, dtype=np.float32)
+    b1, b2 = config.betas
+    _optimize_kernel(x.reshape(-1), rows, cols, g, n_groups, np.float32(config.qmin), np.float32(config.qmax),
+                     int(config.steps), float(config.lr), float(b1), float(b2), float(config.eps), out)
+    return out.reshape(rows, n_groups)
+
+
+def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None) -> np.ndarray:
+    """Codes of float32 ``x`` at ``scales``, packed: ``quantize.encode_reference`` fused."""
+    bits = check_bits(bits)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    g, n_groups = _group(cols, group_size)
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if scales.shape != (rows, n_groups):
+        raise ValueError(f"scales must have shape {(rows, n_groups)}, got {scales.shape}")
+    out = np.empty((rows, packed_cols(cols, bits)), dtype=np.uint32)
+    qmax = (1 << (bits - 1)) - 1
+    _encode_kernel(x, scales, g, bits, np.float32(-qmax - 1), np.float32(qmax), out)
+    return out
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Numba :func:`eqcore.packing.pack` (same checks, same layout)."""
+    codes, bits = check_codes(codes, bits)
+    out = np.empty((codes.shape[0], packed_cols(codes.shape[1], bits)), dtype=np.uint32)
+    _pack_kernel(np.ascontiguousarray(codes, dtype=np.uint8), bits, out)
+    return out
+
+
+def unpack(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """Numba :func:`eqcore.packing.unpack`: (rows, packed_cols) uint32 -> (rows, cols) uint8."""
+    packed, bits = check_packed(packed, bits, cols)
+    out = np.empty((packed.shape[0], cols), dtype=np.uint8)
+    _unpack_kernel(np.ascontiguousarray(packed), bits, out)
+    return out
+
+
+def dequantize(qt, dtype=None) -> np.ndarray:
+    """Numba ``dequantize_reference``: dense (rows, cols) in ``dtype``, outliers scattered per row."""
+    dtype = weight_dtype(dtype or qt.dtype)
+    rows, cols = qt.shape
+    g, _ = _group(cols, qt.group_size)
+    vals = qt.outlier_vals.astype(dtype)  # small; numpy casts exactly like the reference
+    if dtype.itemsize == 2:
+        mode = _BF16 if dtype == bfloat16 else _F16
+        out = np.empty((rows, cols), dtype=np.uint16)
+        vals = vals.view(np.uint16)
+    else:
+        mode = _F32
+        out = np.empty((rows, cols), dtype=dtype)
+    _dequant_kernel(np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.scales), g, int(qt.bits),
+                    qt.outlier_rowptr.astype(np.int64), qt.outlier_cols.astype(np.int64), vals, mode, out)
+    return out.view(dtype) if mode != _F32 else out

@@ -1,0 +1,260 @@
+"""The Numba CPU path (eqcore.cpu) against the NumPy reference: scales, codes, packing, dequant."""
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+import eqcore
+from eqcore import cpu, packing, rowmath
+from eqcore.config import QuantConfig
+from eqcore.dequant import dequantize_reference
+from eqcore.dtypes import WEIGHT_DTYPES
+from eqcore.quantize import encode_reference
+from eqcore.scales import optimize_scales_reference
+
+BITS = (2, 3, 4, 8)
+SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+
+
+def weights(rows, cols, seed, zero_rows=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(5, (rows, cols)) * 0.02).astype(dtype)
+    w[:zero_rows] = 0
+    return w
+
+
+def group_size_for(kind, cols):
+    return {"none": None, "divisor": max(1, cols // 4) if cols % 4 == 0 else 1, "odd": 7,
+            "big": cols + 5}[kind]
+
+
+# -- scalar helpers --------------------------------------------------------------
+f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+pos_f32 = st.floats(width=32, min_value=0.0, exclude_min=True, allow_nan=False, allow_infinity=False)
+
+
+@njit
+def _codes_both(x, s, qmin, qmax, out_ref, out_fast):
+    for i in range(x.shape[0]):
+        out_ref[i] = cpu.quant_code_ref(x[i], s[i], qmin, qmax)
+        out_fast[i] = cpu.quant_code(x[i], s[i], qmin, qmax)
+
+
+@SETTINGS
+@given(x=f32, s=pos_f32, bits=st.sampled_from(BITS))
+def test_quant_code_equals_rowmath(x, s, bits):
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    with np.errstate(over="ignore"):
+        want = rowmath.quant_code(np.float32(x), np.float32(s), qmin, qmax)
+    got = cpu.quant_code(np.float32(x), np.float32(s), np.float32(qmin), np.float32(qmax))
+    assert got == want
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quant_code_bulk_with_ties(bits):
+    """Millions of quotients, a third of them exact .5 ties, both signs, beyond the clamp."""
+    rng = np.random.default_rng(bits)
+    n = 1 << 20
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    s = np.ldexp(1.0, rng.integers(-140, 100, n)).astype(np.float32)  # powers of two: ties exact
+    k = rng.integers(2 * qmin - 3, 2 * qmax + 4, n) + 0.5
+    x = np.concatenate([(k * s).astype(np.float32), rng.standard_normal(n).astype(np.float32) * 0.05,
+                        rng.standard_normal(n).astype(np.float32)])
+    s = np.concatenate([s, np.abs(rng.standard_normal(2 * n)).astype(np.float32) * 0.01 + np.float32(1e-6)])
+    ref, fast = np.empty(3 * n), np.empty(3 * n)
+    _codes_both(x, s, np.float32(qmin), np.float32(qmax), ref, fast)
+    np.testing.assert_array_equal(fast, ref)
+    np.testing.assert_array_equal(ref, np.clip(np.rint(x / s), qmin, qmax))
+
+
+@njit
+def _bits16(x, out_f16, out_bf16):
+    for i in range(x.shape[0]):
+        out_f16[i] = cpu.f32_to_f16_bits(x[i])
+        out_bf16[i] = cpu.f32_to_bf16_bits(x[i])
+
+
+def _special_floats():
+    """float32 around every float16 / bfloat16 rounding boundary, subnormals, overflow, random bits."""
+    rng = np.random.default_rng(0)
+    lows = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    parts = [rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint32)]
+    for e in range(90, 146):  # half subnormals (below 2**-14 = exponent 113) up to overflow (143)
+        m = np.concatenate([rng.integers(0, 1 << 23, 2048, dtype=np.uint32),
+                            (rng.integers(0, 1 << 10, 256, dtype=np.uint32)[:, None] << 13 | lows).ravel(),
+                            (np.uint32(1) << np.arange(23, dtype=np.uint32))])
+        for shift in range(1, 24):  # exact halfway points for every subnormal shift, odd and even
+            m = np.concatenate([m, (rng.integers(0, 1 << 23, 64, dtype=np.uint32) >> shift << shift)
+                                | (np.uint32(1) << np.uint32(shift - 1))])
+        parts.append((np.uint32(e) << 23) | (m & 0x7FFFFF))
+    parts.append(np.array([0x477FEFFF, 0x477FF000, 0x477FF001, 0x477FE000, 0x7F7FFFFF, 0x7F7F8000,
+                           0x7F7F7FFF, 0x7F800000, 0, 1, 0x007FFFFF, 0x00800000, 0x33000000, 0x33000001,
+                           0x32FFFFFF, 0x33800000, 0x387FE000, 0x387FF000, 0x38800000], np.uint32))
+    b = np.concatenate(parts)
+    b = np.concatenate([b, b | np.uint32(0x80000000)])
+    x = b.view(np.float32)
+    return x[~np.isnan(x)]
+
+
+def test_f16_bf16_bits_match_numpy():
+    x = _special_floats()
+    f16, bf16 = np.empty(x.shape, np.uint16), np.empty(x.shape, np.uint16)
+    with np.errstate(over="ignore"):
+        want16 = x.astype(np.float16).view(np.uint16)
+    _bits16(x, f16, bf16)
+    bad = np.flatnonzero(f16 != want16)
+    assert bad.size == 0, [(hex(int(v)), hex(int(f16[i])), hex(int(want16[i]))) for i, v in zip(bad[:5], x.view(np.uint32)[bad[:5]])]
+    np.testing.assert_array_equal(bf16, x.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+# -- scale optimisation -----------------------------------------------------------
+shapes = st.sampled_from([(1, 1), (3, 33), (7, 100), (2, 64), (5, 257), (16, 31)])
+
+
+@SETTINGS
+@given(shape=shapes, bits=st.sampled_from(BITS), kind=st.sampled_from(["none", "divisor", "odd", "big"]),
+       steps=st.sampled_from([0, 1, 2, 9, 40]), seed=st.integers(0, 2**32 - 1), zero_rows=st.integers(0, 2))
+def test_optimize_scales_matches_reference(shape, bits, kind, steps, seed, zero_rows):
+    w = weights(*shape, seed, zero_rows)
+    cfg = QuantConfig(bits=bits, group_size=group_size_for(kind, shape[1]), steps=steps)
+    got, want = cpu.optimize_scales(w, cfg), optimize_scales_reference(w, cfg)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    if steps == 0:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_optimize_scales_moves_and_improves():
+    """Guards against a no-op optimiser: scales leave s0 and the loss drops."""
+    w = weights(64, 512, 3)
+    cfg = QuantConfig(bits=3, steps=200, lr=1e-2)
+    s0, s = cpu.optimize_scales(w, cfg.replace(steps=0)), cpu.optimize_scales(w, cfg)
+    assert np.mean(s != s0) > 0.9
+    np.testing.assert_allclose(s, optimize_scales_reference(w, cfg), rtol=1e-6)
+    from eqcore.scales import reconstruction_loss
+
+    assert np.all(reconstruction_loss(w, s, cfg) <= reconstruction_loss(w, s0, cfg))
+
+
+def test_generic_group_body_with_reference_quant_code():
+    """The factory bodies (meant for cuda.jit too) also compile with rowmath.quant_code itself."""
+    loss_grad = njit(cpu.make_loss_grad(cpu.quant_code_ref))
+    group_adam = njit(cpu.make_group_adam(loss_grad, cpu.initial_scale, cpu.adam_step))
+    w = weights(4, 90, 11)
+    cfg = QuantConfig(bits=4, steps=25)
+    got = np.array([group_adam(w[r], 0, 90, cfg.qmin, cfg.qmax, cfg.steps, cfg.lr, *cfg.betas, cfg.eps) for r in range(4)])
+    np.testing.assert_allclose(got, optimize_scales_reference(w, cfg)[:, 0], rtol=1e-6)
+
+
+# -- encode / pack / unpack -------------------------------------------------------
+@SETTINGS
+@given(shape=shapes, bits=st.sampled_from(BITS), kind=st.sampled_from(["none", "divisor", "odd", "big"]),
+       seed=st.integers(0, 2**32 - 1), jitter=st.booleans())
+def test_encode_bit_exact(shape, bits, kind, seed, jitter):
+    w = weights(*shape, seed, zero_rows=1)
+    cfg = QuantConfig(bits=bits, group_size=group_size_for(kind, shape[1]), steps=0)
+    s = optimize_scales_reference(w, cfg)
+    if jitter:  # scales that clamp a lot, and exact .5 ties at power-of-two scales
+        s = np.exp2(np.round(np.log2(s)) - 1).astype(np.float32)
+        w[-1, : shape[1] // 2] = (np.arange(shape[1] // 2) % 7 + 0.5) * s[-1, 0]
+    np.testing.assert_array_equal(cpu.encode(w, s, bits, cfg.group_size), encode_reference(w, s, cfg))
+
+
+@SETTINGS
+@given(rows=st.integers(1, 5), cols=st.integers(1, 200), bits=st.sampled_from(BITS), seed=st.integers(0, 2**32 - 1))
+def test_pack_unpack_bit_exact(rows, cols, bits, seed):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, (rows, cols))
+    p = cpu.pack(codes, bits)
+    assert p.dtype == np.uint32
+    np.testing.assert_array_equal(p, packing.pack(codes, bits))
+    np.testing.assert_array_equal(cpu.unpack(p, bits, cols), packing.unpack(p, bits, cols))
+    np.testing.assert_array_equal(cpu.unpack(p, bits, cols), codes)
+
+
+@pytest.mark.parametrize("call", [
+    lambda f: f.pack(np.zeros((2, 3), np.uint8), 5),
+    lambda f: f.pack(np.zeros(3, np.uint8), 4),
+    lambda f: f.pack(np.full((2, 3), 16), 4),
+    lambda f: f.pack(np.full((2, 3), -1), 4),
+    lambda f: f.unpack(np.zeros((2, 5), np.uint32), 4, 32),
+    lambda f: f.unpack(np.zeros((2, 4), np.int32), 4, 32),
+    lambda f: f.unpack(np.zeros(4, np.uint32), 4, 32),
+])
+def test_pack_unpack_reject_like_reference(call):
+    with pytest.raises(ValueError):
+        call(packing)
+    with pytest.raises(ValueError):
+        call(cpu)
+
+
+# -- dequantize -------------------------------------------------------------------
+@SETTINGS
+@given(shape=shapes, bits=st.sampled_from(BITS), kind=st.sampled_from(["none", "divisor", "odd", "big"]),
+       src=st.sampled_from(sorted(WEIGHT_DTYPES)), out=st.sampled_from([None, *sorted(WEIGHT_DTYPES)]),
+       sigma=st.sampled_from([None, 1.0, 2.5]), seed=st.integers(0, 2**32 - 1))
+def test_dequantize_bit_exact(shape, bits, kind, src, out, sigma, seed):
+    w = weights(*shape, seed, dtype=WEIGHT_DTYPES[src])
+    qt = eqcore.quantize(w, bits=bits, group_size=group_size_for(kind, shape[1]), sigma=sigma, steps=2, backend="numpy")
+    want = dequantize_reference(qt, out)
+    got = cpu.dequantize(qt, out)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("out", sorted(WEIGHT_DTYPES))
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_dequantize_large_values_many_outliers_wide(out):
+    """fp16 overflow / subnormal products, outliers cast across dtypes, int32 column indices."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((3, 70000)) * 3e4).astype(np.float32)
+    w[1] *= 1e-9  # float16 subnormal range
+    qt = eqcore.quantize(w, bits=8, sigma=1.0, steps=1, outlier_stats="row", backend="numpy")
+    assert qt.outlier_cols.dtype == np.int32 and qt.outlier_vals.size > 1000
+    np.testing.assert_array_equal(cpu.dequantize(qt, WEIGHT_DTYPES[out]).view(np.uint8),
+                                  dequantize_reference(qt, out).view(np.uint8))
+
+
+# -- quantize(backend=...) ---------------------------------------------------------
+@pytest.mark.parametrize("bits,group_size", [(2, None), (3, 48), (4, 100), (8, 7)])
+def test_quantize_numba_vs_numpy(bits, group_size):
+    w = weights(24, 300, bits, dtype=ml_dtypes.bfloat16)
+    a = eqcore.quantize(w, bits=bits, group_size=group_size, steps=0, backend="numba")
+    b = eqcore.quantize(w, bits=bits, group_size=group_size, steps=0, backend="numpy")
+    np.testing.assert_array_equal(a.qweight, b.qweight)
+    np.testing.assert_array_equal(a.scales, b.scales)
+    a = eqcore.quantize(w, bits=bits, group_size=group_size, steps=30, backend="numba")
+    b = eqcore.quantize(w, bits=bits, group_size=group_size, steps=30, backend="numpy")
+    np.testing.assert_allclose(a.scales, b.scales, rtol=1e-6)
+    same = np.all(a.scales == b.scales, axis=1)
+    np.testing.assert_array_equal(a.qweight[same], b.qweight[same])
+    assert same.mean() > 0.9
+    np.testing.assert_array_equal(a.dequantize(backend="numba").view(np.uint16), dequantize_reference(a).view(np.uint16))
+    assert math.isclose(float(np.abs(a.dequantize("float32") - w.astype(np.float32)).mean()),
+                        float(np.abs(b.dequantize("float32") - w.astype(np.float32)).mean()), rel_tol=1e-3)
+
+
+def test_group_body_compiles_for_cuda():
+    """The same factory bodies compile with cuda.jit(device=True) (PTX only, no GPU needed)."""
+    import types
+    from unittest import mock
+
+    cuda = pytest.importorskip("numba.cuda")
+    from numba import float32, int64
+
+    dev = [cuda.jit(device=True)(f) for f in (rowmath.quant_code, rowmath.initial_scale, rowmath.adam_step)]
+    loss_grad = cuda.jit(device=True)(cpu.make_loss_grad(dev[0]))
+    group_adam = cuda.jit(device=True)(cpu.make_group_adam(loss_grad, dev[1], dev[2]))
+
+    def kernel(x, rows, cols, qmin, qmax, steps, out):
+        r = cuda.grid(1)
+        if r < rows:
+            out[r] = group_adam(x, r * cols, cols, qmin, qmax, steps, 1e-3, 0.9, 0.999, 1e-8)
+
+    fake = types.SimpleNamespace(compute_capability=(8, 0))
+    with mock.patch("numba.cuda.dispatcher.get_current_device", lambda: fake, create=True):
+        ptx, _ = cuda.compile_ptx(kernel, (float32[::1], int64, int64, float32, float32, int64, float32[::1]), cc=(8, 0))
+    assert "div.rn.f32" in ptx  # the IEEE float32 quotient x / s
