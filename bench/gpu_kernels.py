@@ -14,7 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

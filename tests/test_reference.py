@@ -3,7 +3,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
-from hypothesis.extra.numpy import arrays
 
 import eqcore
 from eqcore.config import QuantConfig
