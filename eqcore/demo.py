@@ -77,12 +77,13 @@ def compare_methods(weights: dict, config: QuantConfig, backend: str = "auto", p
 
 def format_table(res: dict) -> str:
     methods = list(METHODS)
-    head = f"{'layer type':<44} {'n':>3} " + " ".join(f"{m:>14}" for m in methods)
+    w = max(40, *(len(k) for k in res["kinds"]))
+    head = f"{'layer type':<{w}} {'n':>3} " + " ".join(f"{m:>14}" for m in methods)
     lines = ["relative error ||W_hat - W|| / ||W|| (lower is better)", head, "-" * len(head)]
     for k in res["kinds"]:
-        lines.append(f"{k[-44:]:<44} {res['count'][k]:>3} " + " ".join(f"{res['rel_error'][m][k]:>14.5f}" for m in methods))
+        lines.append(f"{k:<{w}} {res['count'][k]:>3} " + " ".join(f"{res['rel_error'][m][k]:>14.5f}" for m in methods))
     lines.append("-" * len(head))
-    lines.append(f"{'all layers':<44} {sum(res['count'].values()):>3} " + " ".join(f"{res['total'][m]:>14.5f}" for m in methods))
-    lines.append(f"{'bits / weight (codes+scales+outliers)':<48} " + " ".join(f"{res['bits_per_weight'][m]:>14.3f}" for m in methods))
-    lines.append(f"{'quantize time (s)':<48} " + " ".join(f"{res['seconds'][m]:>14.2f}" for m in methods))
+    lines.append(f"{'all layers':<{w}} {sum(res['count'].values()):>3} " + " ".join(f"{res['total'][m]:>14.5f}" for m in methods))
+    lines.append(f"{'bits / weight (codes+scales+outliers)':<{w + 4}} " + " ".join(f"{res['bits_per_weight'][m]:>14.3f}" for m in methods))
+    lines.append(f"{'quantize time (s)':<{w + 4}} " + " ".join(f"{res['seconds'][m]:>14.2f}" for m in methods))
     return "\n".join(lines)

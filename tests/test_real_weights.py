@@ -15,7 +15,7 @@ except FileNotFoundError as e:  # pragma: no cover - CI installs the package
 @pytest.fixture(scope="module")
 def real():
     w = load_matrices(PATH)
-    assert len(w) == 36  # 6 layers x (q, k, v, attn-out, ffn-up, ffn-down)
+    assert len(w) == 37  # 6 layers x (q, k, v, attn-out, ffn-up, ffn-down) + pooler
     return {k: v for k, v in w.items() if ".layer.0." in k or ".layer.5." in k}
 
 
