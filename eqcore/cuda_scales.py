@@ -11,10 +11,11 @@ totals, so every thread runs ``adam_step`` and tracks the best scale itself: no
 broadcast, one ``syncthreads`` per step (none for one-warp blocks).
 
 Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which has no warp shuffles,
-``shfl_xor`` is emulated through shared memory; everything else is the same code.
+``shfl_xor`` is emulated with a per-warp Python barrier; everything else is the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -42,18 +43,22 @@ _adam_step = cuda.jit(device=True)(rowmath.adam_step)
 
 
 if SIMULATOR:
+    import threading
 
-    @cuda.jit(device=True)
+    _SIM_WARPS: dict = {}
+    _SIM_LOCK = threading.Lock()
+
     def _shfl_xor(mask, value, lane_mask):
-        """Shared-memory stand-in for ``cuda.shfl_xor_sync`` (all threads must call)."""
-        buf = cuda.shared.array(1024, float64)
+        """Simulator stand-in for ``cuda.shfl_xor_sync``: a per-warp barrier exchange."""
         tid = cuda.threadIdx.x
-        cuda.syncthreads()
-        buf[tid] = value
-        cuda.syncthreads()
-        out = buf[tid ^ lane_mask]
-        cuda.syncthreads()
-        return type(value)(out)
+        key = (cuda.blockIdx.x, tid // 32)
+        with _SIM_LOCK:
+            barrier, buf = _SIM_WARPS.setdefault(key, (threading.Barrier(32, timeout=60), [None] * 32))
+        buf[tid % 32] = value
+        barrier.wait()
+        out = buf[(tid % 32) ^ lane_mask]
+        barrier.wait()
+        return out
 
 else:
     _shfl_xor = cuda.shfl_xor_sync
@@ -118,12 +123,14 @@ def _make_kernel(in_shared: bool):
         m = 0.0
         v2 = 0.0
         nf = float64(n)
+        mine = (n - tid + nthreads - 1) // nthreads  # my element count, tid + k * nthreads
         for t in range(1, steps + 1):
             s = float32(u * s0)
             s64 = float64(s)
             loss = 0.0
             grad = 0.0
-            for i in range(tid, n, nthreads):
+            for k in range(mine):
+                i = tid + k * nthreads
                 xv = xs[i] if in_shared else x[row, start + i]
                 q = _quant_code(xv, s, qmin, qmax)
                 e = s64 * q - float64(xv)
@@ -158,11 +165,37 @@ _PY_KERNELS = {True: _make_kernel(True), False: _make_kernel(False)}
 _KERNELS: dict = {}
 
 
+@contextlib.contextmanager
+def _no_fma_contraction():
+    """Compile with NVVM ``-fma=0``.
+
+    NVVM contracts ``a * b + c`` into an FMA by default, even without fastmath, which
+    rounds differently from the reference (loss sums, Adam moments). Numba-CUDA has no
+    switch for it, so wrap the NVVM entry point its code library calls.
+    """
+    from numba.cuda.cudadrv import nvvm
+
+    plain = nvvm.compile_ir
+
+    def compile_ir(llvmir, **options):
+        options.setdefault("fma", False)
+        return plain(llvmir, **options)
+
+    nvvm.compile_ir = compile_ir
+    try:
+        yield
+    finally:
+        nvvm.compile_ir = plain
+
+
 def _kernel(in_shared: bool):
     """Compiled kernel (eagerly for :data:`SIGNATURE` on a GPU, so it is the tested PTX)."""
     if in_shared not in _KERNELS:
-        jit = cuda.jit if SIMULATOR else cuda.jit(SIGNATURE)
-        _KERNELS[in_shared] = jit(_PY_KERNELS[in_shared])
+        if SIMULATOR:
+            _KERNELS[in_shared] = cuda.jit(_PY_KERNELS[in_shared])
+        else:
+            with _no_fma_contraction():  # eager: PTX is generated (and cached) here
+                _KERNELS[in_shared] = cuda.jit(SIGNATURE)(_PY_KERNELS[in_shared])
     return _KERNELS[in_shared]
 
 
@@ -184,7 +217,8 @@ def compile_ptx_for(cc: tuple[int, int], in_shared: bool = True) -> str:
     saved = dispatcher.get_current_device
     dispatcher.get_current_device = lambda: _Device()
     try:
-        ptx, _ = cuda.compile_ptx(_PY_KERNELS[in_shared], SIGNATURE, cc=tuple(cc))
+        with _no_fma_contraction():
+            ptx, _ = cuda.compile_ptx(_PY_KERNELS[in_shared], SIGNATURE, cc=tuple(cc))
     finally:
         dispatcher.get_current_device = saved
     return ptx
@@ -220,6 +254,8 @@ def optimize_scales_cuda(x, config: QuantConfig):
     args = (g, n_groups, config.qmin, config.qmax, config.steps,
             float(config.lr), float(b1), float(b2), float(config.eps))
 
+    if SIMULATOR:
+        _SIM_WARPS.clear()
     if iface is None:
         out = np.empty((rows, n_groups), np.float32)
         if out.size:

@@ -11,22 +11,25 @@ import time
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from eqcore.config import QuantConfig  # noqa: E402
-from eqcore.cuda_scales import SIMULATOR, launch_config, optimize_scales_cuda  # noqa: E402
-from eqcore.scales import optimize_scales_reference, reconstruction_loss  # noqa: E402
+from eqcore import cuda_scales
+from eqcore.config import QuantConfig
+from eqcore.scales import optimize_scales_reference, reconstruction_loss
 
 # (rows, cols, bits, group_size, steps): one-warp and multi-warp blocks, non-divisor
-# groups (ragged last group), per-row scales, zero rows, steps 0.
+# groups (ragged last group), per-row scales, zero rows, steps 0; the last flag
+# forces the global-memory path (group data re-read every step).
 CASES = [
-    (3, 40, 4, None, 12),
-    (2, 70, 3, 32, 15),
-    (3, 40, 2, 16, 20),
-    (2, 70, 8, None, 8),
-    (2, 40, 4, 13, 0),
-    (2, 300, 4, None, 6),  # 128 threads: 4 warps, cross-warp reduction
-    (2, 30, 8, 7, 5),
+    (3, 40, 4, None, 12, False),
+    (2, 70, 3, 32, 10, False),
+    (2, 40, 2, 16, 10, False),
+    (2, 70, 8, None, 8, False),
+    (2, 40, 4, 13, 0, False),
+    (2, 300, 4, None, 5, False),  # 128 threads: 4 warps, cross-warp reduction
+    (1, 210, 3, 200, 4, False),  # 64 threads; last group of 10 leaves most threads idle
+    (2, 30, 8, 7, 5, False),
+    (2, 70, 4, 64, 6, True),  # global-memory fallback path
 ]
 
 
@@ -34,24 +37,32 @@ def make(rows, cols, seed):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
     x[rng.random((rows, cols)) < 0.05] = 0.0  # zeroed outliers
-    x[0] = 0.0  # an all-zero row
+    if rows > 1:
+        x[0] = 0.0  # an all-zero row
     return x
 
 
 def main() -> int:
-    assert SIMULATOR, "NUMBA_ENABLE_CUDASIM was not honoured"
+    assert cuda_scales.SIMULATOR, "NUMBA_ENABLE_CUDASIM was not honoured"
     t0 = time.time()
-    for i, (rows, cols, bits, group, steps) in enumerate(CASES):
+    limit = cuda_scales._MAX_SHARED_FLOATS
+    for i, (rows, cols, bits, group, steps, use_global) in enumerate(CASES):
         cfg = QuantConfig(bits=bits, group_size=group, steps=steps, lr=5e-3)
         x = make(rows, cols, i)
-        got = optimize_scales_cuda(x, cfg)
-        ref = optimize_scales_reference(x, cfg)
         g = cols if group is None else min(group, cols)
+        cuda_scales._MAX_SHARED_FLOATS = g - 1 if use_global else limit
+        threads, in_shared = cuda_scales.launch_config(g)
+        assert in_shared != use_global
+        t1 = time.time()
+        got = cuda_scales.optimize_scales_cuda(x, cfg)
+        t1 = time.time() - t1
+        ref = optimize_scales_reference(x, cfg)
         ok = got.dtype == np.float32 and got.shape == ref.shape and np.array_equal(got, ref)
         lg = reconstruction_loss(x, got, cfg).sum()
         lr_ = reconstruction_loss(x, ref, cfg).sum()
-        print(f"{rows}x{cols} bits={bits} group={group} steps={steps} threads={launch_config(g)[0]}: "
-              f"{'exact' if ok else 'MISMATCH'} loss gpu={lg:.6e} ref={lr_:.6e}")
+        print(f"{rows}x{cols} bits={bits} group={group} steps={steps} threads={threads} "
+              f"{'shared' if in_shared else 'global'}: "
+              f"{'exact' if ok else 'MISMATCH'} loss gpu={lg:.6e} ref={lr_:.6e} ({t1:.1f}s)")
         if not ok:
             print("got", got, "\nref", ref)
             return 1
