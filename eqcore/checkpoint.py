@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .dtypes import WEIGHT_DTYPES, weight_dtype
+from .outliers import row_chunks
 from .fileformat import VERSION_KEY, entry_names, quantized_names, read_entry, write_entry
 from .quantize import quantize
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
@@ -26,10 +27,12 @@ DEFAULT_SKIP = r"embed|wte|wpe|lm_head"
 
 def relative_error(w_hat: np.ndarray, w: np.ndarray) -> float:
     """||w_hat - w||_F / ||w||_F in float64 (0 for an all-zero w reproduced exactly)."""
-    w64 = np.asarray(w, dtype=np.float64)
-    err = np.linalg.norm(np.asarray(w_hat, dtype=np.float64) - w64)
-    ref = np.linalg.norm(w64)
-    return float(err / ref) if ref > 0 else float(err)
+    err = ref = 0.0
+    for rows in row_chunks(w.shape):
+        w64 = w[rows].astype(np.float64)
+        err += float(np.sum((w_hat[rows].astype(np.float64) - w64) ** 2))
+        ref += float(np.sum(w64 ** 2))
+    return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
 
 
 def should_quantize(name: str, dtype, shape, skip: str | None = DEFAULT_SKIP, min_features: int = 16) -> bool:

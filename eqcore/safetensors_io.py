@@ -169,7 +169,7 @@ class SafetensorsWriter:
                 out.write(blob)
                 self._data.flush()
                 self._data.seek(0)
-                shutil.copyfileobj(self._data, out, 16 << 20)
+                shutil.copyfileobj(self._data, out, 1 << 22)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)

@@ -148,3 +148,23 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "eqcore.cli", "quantize", "a", "b", "--bits", "5"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_peak_memory_is_about_one_tensor_not_the_model(tmp_path):
+    import tracemalloc
+
+    from eqcore.config import QuantConfig
+
+    def peak(n_tensors):
+        src = tmp_path / f"m{n_tensors}.safetensors"
+        _write(src, {f"layers.{i}.proj.weight": weights(512, 1024, seed=i) for i in range(n_tensors)})
+        tracemalloc.start()
+        quantize_checkpoint(src, tmp_path / f"q{n_tensors}.safetensors", QuantConfig(steps=2), progress=False)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    one_tensor = 512 * 1024 * 4
+    small, large = peak(2), peak(8)
+    assert large < 1.25 * small + one_tensor  # does not grow with the number of tensors
+    assert large < 8 * one_tensor             # and stays a few tensors' worth (the model is 8)
