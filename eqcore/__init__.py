@@ -6,8 +6,10 @@
     >>> w_hat = eqcore.dequantize(qt)            # float16, outliers restored exactly
     >>> eqcore.save_file({"w": qt}, "w.eq.safetensors")
 """
+from .checkpoint import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
 from .config import QuantConfig, SUPPORTED_BITS
 from .dequant import dequantize
+from .fileformat import load_file, save_file
 from .outliers import Outliers, find_outliers
 from .packing import pack, unpack
 from .quantize import quantize
@@ -17,5 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "QuantConfig", "SUPPORTED_BITS", "quantize", "dequantize", "QuantizedTensor", "FormatError",
-    "Outliers", "find_outliers", "pack", "unpack", "__version__",
+    "Outliers", "find_outliers", "pack", "unpack", "save_file", "load_file",
+    "quantize_checkpoint", "dequantize_checkpoint", "inspect_checkpoint", "__version__",
 ]

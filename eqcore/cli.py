@@ -27,7 +27,10 @@ def _quant_options(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="eqcore", description="Data-free EasyQuant weight quantization.")
+    p.add_argument("--version", action="version", version=f"eqcore {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a .safetensors file or sharded checkpoint folder")

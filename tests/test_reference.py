@@ -204,3 +204,13 @@ def test_bits_per_weight_counts_codes_scales_and_outliers():
     expected = (64 * 256 * 4 + 64 * 32 + 65 * 32 + nnz * (16 + 32)) / (64 * 256)
     assert qt.bits_per_weight == pytest.approx(expected)
     assert qt.outlier_fraction == nnz / (64 * 256)
+
+
+def test_readme_example_runs(tmp_path):
+    w = weights(64, 256, seed=11, dtype=np.float16)
+    qt = eqcore.quantize(w, bits=4)
+    w_hat = eqcore.dequantize(qt)
+    assert w_hat.dtype == np.float16 and 4 < qt.bits_per_weight < 5 and 0 < qt.outlier_fraction < 0.05
+    eqcore.save_file({"layer.weight": qt}, tmp_path / "q.safetensors")
+    back = eqcore.load_file(tmp_path / "q.safetensors")["layer.weight"]
+    np.testing.assert_array_equal(eqcore.dequantize(back), w_hat)
