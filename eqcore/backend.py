@@ -8,6 +8,17 @@ def is_cupy(a) -> bool:
     return type(a).__module__.startswith("cupy")
 
 
+def array_module(a):
+    """``cupy`` for CuPy arrays, else ``numpy`` (like ``cupy.get_array_module``)."""
+    if is_cupy(a):
+        import cupy
+
+        return cupy
+    import numpy
+
+    return numpy
+
+
 def select(backend: str, *arrays) -> str:
     """Resolve ``backend`` for the given arrays; "auto" follows where the data lives."""
     if backend not in BACKENDS:

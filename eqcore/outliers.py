@@ -5,6 +5,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .backend import array_module
+
 
 class Outliers(NamedTuple):
     """CSR of the outliers of a (rows, cols) matrix.
@@ -34,29 +36,31 @@ def outlier_mask(w: np.ndarray, sigma: float | None, stats: str = "tensor") -> n
     ``stats="tensor"`` uses one mean/std for the matrix (the paper), ``"row"`` one per
     output row. ``sigma=None`` selects nothing. A constant matrix has no outliers.
     """
-    mask = np.zeros(w.shape, dtype=bool)
+    xp = array_module(w)
+    mask = xp.zeros(w.shape, dtype=bool)
     if sigma is None:
         return mask
     mean, std = _mean_std(w, per_row=stats == "row")
     for rows in row_chunks(w.shape):  # float64 work in slices: memory stays ~ one tensor
-        dev = np.abs(w[rows].astype(np.float64) - mean[rows])
+        dev = xp.abs(w[rows].astype(np.float64) - mean[rows])
         mask[rows] = (dev >= sigma * std[rows]) & (std[rows] > 0)
     return mask
 
 
 def _mean_std(w: np.ndarray, per_row: bool) -> tuple[np.ndarray, np.ndarray]:
     """Two-pass float64 mean and (population) std, per row or of the whole matrix, as (rows, 1)."""
+    xp = array_module(w)
     rows, cols = w.shape
-    row_sum = np.zeros((rows, 1))
+    row_sum = xp.zeros((rows, 1))
     for r in row_chunks(w.shape):
         row_sum[r] = w[r].sum(axis=1, dtype=np.float64, keepdims=True)
-    mean = row_sum / cols if per_row else np.full((rows, 1), row_sum.sum() / w.size)
-    row_sq = np.zeros((rows, 1))
+    mean = row_sum / cols if per_row else xp.broadcast_to(row_sum.sum() / w.size, (rows, 1))
+    row_sq = xp.zeros((rows, 1))
     for r in row_chunks(w.shape):
         d = w[r].astype(np.float64) - mean[r]
-        row_sq[r] = np.sum(d * d, axis=1, keepdims=True)
-    var = row_sq / cols if per_row else np.full((rows, 1), row_sq.sum() / w.size)
-    return mean, np.sqrt(var)
+        row_sq[r] = xp.sum(d * d, axis=1, keepdims=True)
+    var = row_sq / cols if per_row else xp.broadcast_to(row_sq.sum() / w.size, (rows, 1))
+    return mean, xp.sqrt(var)
 
 
 def row_chunks(shape, elements: int = 1 << 18):

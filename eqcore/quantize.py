@@ -22,18 +22,10 @@ def check_weight(w) -> np.ndarray:
     if 0 in shape:
         raise ValueError(f"cannot quantize an empty matrix of shape {tuple(shape)}")
     weight_dtype(w.dtype)
-    xp = _xp(w)
+    xp = _backend.array_module(w)
     if not bool(xp.isfinite(w.astype(np.float32) if w.dtype.itemsize == 2 else w).all()):
         raise ValueError("weight contains NaN or Inf; refusing to quantize it")
     return w
-
-
-def _xp(a):
-    if _backend.is_cupy(a):
-        import cupy
-
-        return cupy
-    return np
 
 
 def encode_reference(x: np.ndarray, scales: np.ndarray, config: QuantConfig) -> np.ndarray:
