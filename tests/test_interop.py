@@ -1,0 +1,56 @@
+"""Any array framework in, NumPy (CPU) or CuPy (GPU) out: torch and JAX through DLPack."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+import eqcore
+from eqcore.interop import as_array
+
+from helpers import weights
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _same_quantization(a, ref):
+    qa, qr = eqcore.quantize(a, bits=4, steps=20), eqcore.quantize(ref, bits=4, steps=20)
+    assert qa.dtype == qr.dtype
+    for f in ("qweight", "scales", "outlier_cols", "outlier_vals"):
+        assert getattr(qa, f).tobytes() == getattr(qr, f).tobytes(), f
+    assert isinstance(eqcore.dequantize(qa), np.ndarray)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_torch_cpu_tensors(dtype):
+    torch = pytest.importorskip("torch")
+    ref = weights(16, 96, seed=1, dtype=np.float32).astype(BF16 if dtype == "bfloat16" else dtype)
+    t = torch.from_numpy(ref.astype(np.float32)).to(getattr(torch, dtype))
+    arr = as_array(t)
+    assert isinstance(arr, np.ndarray) and arr.dtype == ref.dtype
+    np.testing.assert_array_equal(arr.astype(np.float32), ref.astype(np.float32))
+    _same_quantization(t, ref)
+
+
+def test_torch_views_are_not_copied_and_grad_tensors_work():
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4, 32, requires_grad=True)
+    arr = as_array(t)
+    with torch.no_grad():
+        t[0, 0] = 3.0
+    assert arr[0, 0] == 3.0  # a view: DLPack shares the memory
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_arrays(dtype):
+    jnp = pytest.importorskip("jax.numpy")
+    ref = weights(16, 96, seed=2, dtype=np.float32).astype(BF16 if dtype == "bfloat16" else dtype)
+    j = jnp.asarray(ref)
+    arr = as_array(j)
+    assert isinstance(arr, np.ndarray) and arr.dtype == ref.dtype
+    _same_quantization(j, ref)
+
+
+def test_numpy_input_with_gpu_backend_is_refused():
+    with pytest.raises(ValueError, match="cannot run on NumPy"):
+        eqcore.quantize(weights(4, 32), backend="cupy")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        eqcore.quantize(weights(4, 32), backend="tpu")
