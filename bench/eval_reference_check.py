@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from eqcore.evaluation import (find_model_file, forward, load_model, load_tokenizer,
-                               nll_windows, split_tokens)
+                               split_tokens)
 from eqcore.evaluation.perplexity import log_softmax_nll
 
 

@@ -87,6 +87,7 @@ def test_sliding_window_accounting(small, toks):
     assert np.isclose(ppl, np.exp(full.mean()))
 
 
+@pytest.mark.slow
 def test_matches_transformers(small, toks):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -112,7 +113,26 @@ def test_matches_transformers(small, toks):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3)
 
 
-def test_matches_llama_cpp(toks):
+def test_llama_cpp_exact_on_f32_export(small, toks, tmp_path):
+    """llama.cpp on an F32 GGUF of (modified) weights == our forward."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from eqcore.evaluation import export_f32_gguf
+    w, cfg = small
+    w2 = dict(w)
+    for n in linear_weight_names(w):      # stand-in for a quantize-dequantize round trip
+        w2[n] = (np.round(w[n] * 64) / 64).astype(np.float32)
+    path = tmp_path / "two_layers_f32.gguf"
+    export_f32_gguf(MODEL_PATH, path, weights=w2, max_layers=cfg.n_layers)
+    t = toks[:32]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False,
+                          n_threads=2, type_k=0, type_v=0, flash_attn=False)  # F32 KV cache
+    llm.eval(t.tolist())
+    ref = np.array(llm.scores[:len(t)], dtype=np.float32)
+    np.testing.assert_allclose(forward(w2, t, cfg), ref, rtol=0, atol=2e-3)
+
+
+def test_matches_llama_cpp_q4_1_runtime(toks):
+    """Full model vs llama.cpp running the shipped Q4_1 file directly."""
     llama_cpp = pytest.importorskip("llama_cpp")
     w, cfg = load_model()
     t = toks[:24]
@@ -123,8 +143,8 @@ def test_matches_llama_cpp(toks):
     llm.eval(t.tolist())
     ref = np.array(llm.scores[:len(t)], dtype=np.float64)
     ours = forward(w, t, cfg).astype(np.float64)
-    # llama.cpp quantizes activations to 8 bit inside its Q4_1/Q8_0 matmuls,
-    # so agreement is close but not exact.
+    # llama.cpp quantizes activations to 8 bit inside its Q4_1/Q8_0 matmuls
+    # (and keeps an F16 KV cache), so agreement is close but not exact.
     assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.999
     assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
-    assert np.max(np.abs(ours - ref)) < 1.0
+    assert np.max(np.abs(ours - ref)) < 2.0

@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "LlamaConfig",
     "load_gguf",
+    "export_f32_gguf",
     "config_from_gguf",
     "infer_config",
     "linear_weight_names",
@@ -125,6 +126,68 @@ def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     hd = out // n_heads
     return np.ascontiguousarray(
         w.reshape(n_heads, hd // 2, 2, inp).swapaxes(1, 2).reshape(out, inp))
+
+
+def _permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF -> GGUF row order (llama.cpp ``convert_hf_to_gguf`` permute)."""
+    out, inp = w.shape
+    hd = out // n_heads
+    return np.ascontiguousarray(
+        w.reshape(n_heads, 2, hd // 2, inp).swapaxes(1, 2).reshape(out, inp))
+
+
+def export_f32_gguf(src_path, dst_path, weights: Mapping[str, np.ndarray] | None = None,
+                    max_layers: int | None = None) -> None:
+    """Write an all-F32 copy of a LLaMA GGUF (same metadata and vocabulary).
+
+    ``weights`` (HF names/layout, e.g. with quantized-dequantized linears)
+    replaces the tensors; ``None`` writes the source's dequantized tensors.
+    ``max_layers`` truncates the model (``llama.block_count`` is rewritten).
+    Lets llama.cpp act as an independent reference on exactly these weights.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(src_path))
+    cfg = config_from_gguf(reader)
+    n_layers = cfg.n_layers if max_layers is None else min(int(max_layers), cfg.n_layers)
+    writer = gguf.GGUFWriter(str(dst_path), arch="llama")
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key == "general.file_type":
+            writer.add_uint32(key, int(gguf.LlamaFileType.ALL_F32))
+        elif key == "llama.block_count":
+            writer.add_uint32(key, n_layers)
+        elif f.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            writer.add_key_value(key, f.contents(), f.types[0])
+    for t in reader.tensors:
+        name = t.name
+        if name.startswith("blk.") and int(name.split(".")[1]) >= n_layers:
+            continue
+        if weights is None:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        else:
+            if name == "token_embd.weight":
+                hf = "model.embed_tokens.weight"
+            elif name == "output_norm.weight":
+                hf = "model.norm.weight"
+            elif name == "output.weight":
+                hf = "lm_head.weight"
+            else:
+                _, idx, kind, _ = name.split(".", 3)
+                hf = f"model.layers.{int(idx)}.{_GGUF_TO_HF[kind]}.weight"
+            arr = np.asarray(weights[hf], dtype=np.float32)
+            if name.endswith("attn_q.weight"):
+                arr = _permute_qk(arr, cfg.n_heads)
+            elif name.endswith("attn_k.weight"):
+                arr = _permute_qk(arr, cfg.n_kv_heads)
+        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def load_gguf(path, max_layers: int | None = None) -> tuple[dict[str, np.ndarray], LlamaConfig]:

@@ -2,18 +2,23 @@
 
 Protocol (``PROTOCOL``), all in tokens of the SmolLM2 tokenizer:
 
-* corpus: the 300 Lee news articles joined by a blank line (75,678 tokens);
-  no BOS token is added (SmolLM2's own tokenizer adds none).
-* split: ``tune`` = articles 0..149, ``test`` = articles 150..299 (disjoint,
-  each tokenized on its own after joining its articles).  Use ``tune`` for any
-  choice of hyper-parameters and report final numbers on ``test`` only.
-* from each split the first ``n_tokens`` tokens are scored (default 8192).
-* windows: ``ctx`` = 512 tokens, ``stride`` = 256: window ``k`` covers
-  ``[k*stride, k*stride + ctx)`` and scores only targets not scored by the
-  previous window, so every target after the first window sees at least
-  ``ctx - stride`` tokens of context (the HF sliding-window recipe).
-  The first token of the stream is never a target.
-* ppl = exp(mean negative log-likelihood over scored targets), natural log.
+* corpus: the 300 Lee news articles (gensim's ``lee_background.cor``), joined
+  by a blank line; no BOS token is added (SmolLM2's own tokenizer adds none).
+* split: ``tune`` = articles 0..149 (37,785 tokens), ``test`` = articles
+  150..299 (37,891 tokens), disjoint, each tokenized on its own.  Use ``tune``
+  for every choice of hyper-parameters; report final numbers on ``test`` only.
+* from a split the first ``n_tokens`` tokens are scored (default 8192);
+  ``n_tokens=0`` takes the whole split (~74 windows) for final tables.
+* windows: ``ctx`` = 512, ``stride`` = 512, i.e. disjoint 512-token windows,
+  each evaluated from scratch (positions restart at 0).  In general window
+  ``k`` covers ``[k*stride, k*stride + ctx)`` and scores the targets not
+  scored by the previous window that have at least one token of context in
+  the window (the HF sliding-window recipe); with ``stride < ctx`` every
+  target after the first window sees at least ``ctx - stride`` tokens.
+  With disjoint windows the first token of each window is not a target
+  (8192 tokens -> 16 windows, 8176 scored targets).
+* ppl = exp(mean negative log-likelihood over scored targets), natural log,
+  log-softmax in float64 over fp32 logits.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ __all__ = ["PROTOCOL", "Protocol", "split_tokens", "perplexity", "nll_windows",
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     ctx: int = 512
-    stride: int = 256
+    stride: int = 512
     n_tokens: int = 8192
     split_at_document: int = 150   # tune = docs[:150], test = docs[150:]
 
