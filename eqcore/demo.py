@@ -54,6 +54,8 @@ def compare_methods(weights: dict, config: QuantConfig, backend: str = "auto", p
     sq_err = {m: defaultdict(float) for m in METHODS}
     sq_ref, count = defaultdict(float), defaultdict(int)
     bits, secs, numel = defaultdict(float), defaultdict(float), 0
+    warm = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+    quantize(warm, config.replace(steps=1), backend=backend).dequantize(np.float32, backend=backend)  # JIT, untimed
     for name, w in tqdm(weights.items(), desc="demo", unit="matrix", disable=not progress):
         kind = layer_type(name)
         sq_ref[kind] += float(np.sum(w.astype(np.float64) ** 2))
