@@ -23,6 +23,7 @@ from numba import njit, prange
 from . import rowmath
 from .dtypes import bfloat16, weight_dtype
 from .packing import BLOCK, check_bits, check_codes, check_packed, packed_cols
+from .scales import group_layout
 
 # -- scalar helpers ---------------------------------------------------------------
 quant_code_ref = njit(rowmath.quant_code)
@@ -224,16 +225,11 @@ def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, out):
 
 
 # -- public API (signatures used by quantize.py / dequant.py) -----------------------
-def _group(cols: int, group_size: int | None) -> tuple[int, int]:
-    g = cols if group_size is None else min(group_size, cols)
-    return g, -(-cols // g)
-
-
 def optimize_scales(x: np.ndarray, config) -> np.ndarray:
     """Numba ``optimize_scales_reference``: best scales (rows, n_groups) float32."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
-    g, n_groups = _group(cols, config.group_size)
+    g, n_groups = group_layout(cols, config.group_size)
     out = np.empty(rows * n_groups, dtype=np.float32)
     b1, b2 = config.betas
     _optimize_kernel(x.reshape(-1), rows, cols, g, n_groups, np.float32(config.qmin), np.float32(config.qmax),
@@ -246,7 +242,7 @@ def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None)
     bits = check_bits(bits)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
-    g, n_groups = _group(cols, group_size)
+    g, n_groups = group_layout(cols, group_size)
     scales = np.ascontiguousarray(scales, dtype=np.float32)
     if scales.shape != (rows, n_groups):
         raise ValueError(f"scales must have shape {(rows, n_groups)}, got {scales.shape}")
@@ -276,7 +272,7 @@ def dequantize(qt, dtype=None) -> np.ndarray:
     """Numba ``dequantize_reference``: dense (rows, cols) in ``dtype``, outliers scattered per row."""
     dtype = weight_dtype(dtype or qt.dtype)
     rows, cols = qt.shape
-    g, _ = _group(cols, qt.group_size)
+    g, _ = group_layout(cols, qt.group_size)
     vals = qt.outlier_vals.astype(dtype)  # small; numpy casts exactly like the reference
     if dtype.itemsize == 2:
         mode = _BF16 if dtype == bfloat16 else _F16

@@ -18,7 +18,7 @@ from . import kernels
 from .config import QuantConfig
 from .dtypes import dtype_name, weight_dtype
 from .outliers import col_index_dtype, outlier_mask
-from .packing import check_bits, packed_cols
+from .packing import check_bits, check_codes, check_packed, packed_cols
 from .tensor import QuantizedTensor
 
 
@@ -94,12 +94,7 @@ def scatter_outliers(out, rowptr, cols, vals):
 def pack(codes, bits: int):
     """GPU :func:`eqcore.packing.pack`: unsigned codes (rows, cols) -> (rows, packed) uint32."""
     cp = _cp()
-    bits = check_bits(bits)
-    codes = cp.asarray(codes)
-    if codes.ndim != 2:
-        raise ValueError(f"codes must be 2-D, got shape {codes.shape}")
-    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
-        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+    codes, bits = check_codes(cp.asarray(codes), bits)
     codes = cp.ascontiguousarray(codes, dtype=cp.uint8)
     out = cp.empty((codes.shape[0], packed_cols(codes.shape[1], bits)), dtype=cp.uint32)
     _run(kernels.pack_launch(codes, out, bits))
@@ -109,10 +104,7 @@ def pack(codes, bits: int):
 def unpack(packed, bits: int, cols: int):
     """GPU :func:`eqcore.packing.unpack`: (rows, packed) uint32 -> (rows, cols) uint8 codes."""
     cp = _cp()
-    bits = check_bits(bits)
-    packed = _dev(packed)
-    if packed.ndim != 2 or packed.dtype != np.uint32:
-        raise ValueError(f"packed must be a 2-D uint32 array, got {packed.dtype} {packed.shape}")
+    packed, bits = check_packed(_dev(packed), bits, cols)
     out = cp.empty((packed.shape[0], cols), dtype=cp.uint8)
     _run(kernels.unpack_launch(packed, out, bits))
     return out

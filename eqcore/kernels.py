@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from .dtypes import bfloat16
+from .packing import BLOCK, packed_cols
+from .scales import group_layout
 
 SOURCE = "eqcore_kernels.cu"
-BLOCK = 32
 THREADS, DQ_THREADS, SC_THREADS = 256, 128, 128  # must match raw_kernels/eqcore_kernels.cu
 DQ_TILE = DQ_THREADS * BLOCK
 
@@ -216,20 +217,10 @@ def _grid1(work: int, threads: int) -> tuple:
     return (max(1, min(-(-work // threads), 2**31 - 1)), 1, 1)
 
 
-def group_of(cols: int, group_size: int | None) -> tuple[int, int]:
-    """(g, n_groups) of the contract: g = cols if group_size is None else min(group_size, cols)."""
-    g = cols if group_size is None else min(int(group_size), cols)
-    return g, -(-cols // g)
-
-
-def packed_cols(cols: int, bits: int) -> int:
-    return -(-cols // BLOCK) * bits
-
-
 def encode_launch(x, scales, out, bits: int, group_size: int | None) -> Launch:
     """float32 x (rows, cols), float32 scales (rows, n_groups) -> out uint32 (rows, packed)."""
     rows, cols = x.shape
-    g, ng = group_of(cols, group_size)
+    g, ng = group_layout(cols, group_size)
     _check(x, "x", np.float32, (rows, cols))
     _check(scales, "scales", np.float32, (rows, ng))
     _check(out, "out", np.uint32, (rows, packed_cols(cols, bits)))
@@ -276,7 +267,7 @@ def _out_name(out) -> str:
 def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_size: int | None) -> Launch:
     """Dense ``out`` (rows, cols) = codes * scales with the CSR outliers written in, one launch."""
     rows, cols = out.shape
-    g, ng = group_of(cols, group_size)
+    g, ng = group_layout(cols, group_size)
     _check(qweight, "qweight", np.uint32, (rows, packed_cols(cols, bits)))
     _check(scales, "scales", np.float32, (rows, ng))
     oname = _out_name(out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backend import is_cupy
 from .config import SUPPORTED_BITS
 
 BLOCK = 32  # codes per packing block; a block is exactly `bits` words
@@ -28,20 +29,20 @@ def packed_cols(cols: int, bits: int) -> int:
 
 
 def check_codes(codes, bits: int) -> tuple[np.ndarray, int]:
-    """Validated (codes, bits) for packing: 2-D integers in [0, 2**bits)."""
+    """Validated (codes, bits) for packing: 2-D integers in [0, 2**bits) (NumPy or CuPy)."""
     bits = check_bits(bits)
-    codes = np.asarray(codes)
+    codes = codes if is_cupy(codes) else np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError(f"codes must be 2-D, got shape {codes.shape}")
-    if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     return codes, bits
 
 
 def check_packed(packed, bits: int, cols: int) -> tuple[np.ndarray, int]:
-    """Validated (packed, bits) for unpacking ``cols`` codes per row."""
+    """Validated (packed, bits) for unpacking ``cols`` codes per row (NumPy or CuPy)."""
     bits = check_bits(bits)
-    packed = np.asarray(packed)
+    packed = packed if is_cupy(packed) else np.asarray(packed)
     if packed.ndim != 2 or packed.dtype != np.uint32:
         raise ValueError(f"packed must be a 2-D uint32 array, got {packed.dtype} {packed.shape}")
     if packed.shape[1] != packed_cols(cols, bits):

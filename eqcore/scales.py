@@ -19,11 +19,17 @@ import numpy as np
 from .config import QuantConfig
 
 
+def group_layout(cols: int, group_size: int | None) -> tuple[int, int]:
+    """(g, n_groups): columns per scale (``cols`` when group_size is None, and never more
+    than ``cols``) and the number of groups per row; the last group may be shorter."""
+    g = cols if group_size is None else min(int(group_size), cols)
+    return g, -(-cols // g)
+
+
 def group_view(x: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """(rows, cols) -> zero-padded (rows * n_groups, g) groups, their true sizes, n_groups."""
     rows, cols = x.shape
-    g = cols if group_size is None else min(group_size, cols)
-    n_groups = -(-cols // g)
+    g, n_groups = group_layout(cols, group_size)
     padded = np.zeros((rows, n_groups * g), dtype=x.dtype)
     padded[:, :cols] = x
     sizes = np.full(n_groups, g, dtype=np.float64)
@@ -80,7 +86,7 @@ def optimize_scales_reference(x: np.ndarray, config: QuantConfig) -> np.ndarray:
 
 def expand_scales(scales: np.ndarray, cols: int, group_size: int | None) -> np.ndarray:
     """Per-element scales (rows, cols) from per-group scales (rows, n_groups)."""
-    g = cols if group_size is None else min(group_size, cols)
+    g, _ = group_layout(cols, group_size)
     return np.repeat(scales, g, axis=1)[:, :cols]
 
 

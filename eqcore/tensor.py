@@ -11,6 +11,7 @@ from .config import SUPPORTED_BITS
 from .dtypes import dtype_name, weight_dtype
 from .outliers import Outliers, col_index_dtype
 from .packing import packed_cols
+from .scales import group_layout
 
 FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
 
@@ -52,9 +53,7 @@ class QuantizedTensor:
 
     @property
     def n_groups(self) -> int:
-        cols = self.shape[1]
-        g = cols if self.group_size is None else min(self.group_size, cols)
-        return -(-cols // g)
+        return group_layout(self.shape[1], self.group_size)[1]
 
     @property
     def nbytes(self) -> int:

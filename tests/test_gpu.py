@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 
 import eqcore
-from eqcore import gpu, kernels
+from eqcore import gpu
 from eqcore.dequant import dequantize_reference
 from eqcore.dtypes import weight_dtype
 from eqcore.outliers import find_outliers
 from eqcore.packing import pack, unpack
 from eqcore.quantize import encode_reference
+from eqcore.scales import group_layout
 from eqcore.tensor import QuantizedTensor
 
 pytestmark = pytest.mark.gpu
@@ -46,7 +47,7 @@ def test_dequant_fused_matches_reference(shape, bits):
 def test_encode_pack_unpack_match_reference(shape, bits):
     rng = np.random.default_rng(1)
     cfg = eqcore.QuantConfig(bits=bits, group_size=64)
-    ng = kernels.group_of(shape[1], 64)[1]
+    ng = group_layout(shape[1], 64)[1]
     x = rng.standard_normal(shape).astype(np.float32)
     scales = rng.uniform(0.05, 1.0, (shape[0], ng)).astype(np.float32)
     scales[0, 0] = 1e-40  # subnormal: checks the kernels are not built with -ftz=true
