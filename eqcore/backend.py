@@ -19,6 +19,25 @@ def array_module(a):
     return numpy
 
 
+def gpu_available() -> bool:
+    """True when CuPy is installed and sees a CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device
+        return False
+
+
+def preferred(backend: str) -> str:
+    """For data read from disk: "auto" means the GPU when there is one, else Numba."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "cupy" if gpu_available() else "numba"
+    return backend
+
+
 def select(backend: str, *arrays) -> str:
     """Resolve ``backend`` for the given arrays; "auto" follows where the data lives."""
     if backend not in BACKENDS:

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .backend import preferred
 from .config import QuantConfig
 from .dtypes import WEIGHT_DTYPES, weight_dtype
+from .interop import to_backend, to_host
 from .outliers import row_chunks
 from .fileformat import VERSION_KEY, entry_names, quantized_names, read_entry, write_entry
 from .quantize import quantize
@@ -140,14 +142,15 @@ def quantize_checkpoint(src, dst, config: QuantConfig | None = None, *, skip: st
     """Quantize every eligible 2-D weight of a checkpoint (see :func:`should_quantize`);
     copy the rest unchanged. Peak memory is a few times the largest tensor."""
     config = config or QuantConfig()
+    backend = preferred(backend)
 
     def one(name, value):
         if isinstance(value, QuantizedTensor):
             raise ValueError("is already quantized; quantize the original checkpoint")
         if not should_quantize(name, value.dtype, value.shape, skip, min_features):
             return value, {}
-        qt = quantize(value, config, backend=backend)
-        rel = relative_error(qt.dequantize(np.float32, backend=backend), value)
+        qt = quantize(to_backend(value, backend), config, backend=backend)
+        rel = relative_error(to_host(qt.dequantize(np.float32, backend=backend)), value)
         return qt, {"rel_error": rel}
 
     _convert(src, dst, one, overwrite=overwrite, progress=progress, desc="quantize")
@@ -158,10 +161,11 @@ def dequantize_checkpoint(src, dst, dtype=None, *, backend: str = "auto", overwr
     """Write a plain safetensors checkpoint any runtime can load: every quantized weight
     dense in ``dtype`` (default: its original dtype), other tensors unchanged."""
     dtype = None if dtype is None else weight_dtype(dtype)
+    backend = preferred(backend)
 
     def one(name, value):
         if isinstance(value, QuantizedTensor):
-            return value.dequantize(dtype, backend=backend), {}
+            return value.map_arrays(lambda a: to_backend(a, backend)).dequantize(dtype, backend=backend), {}
         return value, {}
 
     _convert(src, dst, one, overwrite=overwrite, progress=progress, desc="dequantize")

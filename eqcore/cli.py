@@ -1,4 +1,4 @@
-"""The `eqcore` command line: quantize, dequantize, inspect, demo."""
+"""The `eqcore` command line: quantize, dequantize, inspect, demo, eval."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--file", default=None, help="use this .safetensors file instead of the demo model")
     m.add_argument("--limit", type=int, default=None, help="only the first N matrices")
     m.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity (SmolLM2-135M) and embedding similarity (MiniLM) of every method, "
+                                    "side by side; writes a markdown table, JSON and a plot")
+    try:
+        from .evaluation.quality import add_arguments
+    except ImportError as err:  # eqcore.evaluation missing from this install
+        e.set_defaults(eval_unavailable=str(err))
+    else:
+        add_arguments(e)
     return p
 
 
@@ -106,6 +115,12 @@ def main(argv=None) -> int:
             print(f"{cfg.bits}-bit, sigma={cfg.sigma}, group_size={cfg.group_size}, steps={cfg.steps}, lr={cfg.lr}; "
                   f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
             print(format_table(compare_methods(weights, cfg, a.backend, progress=not a.no_progress)))
+        elif a.command == "eval":
+            if getattr(a, "eval_unavailable", None):
+                raise FileNotFoundError(f"eqcore.evaluation is not installed ({a.eval_unavailable})")
+            from .evaluation.quality import run_from_args
+
+            return run_from_args(a)
     except (FormatError, ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         print(f"eqcore {a.command}: error: {e}", file=sys.stderr)
         return 2

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 
+from .interop import to_host
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 from .tensor import FIELDS, FormatError, QuantizedTensor
 
@@ -28,13 +28,9 @@ def write_entry(writer: SafetensorsWriter, name: str, value, **extra) -> None:
         writer.metadata[VERSION_KEY] = FORMAT_VERSION
         writer.metadata[TENSOR_KEY + name] = json.dumps({**value.metadata(), **extra}, sort_keys=True)
         for field, arr in value.arrays().items():
-            writer.add(f"{name}.{field}", _host(arr))
+            writer.add(f"{name}.{field}", to_host(arr))
     else:
-        writer.add(name, _host(value))
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") and type(a).__module__.startswith("cupy") else np.asarray(a)
+        writer.add(name, to_host(value))
 
 
 def quantized_names(reader: SafetensorsReader) -> dict[str, dict]:

@@ -30,6 +30,20 @@ def as_array(a):
     return np.asarray(a)  # array_like: lists, scalars, objects with __array__
 
 
+def to_host(a) -> np.ndarray:
+    """NumPy copy of a CuPy array; NumPy arrays pass through."""
+    return a.get() if is_cupy(a) else np.asarray(a)
+
+
+def to_backend(a, backend: str):
+    """``a`` moved to the GPU for backend "cupy"; unchanged otherwise."""
+    if backend == "cupy" and not is_cupy(a):
+        import cupy
+
+        return cupy.asarray(a)
+    return a
+
+
 def _from_torch(t):
     import torch
 

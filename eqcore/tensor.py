@@ -68,6 +68,10 @@ class QuantizedTensor:
     def outlier_fraction(self) -> float:
         return self.outlier_vals.shape[0] / (self.shape[0] * self.shape[1])
 
+    def map_arrays(self, fn) -> "QuantizedTensor":
+        """The same tensor with ``fn`` applied to each array (e.g. ``cupy.asarray`` to move it)."""
+        return dataclasses.replace(self, **{f: fn(getattr(self, f)) for f in FIELDS})
+
     def dequantize(self, dtype=None, backend: str = "auto"):
         """Dense matrix with the outliers written back (see :func:`eqcore.dequantize`)."""
         from .dequant import dequantize

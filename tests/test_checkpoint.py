@@ -168,3 +168,18 @@ def test_peak_memory_is_about_one_tensor_not_the_model(tmp_path):
     small, large = peak(2), peak(8)
     assert large < 1.25 * small + one_tensor  # does not grow with the number of tensors
     assert large < 8 * one_tensor             # and stays a few tensors' worth (the model is 8)
+
+
+@pytest.mark.gpu
+def test_checkpoint_on_the_gpu_matches_the_cpu(tmp_path):
+    _write(tmp_path / "m.safetensors", _model())
+    quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "cpu.safetensors", backend="numba", progress=False)
+    quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "gpu.safetensors", backend="cupy", progress=False)
+    cpu, gpu = inspect_checkpoint(tmp_path / "cpu.safetensors"), inspect_checkpoint(tmp_path / "gpu.safetensors")
+    for a, b in zip(cpu, gpu):
+        assert a["name"] == b["name"]
+        if a["rel_error"] is not None:
+            assert b["rel_error"] == pytest.approx(a["rel_error"], rel=1e-4)
+    dequantize_checkpoint(tmp_path / "gpu.safetensors", tmp_path / "d.safetensors", backend="cupy", progress=False)
+    with SafetensorsReader(tmp_path / "d.safetensors") as r:
+        assert r.get("model.layers.0.mlp.up_proj.weight").dtype == BF16
