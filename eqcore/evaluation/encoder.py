@@ -165,18 +165,11 @@ def lee_sentences(split: str = "test", n: int = 256, min_words: int = 6, max_wor
                   documents=None) -> list[str]:
     """The first ``n`` sentences (``min_words``..``max_words`` words) of a split of the Lee corpus."""
     from .data import load_documents
-    from .perplexity import PROTOCOL
+    from .perplexity import split_documents
 
     docs = documents if documents is not None else load_documents()
-    cut = PROTOCOL.split_at_document
-    if split == "tune":
-        part = docs[:cut]
-    elif split == "test":
-        part = docs[cut:]
-    else:
-        raise ValueError("split must be 'tune' or 'test'")
     out = []
-    for d in part:
+    for d in split_documents(docs, split):
         for s in _SENT_SPLIT.split(d):
             s = s.strip()
             if min_words <= len(s.split()) <= max_words:

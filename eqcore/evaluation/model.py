@@ -77,6 +77,18 @@ _GGUF_TO_HF = {
 }
 
 
+def hf_name(gguf_name: str) -> str:
+    """Hugging Face name of a LLaMA GGUF tensor ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight')."""
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if gguf_name in top:
+        return top[gguf_name]
+    parts = gguf_name.split(".", 3)
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_TO_HF and parts[3] == "weight":
+        return f"model.layers.{int(parts[1])}.{_GGUF_TO_HF[parts[2]]}.weight"
+    raise ValueError(f"unsupported tensor {gguf_name!r}")
+
+
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     if f is None:
@@ -169,16 +181,7 @@ def export_f32_gguf(src_path, dst_path, weights: Mapping[str, np.ndarray] | None
         if weights is None:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         else:
-            if name == "token_embd.weight":
-                hf = "model.embed_tokens.weight"
-            elif name == "output_norm.weight":
-                hf = "model.norm.weight"
-            elif name == "output.weight":
-                hf = "lm_head.weight"
-            else:
-                _, idx, kind, _ = name.split(".", 3)
-                hf = f"model.layers.{int(idx)}.{_GGUF_TO_HF[kind]}.weight"
-            arr = np.asarray(weights[hf], dtype=np.float32)
+            arr = np.asarray(weights[hf_name(name)], dtype=np.float32)
             if name.endswith("attn_q.weight"):
                 arr = _permute_qk(arr, cfg.n_heads)
             elif name.endswith("attn_k.weight"):
@@ -212,25 +215,13 @@ def load_gguf(path, max_layers: int | None = None) -> tuple[dict[str, np.ndarray
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         arr = np.array(arr, dtype=np.float32, order="C")  # own, writable copy
         name = t.name
-        if name == "token_embd.weight":
-            hf = "model.embed_tokens.weight"
-        elif name == "output_norm.weight":
-            hf = "model.norm.weight"
-        elif name == "output.weight":
-            hf = "lm_head.weight"
-        elif name.startswith("blk."):
-            _, idx, kind, suffix = name.split(".", 3)
-            if kind not in _GGUF_TO_HF or suffix != "weight":
-                raise ValueError(f"unsupported tensor {name!r}")
-            hf = f"model.layers.{int(idx)}.{_GGUF_TO_HF[kind]}.weight"
-            if kind == "attn_q":
-                arr = _unpermute_qk(arr, cfg.n_heads)
-            elif kind == "attn_k":
-                arr = _unpermute_qk(arr, cfg.n_kv_heads)
-        elif name == "rope_freqs.weight":
+        if name == "rope_freqs.weight":
             raise ValueError("per-dimension rope frequencies are not supported")
-        else:
-            raise ValueError(f"unsupported tensor {name!r}")
+        hf = hf_name(name)
+        if name.endswith("attn_q.weight"):
+            arr = _unpermute_qk(arr, cfg.n_heads)
+        elif name.endswith("attn_k.weight"):
+            arr = _unpermute_qk(arr, cfg.n_kv_heads)
         weights[hf] = arr
     _check_shapes(weights, cfg)
     return weights, cfg

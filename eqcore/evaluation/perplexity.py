@@ -45,6 +45,16 @@ class Protocol:
 PROTOCOL = Protocol()
 
 
+def split_documents(documents, split: str, protocol: Protocol = PROTOCOL) -> list:
+    """The ``"tune"`` (first ``split_at_document``) or ``"test"`` (the rest) documents."""
+    cut = protocol.split_at_document
+    if split == "tune":
+        return documents[:cut]
+    if split == "test":
+        return documents[cut:]
+    raise ValueError("split must be 'tune' or 'test'")
+
+
 def split_tokens(split: str, n_tokens: int | None = None, documents=None,
                  tokenizer=None, protocol: Protocol = PROTOCOL) -> np.ndarray:
     """Token stream of the ``"tune"`` or ``"test"`` split, truncated to ``n_tokens``.
@@ -55,14 +65,7 @@ def split_tokens(split: str, n_tokens: int | None = None, documents=None,
     from .data import corpus_tokens, load_documents
 
     docs = documents if documents is not None else load_documents()
-    cut = protocol.split_at_document
-    if split == "tune":
-        part = docs[:cut]
-    elif split == "test":
-        part = docs[cut:]
-    else:
-        raise ValueError("split must be 'tune' or 'test'")
-    toks = corpus_tokens(part, tokenizer)
+    toks = corpus_tokens(split_documents(docs, split, protocol), tokenizer)
     n = protocol.n_tokens if n_tokens is None else int(n_tokens)
     return toks[:n] if n > 0 else toks
 
