@@ -28,6 +28,7 @@ import eqcore  # noqa: E402
 from eqcore import cpu  # noqa: E402
 from eqcore.config import QuantConfig  # noqa: E402
 from eqcore.dequant import dequantize_reference  # noqa: E402
+from eqcore.machine import cpu_name  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
 from eqcore.quantize import encode_reference  # noqa: E402
 from eqcore.scales import optimize_scales_reference  # noqa: E402
@@ -45,15 +46,7 @@ def timed(fn, repeat=1):
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": model,
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_name(),
             "cores": os.cpu_count(), "numba threads": numba.get_num_threads(),
             "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a",
             "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import SUPPORTED_BITS, QuantConfig
@@ -101,8 +102,9 @@ def main(argv=None) -> int:
                 print(f"{r['name'][-52:]:<52} {shape:>14} {r['dtype']:>9} {_fmt(r['bits'], 'd'):>4} "
                       f"{r['bits_per_weight']:>7.3f} {_fmt(r['outlier_fraction'], '.3%'):>9} {_fmt(r['rel_error'], '.5f'):>9}")
         elif a.command == "demo":
-            import platform
             import time
+
+            from .machine import cpu_name
 
             from .demo import compare_methods, demo_weights_path, format_table, load_matrices
 
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
             cfg = _config(a)
             print(f"eqcore demo: {len(weights)} matrices from {path}")
             print(f"{cfg.bits}-bit, sigma={cfg.sigma}, group_size={cfg.group_size}, steps={cfg.steps}, lr={cfg.lr}; "
-                  f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
+                  f"{cpu_name()}, {time.strftime('%Y-%m-%d')}")
             print(format_table(compare_methods(weights, cfg, a.backend, progress=not a.no_progress)))
         elif a.command == "eval":
             if getattr(a, "eval_unavailable", None):
@@ -124,6 +126,9 @@ def main(argv=None) -> int:
     except (FormatError, ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         print(f"eqcore {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

