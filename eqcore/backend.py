@@ -35,6 +35,8 @@ def preferred(backend: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "cupy" if gpu_available() else "numba"
+    if backend == "cupy" and not gpu_available():
+        raise ValueError("backend 'cupy' needs CuPy and a CUDA device; none was found (use 'auto' or 'numba')")
     return backend
 
 

@@ -183,3 +183,14 @@ def test_checkpoint_on_the_gpu_matches_the_cpu(tmp_path):
     dequantize_checkpoint(tmp_path / "gpu.safetensors", tmp_path / "d.safetensors", backend="cupy", progress=False)
     with SafetensorsReader(tmp_path / "d.safetensors") as r:
         assert r.get("model.layers.0.mlp.up_proj.weight").dtype == BF16
+
+
+def test_gpu_backend_without_a_gpu_is_a_clear_error(tmp_path):
+    from eqcore.backend import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    _write(tmp_path / "m.safetensors", _model())
+    assert main(["quantize", str(tmp_path / "m.safetensors"), str(tmp_path / "q.safetensors"),
+                 "--backend", "cupy", "--no-progress"]) == 2
+    assert not (tmp_path / "q.safetensors").exists()
