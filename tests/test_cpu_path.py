@@ -16,15 +16,10 @@ from eqcore.dtypes import WEIGHT_DTYPES
 from eqcore.quantize import encode_reference
 from eqcore.scales import optimize_scales_reference
 
+from helpers import weights
+
 BITS = (2, 3, 4, 8)
 SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
-
-
-def weights(rows, cols, seed, zero_rows=0, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_t(5, (rows, cols)) * 0.02).astype(dtype)
-    w[:zero_rows] = 0
-    return w
 
 
 def group_size_for(kind, cols):
@@ -119,7 +114,7 @@ shapes = st.sampled_from([(1, 1), (3, 33), (7, 100), (2, 64), (5, 257), (16, 31)
 @given(shape=shapes, bits=st.sampled_from(BITS), kind=st.sampled_from(["none", "divisor", "odd", "big"]),
        steps=st.sampled_from([0, 1, 2, 9, 40]), seed=st.integers(0, 2**32 - 1), zero_rows=st.integers(0, 2))
 def test_optimize_scales_matches_reference(shape, bits, kind, steps, seed, zero_rows):
-    w = weights(*shape, seed, zero_rows)
+    w = weights(*shape, seed, zero_rows=zero_rows)
     cfg = QuantConfig(bits=bits, group_size=group_size_for(kind, shape[1]), steps=steps)
     got, want = cpu.optimize_scales(w, cfg), optimize_scales_reference(w, cfg)
     assert got.dtype == np.float32 and got.shape == want.shape
