@@ -167,12 +167,13 @@ def compiled_file(names, arch: str) -> tuple[Path, dict]:
     return image, json.loads(meta.read_text())
 
 
-def device_arch() -> str:
-    """sm_XX of the current CuPy device (compute_XX if NVRTC cannot emit its cubin)."""
+@functools.lru_cache(maxsize=None)
+def device_arch(device_id: int) -> str:
+    """sm_XX of CuPy device ``device_id`` (compute_XX if NVRTC cannot emit its cubin)."""
     import cupy
     from cupy.cuda import nvrtc
 
-    cc = int(cupy.cuda.Device().compute_capability)
+    cc = int(cupy.cuda.Device(device_id).compute_capability)
     supported = getattr(nvrtc, "getSupportedArchs", lambda: ())()
     return f"sm_{cc}" if not supported or cc in supported else f"compute_{max(a for a in supported if a <= cc)}"
 
@@ -187,7 +188,9 @@ def _function(name: str, arch: str):
 
 def get_function(name: str):
     """The cupy.RawKernel of one instantiation on the current device."""
-    return _function(name, device_arch())
+    import cupy
+
+    return _function(name, device_arch(cupy.cuda.Device().id))
 
 
 # -- launch plans ---------------------------------------------------------------------------
