@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .model import _softmax_inplace
+
 __all__ = ["BertConfig", "encoder_dir", "load_encoder", "load_encoder_tokenizer", "encoder_linear_names",
            "bert_forward", "embed", "lee_sentences"]
 
@@ -132,9 +134,7 @@ def bert_forward(weights: Mapping[str, np.ndarray], ids, config: BertConfig = Be
         q = lin(x, p + "attention.self.query").reshape(T, nh, hd).transpose(1, 0, 2)
         k = lin(x, p + "attention.self.key").reshape(T, nh, hd).transpose(1, 0, 2)
         v = lin(x, p + "attention.self.value").reshape(T, nh, hd).transpose(1, 0, 2)
-        s = (q @ k.transpose(0, 2, 1)) / np.float32(np.sqrt(hd))
-        s = np.exp(s - s.max(-1, keepdims=True))
-        s /= s.sum(-1, keepdims=True)
+        s = _softmax_inplace((q @ k.transpose(0, 2, 1)) / np.float32(np.sqrt(hd)))
         ctx = (s @ v).transpose(1, 0, 2).reshape(T, H)
         x = _layernorm(lin(ctx, p + "attention.output.dense") + x,
                        w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
