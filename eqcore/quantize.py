@@ -44,7 +44,9 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
     """
     from .interop import as_array
 
-    config = (config or QuantConfig()).replace(**options) if options else (config or QuantConfig())
+    config = config or QuantConfig()
+    if options:
+        config = config.replace(**options)
     w = check_weight(as_array(w))
     be = _backend.select(backend, w)
     if be == "cupy":
