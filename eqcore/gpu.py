@@ -17,7 +17,7 @@ import numpy as np
 from . import kernels
 from .config import QuantConfig
 from .dtypes import dtype_name, weight_dtype
-from .outliers import col_index_dtype, outlier_mask
+from .outliers import find_outliers
 from .packing import check_bits, check_codes, check_packed, packed_cols
 from .tensor import QuantizedTensor
 
@@ -37,19 +37,6 @@ def _run(launch: kernels.Launch) -> None:
     kernels.get_function(launch.name)(launch.grid, launch.block, launch.args)
 
 
-def find_outliers(w, sigma: float | None, stats: str = "tensor"):
-    """(rowptr int32, cols uint16/int32, vals in w's dtype, mask) of ``w`` on the GPU."""
-    cp = _cp()
-    rows, cols = w.shape
-    mask = cp.zeros(w.shape, dtype=bool) if sigma is None else outlier_mask(w, sigma, stats)
-    r, c = cp.nonzero(mask)
-    if r.size > np.iinfo(np.int32).max:
-        raise ValueError(f"too many outliers ({r.size}) for int32 row pointers")
-    rowptr = cp.zeros(rows + 1, dtype=cp.int32)
-    rowptr[1:] = cp.cumsum(cp.bincount(r, minlength=rows))
-    return rowptr, c.astype(col_index_dtype(cols)), w[r, c], mask
-
-
 def encode(x, scales, bits: int, group_size: int | None):
     """Packed codes (rows, ceil(cols/32)*bits) uint32 of float32 ``x`` for the given scales."""
     x, scales = _dev(x), _dev(scales)
@@ -64,13 +51,13 @@ def quantize(w, config: QuantConfig) -> QuantizedTensor:
 
     cp = _cp()
     w = _dev(w)
-    rowptr, ocols, vals, mask = find_outliers(w, config.sigma, config.outlier_stats)
+    outliers, mask = find_outliers(w, config.sigma, config.outlier_stats)
     x = w.astype(cp.float32)
     x[mask] = 0.0
     del mask
     scales = cp.ascontiguousarray(optimize_scales_cuda(x, config), dtype=cp.float32)
     qweight = encode(x, scales, config.bits, config.group_size)
-    return QuantizedTensor(qweight, scales, rowptr, ocols, vals, shape=w.shape, dtype=dtype_name(w.dtype),
+    return QuantizedTensor(qweight, scales, *outliers, shape=w.shape, dtype=dtype_name(w.dtype),
                            bits=config.bits, group_size=config.group_size, sigma=config.sigma)
 
 

@@ -70,13 +70,14 @@ def row_chunks(shape, elements: int = 1 << 18):
 
 
 def to_csr(w: np.ndarray, mask: np.ndarray) -> Outliers:
-    """The masked entries of ``w`` as CSR (row-major order)."""
-    rows, cols = np.nonzero(mask)
-    counts = np.bincount(rows, minlength=w.shape[0])
-    rowptr = np.zeros(w.shape[0] + 1, dtype=np.int64)
-    np.cumsum(counts, out=rowptr[1:])
-    if rowptr[-1] > np.iinfo(np.int32).max:
-        raise ValueError(f"too many outliers ({rowptr[-1]}) for int32 row pointers")
+    """The masked entries of ``w`` as CSR (row-major order), on NumPy or CuPy arrays."""
+    xp = array_module(w)
+    rows, cols = xp.nonzero(mask)
+    rowptr = xp.zeros(w.shape[0] + 1, dtype=np.int64)
+    rowptr[1:] = xp.cumsum(xp.bincount(rows, minlength=w.shape[0]))
+    nnz = int(rowptr[-1])
+    if nnz > np.iinfo(np.int32).max:
+        raise ValueError(f"too many outliers ({nnz}) for int32 row pointers")
     return Outliers(rowptr.astype(np.int32), cols.astype(col_index_dtype(w.shape[1])), w[rows, cols])
 
 
