@@ -21,9 +21,9 @@ import numpy as np
 from numba import njit, prange
 
 from . import rowmath
-from .dtypes import bfloat16, weight_dtype
+from .dtypes import bfloat16, finite_max, saturate, weight_dtype
 from .packing import BLOCK, check_bits, check_codes, check_packed, packed_cols
-from .scales import group_layout
+from .scales import group_layout, max_scale
 
 # -- scalar helpers ---------------------------------------------------------------
 quant_code_ref = njit(rowmath.quant_code)
@@ -66,14 +66,14 @@ def make_loss_grad(quant_code):
 def make_group_adam(loss_grad, initial_scale, adam_step):
     """Best scale (float32) of one group: the per-group body of ``optimize_scales_reference``."""
 
-    def group_adam(x, start, n, qmin, qmax, steps, lr, beta1, beta2, eps):
+    def group_adam(x, start, n, qmin, qmax, steps, lr, beta1, beta2, eps, smax):
         absmax = np.float32(0.0)
         for i in range(n):
             a = abs(x[start + i])
             if a > absmax:
                 absmax = a
         s0 = initial_scale(np.float64(absmax), np.float64(qmax))
-        best_s = np.float32(s0)
+        best_s = min(np.float32(s0), smax)
         if steps == 0:
             return best_s
         nf = np.float64(n)
@@ -82,7 +82,7 @@ def make_group_adam(loss_grad, initial_scale, adam_step):
         v = 0.0
         best_loss = math.inf
         for t in range(1, steps + 1):
-            s = np.float32(u * s0)
+            s = min(np.float32(u * s0), smax)
             loss, grad = loss_grad(x, start, n, s, qmin, qmax)
             if loss < best_loss:
                 best_loss = loss
@@ -161,12 +161,12 @@ def _unpack_row(words, bits, out):
 
 
 @njit(parallel=True, cache=True)
-def _optimize_kernel(flat, rows, cols, g, n_groups, qmin, qmax, steps, lr, beta1, beta2, eps, out):
+def _optimize_kernel(flat, rows, cols, g, n_groups, qmin, qmax, steps, lr, beta1, beta2, eps, smax, out):
     for k in prange(rows * n_groups):
         r = k // n_groups
         lo = (k - r * n_groups) * g
         n = min(g, cols - lo)
-        out[k] = _group_adam(flat, r * cols + lo, n, qmin, qmax, steps, lr, beta1, beta2, eps)
+        out[k] = _group_adam(flat, r * cols + lo, n, qmin, qmax, steps, lr, beta1, beta2, eps, smax)
 
 
 @njit(parallel=True, cache=True)
@@ -198,10 +198,11 @@ _F32, _BF16, _F16 = 0, 1, 2  # how _dequant_kernel writes its float32 values
 
 
 @njit(parallel=True, cache=True)
-def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, out):
+def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, top, out):
     rows, cols = out.shape
     n_groups = scales.shape[1]
     half = np.float32(1 << (bits - 1))
+    low = -top
     for r in prange(rows):
         codes = np.empty(cols, np.uint8)
         _unpack_row(qweight[r], bits, codes)
@@ -209,7 +210,7 @@ def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, out):
         for j in range(n_groups):
             s = scales[r, j]
             for c in range(j * g, min(j * g + g, cols)):
-                vals[c] = (np.float32(codes[c]) - half) * s
+                vals[c] = min(max((np.float32(codes[c]) - half) * s, low), top)
         orow = out[r]
         if mode == _BF16:
             for c in range(cols):
@@ -225,15 +226,16 @@ def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, out):
 
 
 # -- public API (signatures used by quantize.py / dequant.py) -----------------------
-def optimize_scales(x: np.ndarray, config) -> np.ndarray:
+def optimize_scales(x: np.ndarray, config, smax=None) -> np.ndarray:
     """Numba ``optimize_scales_reference``: best scales (rows, n_groups) float32."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
     g, n_groups = group_layout(cols, config.group_size)
     out = np.empty(rows * n_groups, dtype=np.float32)
     b1, b2 = config.betas
+    smax = max_scale(np.float32, config.qmax) if smax is None else np.float32(smax)
     _optimize_kernel(x.reshape(-1), rows, cols, g, n_groups, np.float32(config.qmin), np.float32(config.qmax),
-                     int(config.steps), float(config.lr), float(b1), float(b2), float(config.eps), out)
+                     int(config.steps), float(config.lr), float(b1), float(b2), float(config.eps), smax, out)
     return out.reshape(rows, n_groups)
 
 
@@ -273,7 +275,7 @@ def dequantize(qt, dtype=None) -> np.ndarray:
     dtype = weight_dtype(dtype or qt.dtype)
     rows, cols = qt.shape
     g, _ = group_layout(cols, qt.group_size)
-    vals = qt.outlier_vals.astype(dtype)  # small; numpy casts exactly like the reference
+    vals = saturate(qt.outlier_vals, dtype)  # small; cast exactly like the reference
     if dtype.itemsize == 2:
         mode = _BF16 if dtype == bfloat16 else _F16
         out = np.empty((rows, cols), dtype=np.uint16)
@@ -282,5 +284,6 @@ def dequantize(qt, dtype=None) -> np.ndarray:
         mode = _F32
         out = np.empty((rows, cols), dtype=dtype)
     _dequant_kernel(np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.scales), g, int(qt.bits),
-                    qt.outlier_rowptr.astype(np.int64), qt.outlier_cols.astype(np.int64), vals, mode, out)
+                    qt.outlier_rowptr.astype(np.int64), qt.outlier_cols.astype(np.int64), vals, mode,
+                    np.float32(finite_max(dtype)), out)
     return out.view(dtype) if mode != _F32 else out

@@ -25,6 +25,7 @@ from numba.cuda.core import config as _numba_cuda_config
 
 from . import rowmath
 from .config import QuantConfig
+from .scales import max_scale
 
 SIMULATOR = bool(_numba_cuda_config.ENABLE_CUDASIM)
 _FULL = 0xFFFFFFFF
@@ -34,7 +35,7 @@ _MAX_SHARED_FLOATS = 11_776  # 46 KiB of dynamic shared memory (48 KiB default l
 _MAX_THREADS = 256
 SIGNATURE = (
     "void(float32[:, ::1], float32[:, ::1], int64, int64, int64, int64, int64,"
-    " float64, float64, float64, float64)"
+    " float64, float64, float64, float64, float32)"
 )
 
 _quant_code = cuda.jit(device=True)(rowmath.quant_code)
@@ -86,7 +87,7 @@ def _warp_max(a):
 def _make_kernel(in_shared: bool):
     """Python kernel; ``in_shared`` picks shared-memory or global-memory group data."""
 
-    def kernel(x, out, g, n_groups, qmin, qmax, steps, lr, beta1, beta2, eps):
+    def kernel(x, out, g, n_groups, qmin, qmax, steps, lr, beta1, beta2, eps, smax):
         blk = cuda.blockIdx.x
         row = blk // n_groups
         grp = blk - row * n_groups
@@ -117,7 +118,7 @@ def _make_kernel(in_shared: bool):
                 amax = max(amax, red_max[w])
         s0 = _initial_scale(float64(amax), qmax)
 
-        best_s = float32(s0)
+        best_s = min(float32(s0), smax)
         best_loss = math.inf
         u = 1.0
         m = 0.0
@@ -125,7 +126,7 @@ def _make_kernel(in_shared: bool):
         nf = float64(n)
         mine = (n - tid + nthreads - 1) // nthreads  # my element count, tid + k * nthreads
         for t in range(1, steps + 1):
-            s = float32(u * s0)
+            s = min(float32(u * s0), smax)
             s64 = float64(s)
             loss = 0.0
             grad = 0.0
@@ -228,7 +229,7 @@ def _cai(a):
     return getattr(a, "__cuda_array_interface__", None)
 
 
-def optimize_scales_cuda(x, config: QuantConfig):
+def optimize_scales_cuda(x, config: QuantConfig, smax=None):
     """Best float32 scales (rows, n_groups) on the GPU; see the module docstring.
 
     ``x``: float32 C-contiguous (rows, cols) with outliers zeroed, either a device
@@ -251,8 +252,9 @@ def optimize_scales_cuda(x, config: QuantConfig):
     threads, in_shared = launch_config(g)
     shared_bytes = 4 * g if in_shared else 0
     b1, b2 = config.betas
+    smax = max_scale(np.float32, config.qmax) if smax is None else np.float32(smax)
     args = (g, n_groups, config.qmin, config.qmax, config.steps,
-            float(config.lr), float(b1), float(b2), float(config.eps))
+            float(config.lr), float(b1), float(b2), float(config.eps), smax)
 
     if SIMULATOR:
         _SIM_WARPS.clear()

@@ -31,3 +31,20 @@ def weight_dtype(dtype) -> np.dtype:
 
 def dtype_name(dtype) -> str:
     return weight_dtype(dtype).name
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def finite_max(dtype) -> float:
+    """Largest finite value a dequantized weight of ``dtype`` may take: the dtype's own maximum,
+    capped at float32's (codes times scales are float32 products)."""
+    dt = weight_dtype(dtype)
+    return min(float(ml_dtypes.finfo(dt).max) if dt == bfloat16 else float(np.finfo(dt).max), FLOAT32_MAX)
+
+
+def saturate(a, dtype):
+    """``a`` cast to weight dtype ``dtype`` (round to nearest even) after clamping it to
+    :func:`finite_max`: how outlier values enter a dequantized matrix (NumPy or CuPy)."""
+    top = finite_max(dtype)
+    return a.astype(np.float64).clip(-top, top).astype(weight_dtype(dtype))

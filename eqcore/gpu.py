@@ -19,6 +19,7 @@ from .config import QuantConfig
 from .dtypes import dtype_name, weight_dtype
 from .outliers import find_outliers
 from .packing import check_bits, check_codes, check_packed, packed_cols
+from .scales import max_scale
 from .tensor import QuantizedTensor
 
 
@@ -55,7 +56,7 @@ def quantize(w, config: QuantConfig) -> QuantizedTensor:
     x = w.astype(cp.float32)
     x[mask] = 0.0
     del mask
-    scales = cp.ascontiguousarray(optimize_scales_cuda(x, config), dtype=cp.float32)
+    scales = cp.ascontiguousarray(optimize_scales_cuda(x, config, max_scale(w.dtype, config.qmax)), dtype=cp.float32)
     qweight = encode(x, scales, config.bits, config.group_size)
     return QuantizedTensor(qweight, scales, *outliers, shape=w.shape, dtype=dtype_name(w.dtype),
                            bits=config.bits, group_size=config.group_size, sigma=config.sigma)

@@ -5,10 +5,10 @@ import numpy as np
 
 from . import backend as _backend
 from .config import QuantConfig
-from .dtypes import dtype_name, weight_dtype
+from .dtypes import FLOAT32_MAX, dtype_name, weight_dtype
 from .outliers import find_outliers
 from .packing import pack
-from .scales import codes_reference, expand_scales, optimize_scales_reference
+from .scales import codes_reference, expand_scales, max_scale, optimize_scales_reference
 from .tensor import QuantizedTensor
 
 
@@ -25,6 +25,11 @@ def check_weight(w) -> np.ndarray:
     xp = _backend.array_module(w)
     if not bool(xp.isfinite(w.astype(np.float32) if w.dtype.itemsize == 2 else w).all()):
         raise ValueError("weight contains NaN or Inf; refusing to quantize it")
+    if w.dtype == np.float64:
+        big = float(xp.abs(w).max())
+        if big > FLOAT32_MAX:
+            raise ValueError(f"float64 weight has values beyond float32's range (max |w| = {big:.3g}); "
+                             "eqcore computes codes and scales in float32")
     return w
 
 
@@ -56,13 +61,14 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
     outliers, mask = find_outliers(w, config.sigma, config.outlier_stats)
     x = w.astype(np.float32)
     x[mask] = 0.0
+    smax = max_scale(w.dtype, config.qmax)
     if be == "numpy":
-        scales = optimize_scales_reference(x, config)
+        scales = optimize_scales_reference(x, config, smax)
         qweight = encode_reference(x, scales, config)
     else:
         from . import cpu
 
-        scales = cpu.optimize_scales(x, config)
+        scales = cpu.optimize_scales(x, config, smax)
         qweight = cpu.encode(x, scales, config.bits, config.group_size)
     return QuantizedTensor(qweight, scales, outliers.rowptr, outliers.cols, outliers.vals,
                            shape=w.shape, dtype=dtype_name(w.dtype), bits=config.bits,

@@ -9,14 +9,17 @@ For each row (or group of ``group_size`` input columns) with non-outlier entries
 
 Adam runs on the relative scale u = s / s0 against the normalised loss
 L / (n * s0^2), so ``lr`` means the same for weights of any magnitude. Every step
-evaluates L at the current s = float32(u * s0) and the best scale seen (s0
-included, at step 1) is returned, never the last.
+evaluates L at the current s = min(float32(u * s0), smax) and the best scale seen (s0
+included, at step 1) is returned, never the last. ``smax`` (:func:`max_scale`) keeps
+qmax * s within the weight dtype's finite range; it only binds for weights within a few
+grid steps of that range.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .config import QuantConfig
+from .dtypes import finite_max
 
 
 def group_layout(cols: int, group_size: int | None) -> tuple[int, int]:
@@ -55,13 +58,24 @@ def initial_scales(absmax: np.ndarray, qmax: int) -> np.ndarray:
     return np.where((s0 > 0) & np.isfinite(s0), s0, 1.0)
 
 
-def optimize_scales_reference(x: np.ndarray, config: QuantConfig) -> np.ndarray:
-    """Best scales (rows, n_groups) float32 for float32 ``x`` with outliers zeroed."""
+def max_scale(dtype, qmax: int) -> np.float32:
+    """Largest float32 scale s with qmax * s <= the finite maximum of ``dtype`` (exact test)."""
+    top = finite_max(dtype)
+    s = np.float32(top / qmax)
+    while float(s) * qmax > top:
+        s = np.nextafter(s, np.float32(0))
+    return s
+
+
+def optimize_scales_reference(x: np.ndarray, config: QuantConfig, smax=None) -> np.ndarray:
+    """Best scales (rows, n_groups) float32 for float32 ``x`` with outliers zeroed, each at most
+    ``smax`` (default: :func:`max_scale` of float32)."""
     rows = x.shape[0]
     xg, n, n_groups = group_view(np.asarray(x, dtype=np.float32), config.group_size)
     qmin, qmax = config.qmin, config.qmax
+    smax = max_scale(np.float32, qmax) if smax is None else np.float32(smax)
     s0 = initial_scales(np.abs(xg).max(axis=1), qmax)
-    best_s = s0.astype(np.float32)
+    best_s = np.minimum(s0.astype(np.float32), smax)
     if config.steps == 0:
         return best_s.reshape(rows, n_groups)
     b1, b2 = config.betas
@@ -70,7 +84,8 @@ def optimize_scales_reference(x: np.ndarray, config: QuantConfig) -> np.ndarray:
     v = np.zeros_like(s0)
     best_loss = np.full_like(s0, np.inf)
     for t in range(1, config.steps + 1):
-        s = (u * s0).astype(np.float32)
+        with np.errstate(over="ignore"):  # u * s0 past float32's range: capped at smax
+            s = np.minimum((u * s0).astype(np.float32), smax)
         loss, grad = loss_and_grad(xg, s, qmin, qmax)
         better = loss < best_loss
         best_loss = np.where(better, loss, best_loss)

@@ -4,8 +4,8 @@
 // 32; each block of 32 codes is exactly BITS uint32 words; code j of a block takes
 // bits [j*BITS, (j+1)*BITS) of the block's little-endian bit stream.
 // Rounding contract: q = clamp(rint_half_even(x / s)) with an IEEE float32 quotient;
-// dequant = float32(q) * s (IEEE float32 product), rounded to nearest even into the
-// output type, outliers written last. Compile WITHOUT fast-math and with -ftz=false
+// dequant = float32(q) * s (IEEE float32 product), clamped to the output type's finite
+// range, rounded to nearest even into the output type, outliers written last. Compile WITHOUT fast-math and with -ftz=false
 // (eqcore/kernels.py does; CuPy's own compile path forces -ftz=true, so it is not used).
 //
 // Kernels are templates, instantiated by NVRTC name expressions (eqcore/kernels.py),
@@ -30,6 +30,12 @@ constexpr int DQ_THREADS = 128;       // threads per block: dequant (one 32-code
 constexpr int DQ_TILE = DQ_THREADS * 32;  // codes of one row per dequant block
 constexpr int SC_THREADS = 128;       // threads per block: scatter_outliers (one row per block)
 
+// Largest finite value of an output type, capped at float32's (products are float32):
+// dequantized values saturate there, so a finite weight never comes back as inf.
+template <class T> __device__ __forceinline__ float out_max() { return __uint_as_float(0x7f7fffffu); }
+template <> __device__ __forceinline__ float out_max<__half>() { return 65504.0f; }
+template <> __device__ __forceinline__ float out_max<__nv_bfloat16>() { return __uint_as_float(0x7f7f0000u); }
+
 // ---- scalar conversions (round to nearest even; exact where the target is wider) ----
 template <class T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
@@ -48,15 +54,21 @@ template <> __device__ __forceinline__ float from_f64<float>(double v) { return 
 template <> __device__ __forceinline__ double from_f64<double>(double v) { return v; }
 
 // Outlier value i of a CSR whose value dtype is given at run time (uniform branch):
-// 0 float16, 1 bfloat16, 2 float32, 3 float64.
+// 0 float16, 1 bfloat16, 2 float32, 3 float64; clamped to Out's finite range like the codes.
 template <class Out>
 __device__ __forceinline__ Out load_val(const void* __restrict__ vals, int vtype, i64 i) {
+    const float top = out_max<Out>();
+    float v;
     switch (vtype) {
-        case 0: return from_f32<Out>(__half2float(static_cast<const __half*>(vals)[i]));
-        case 1: return from_f32<Out>(__bfloat162float(static_cast<const __nv_bfloat16*>(vals)[i]));
-        case 2: return from_f32<Out>(static_cast<const float*>(vals)[i]);
-        default: return from_f64<Out>(static_cast<const double*>(vals)[i]);
+        case 0: v = __half2float(static_cast<const __half*>(vals)[i]); break;
+        case 1: v = __bfloat162float(static_cast<const __nv_bfloat16*>(vals)[i]); break;
+        case 2: v = static_cast<const float*>(vals)[i]; break;
+        default: {
+            const double d = static_cast<const double*>(vals)[i];
+            return from_f64<Out>(fmin(fmax(d, -(double)top), (double)top));
+        }
     }
+    return from_f32<Out>(fminf(fmaxf(v, -top), top));
 }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
@@ -226,6 +238,7 @@ __device__ __forceinline__ void decode_block(const u32 (&w)[BITS], const float* 
                                              int cols, int group, int gi, uint4* tile16, Out* tile) {
     constexpr int HALF = 1 << (BITS - 1);
     constexpr int PER16 = 16 / (int)sizeof(Out);
+    const float top = out_max<Out>();
     const bool full = c0 + 32 <= cols;
     int next = (gi + 1) * group;
     float s = sr[gi];
@@ -238,7 +251,8 @@ __device__ __forceinline__ void decode_block(const u32 (&w)[BITS], const float* 
                 const int c = c0 + k + i;
                 if (c < cols && c == next) { ++gi; next += group; s = sr[gi]; }
             }
-            v[i] = from_f32<Out>(__fmul_rn((float)((int)get_code<BITS>(w, k + i) - HALF), s));
+            const float p = __fmul_rn((float)((int)get_code<BITS>(w, k + i) - HALF), s);
+            v[i] = from_f32<Out>(copysignf(fminf(fabsf(p), top), p));  // = clamp; this form does not spill on sm_80
         }
         if (full) {
             tile16[threadIdx.x * (32 / PER16) + k / PER16] = chunk16<Out>(v);

@@ -30,6 +30,7 @@ CASES = [
     (1, 210, 3, 200, 4, False),  # 64 threads; last group of 10 leaves most threads idle
     (2, 30, 8, 7, 5, False),
     (2, 70, 4, 64, 6, True),  # global-memory fallback path
+    (1, 24, 4, None, 6, False, 0.004),  # a scale cap (smax) that binds, as for weights near the dtype max
 ]
 
 
@@ -46,7 +47,8 @@ def main() -> int:
     assert cuda_scales.SIMULATOR, "NUMBA_ENABLE_CUDASIM was not honoured"
     t0 = time.time()
     limit = cuda_scales._MAX_SHARED_FLOATS
-    for i, (rows, cols, bits, group, steps, use_global) in enumerate(CASES):
+    for i, (rows, cols, bits, group, steps, use_global, *cap) in enumerate(CASES):
+        smax = np.float32(cap[0]) if cap else None
         cfg = QuantConfig(bits=bits, group_size=group, steps=steps, lr=5e-3)
         x = make(rows, cols, i)
         g = cols if group is None else min(group, cols)
@@ -54,13 +56,15 @@ def main() -> int:
         threads, in_shared = cuda_scales.launch_config(g)
         assert in_shared != use_global
         t1 = time.time()
-        got = cuda_scales.optimize_scales_cuda(x, cfg)
+        got = cuda_scales.optimize_scales_cuda(x, cfg, smax)
         t1 = time.time() - t1
-        ref = optimize_scales_reference(x, cfg)
+        ref = optimize_scales_reference(x, cfg, smax)
+        if smax is not None:
+            assert ref.max() == smax, "the cap should bind in this case"
         ok = got.dtype == np.float32 and got.shape == ref.shape and np.array_equal(got, ref)
         lg = reconstruction_loss(x, got, cfg).sum()
         lr_ = reconstruction_loss(x, ref, cfg).sum()
-        print(f"{rows}x{cols} bits={bits} group={group} steps={steps} threads={threads} "
+        print(f"{rows}x{cols} bits={bits} group={group} steps={steps} smax={smax} threads={threads} "
               f"{'shared' if in_shared else 'global'}: "
               f"{'exact' if ok else 'MISMATCH'} loss gpu={lg:.6e} ref={lr_:.6e} ({t1:.1f}s)")
         if not ok:

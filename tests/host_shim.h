@@ -127,6 +127,8 @@ void launch(void (*k)(A...), dim3 grid, dim3 block, void** args) {
 
 inline void __syncthreads() { eqshim::sync(); }
 
+using std::fmax;
 using std::fmaxf;
+using std::fmin;
 using std::fminf;
 using std::rintf;

@@ -141,7 +141,9 @@ def test_generic_group_body_with_reference_quant_code():
     group_adam = njit(cpu.make_group_adam(loss_grad, cpu.initial_scale, cpu.adam_step))
     w = weights(4, 90, 11)
     cfg = QuantConfig(bits=4, steps=25)
-    got = np.array([group_adam(w[r], 0, 90, cfg.qmin, cfg.qmax, cfg.steps, cfg.lr, *cfg.betas, cfg.eps) for r in range(4)])
+    smax = np.float32(np.finfo(np.float32).max)
+    got = np.array([group_adam(w[r], 0, 90, cfg.qmin, cfg.qmax, cfg.steps, cfg.lr, *cfg.betas, cfg.eps, smax)
+                    for r in range(4)])
     np.testing.assert_allclose(got, optimize_scales_reference(w, cfg)[:, 0], rtol=1e-6)
 
 
@@ -213,6 +215,23 @@ def test_dequantize_large_values_many_outliers_wide(out):
                                   dequantize_reference(qt, out).view(np.uint8))
 
 
+@SETTINGS
+@given(src=st.sampled_from(["float16", "bfloat16", "float32"]), out=st.sampled_from(sorted(WEIGHT_DTYPES)),
+       bits=st.sampled_from(BITS), sigma=st.sampled_from([None, 1.0]), seed=st.integers(0, 2**32 - 1))
+def test_dequantize_saturation_bit_exact(src, out, bits, sigma, seed):
+    """Weights at their dtype's max: the clamp to the output range is the reference's, bit for bit."""
+    dt = WEIGHT_DTYPES[src]
+    top = float(ml_dtypes.finfo(dt).max)
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(-1, 1, (5, 70)) * top
+    w[:, ::2] *= 1e-3
+    w[0, 0] = -top
+    qt = eqcore.quantize(w.astype(dt), bits=bits, sigma=sigma, steps=3, backend="numpy")
+    want = dequantize_reference(qt, out)
+    np.testing.assert_array_equal(cpu.dequantize(qt, WEIGHT_DTYPES[out]).view(np.uint8), want.view(np.uint8))
+    assert np.all(np.isfinite(want.astype(np.float64)))
+
+
 # -- quantize(backend=...) ---------------------------------------------------------
 @pytest.mark.parametrize("bits,group_size", [(2, None), (3, 48), (4, 100), (8, 7)])
 def test_quantize_numba_vs_numpy(bits, group_size):
@@ -247,7 +266,7 @@ def test_group_body_compiles_for_cuda():
     def kernel(x, rows, cols, qmin, qmax, steps, out):
         r = cuda.grid(1)
         if r < rows:
-            out[r] = group_adam(x, r * cols, cols, qmin, qmax, steps, 1e-3, 0.9, 0.999, 1e-8)
+            out[r] = group_adam(x, r * cols, cols, qmin, qmax, steps, 1e-3, 0.9, 0.999, 1e-8, qmax)
 
     fake = types.SimpleNamespace(compute_capability=(8, 0))
     with mock.patch("numba.cuda.dispatcher.get_current_device", lambda: fake, create=True):

@@ -107,7 +107,7 @@ def test_simulator_matches_reference():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "MISMATCH" not in res.stdout
     n = int(re.search(r"all (\d+) cases exact", res.stdout).group(1))
-    assert n >= 9 and res.stdout.count(": exact") == n
+    assert n >= 10 and res.stdout.count(": exact") == n
 
 
 # ---------------------------------------------------------------- GPU
