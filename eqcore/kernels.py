@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .dtypes import bfloat16
+from .outliers import check_csr
 from .packing import BLOCK, packed_cols
 from .scales import group_layout
 
@@ -247,9 +248,11 @@ def unpack_launch(packed, out, bits: int) -> Launch:
                   (packed, out, _i32(rows), _i32(cols)))
 
 
-def _csr_args(rowptr, ocols, ovals, rows):
+def _csr_args(rowptr, ocols, ovals, rows, cols):
+    """Kernel arguments of a CSR, after checking it stays inside (rows, cols) (O(nnz))."""
     nnz = int(ovals.shape[0])
     _check(rowptr, "outlier_rowptr", np.int32, (rows + 1,))
+    check_csr(rowptr, ocols, ovals, (rows, cols))
     if ocols.dtype.name not in INDEX_TYPES:
         raise ValueError(f"outlier_cols must be uint16 or int32, got {ocols.dtype}")
     _check(ocols, "outlier_cols", ocols.dtype, (nnz,))
@@ -275,7 +278,7 @@ def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_
     _check(scales, "scales", np.float32, (rows, ng))
     oname = _out_name(out)
     _check(out, "out", out.dtype, (rows, cols))
-    index, csr = _csr_args(rowptr, ocols, ovals, rows)
+    index, csr = _csr_args(rowptr, ocols, ovals, rows, cols)
     if rows > 2**31 - 1 or -(-cols // DQ_TILE) > 65535:
         raise ValueError(f"shape {(rows, cols)} is too large for the dequant grid")
     return Launch(dequant_name(bits, oname, index), (rows, -(-cols // DQ_TILE), 1), (DQ_THREADS, 1, 1),
@@ -287,6 +290,6 @@ def scatter_launch(rowptr, ocols, ovals, out) -> Launch:
     rows, cols = out.shape
     oname = _out_name(out)
     _check(out, "out", out.dtype, (rows, cols))
-    index, csr = _csr_args(rowptr, ocols, ovals, rows)
+    index, csr = _csr_args(rowptr, ocols, ovals, rows, cols)
     return Launch(scatter_name(oname, index), (max(1, min(rows, 2**31 - 1)), 1, 1), (SC_THREADS, 1, 1),
                   (*csr, out, _i32(rows), _i32(cols)))

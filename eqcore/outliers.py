@@ -30,6 +30,37 @@ def col_index_dtype(n_cols: int) -> np.dtype:
     return np.dtype(np.uint16) if n_cols <= 65536 else np.dtype(np.int32)
 
 
+def check_csr(rowptr, cols, vals, shape) -> None:
+    """ValueError unless the CSR only points inside ``shape`` (rows, cols), in order, with finite
+    values. O(rows + nnz), on NumPy or CuPy arrays; run before anything writes through it."""
+    xp = array_module(rowptr)
+    rows, n_cols = shape
+    if rowptr.dtype != np.int32 or tuple(rowptr.shape) != (rows + 1,):
+        raise ValueError(f"outlier_rowptr must be int32 ({rows + 1},), got {rowptr.dtype} {tuple(rowptr.shape)}")
+    nnz = int(rowptr[-1])
+    if int(rowptr[0]) != 0 or bool((xp.diff(rowptr) < 0).any()):
+        raise ValueError("outlier_rowptr must start at 0 and be non-decreasing")
+    if cols.dtype != col_index_dtype(n_cols) or tuple(cols.shape) != (nnz,):
+        raise ValueError(f"outlier_cols must be {col_index_dtype(n_cols)} ({nnz},) as outlier_rowptr[-1] says, "
+                         f"got {cols.dtype} {tuple(cols.shape)}")
+    if tuple(vals.shape) != (nnz,):
+        raise ValueError(f"outlier_vals must have {nnz} entries as outlier_rowptr[-1] says, got {tuple(vals.shape)}")
+    if not nnz:
+        return
+    c = cols.astype(np.int64)
+    if int(c.min()) < 0 or int(c.max()) >= n_cols:
+        raise ValueError(f"outlier_cols out of range [0, {n_cols})")
+    ok = c[1:] > c[:-1]
+    starts = rowptr[1:-1]
+    starts = starts[(starts > 0) & (starts < nnz)]
+    ok[starts - 1] = True  # a new row may start anywhere
+    if not bool(ok.all()):
+        raise ValueError("outlier_cols must be strictly increasing within each row")
+    v = vals.astype(np.float32) if vals.dtype.itemsize == 2 else vals
+    if not bool(xp.isfinite(v).all()):
+        raise ValueError("outlier_vals must be finite")
+
+
 def outlier_mask(w: np.ndarray, sigma: float | None, stats: str = "tensor") -> np.ndarray:
     """Boolean mask of entries with |w - mean| >= sigma * std (float64 statistics).
 

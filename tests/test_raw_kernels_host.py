@@ -160,6 +160,28 @@ def test_dequant_fused(lib, shape, bits, g, dtype, out_dtype, sigma, seed, misal
     same_bits(dequant_host(lib, qt, out_dtype, misalign), dequantize_reference(qt, out_dtype))
 
 
+def near_max(rng, rows, cols, dtype, bits, sigma, g) -> QuantizedTensor:
+    """Weights at the edge of ``dtype``'s range (a few outliers near its max, scales capped)."""
+    top = float(np.finfo(np.float32).max) if dtype == "float64" else float(
+        np.finfo(weight_dtype(dtype)).max if dtype != "bfloat16" else 3.3895313892515355e38)
+    w = rng.uniform(-1, 1, (rows, cols)) * top * rng.uniform(0.5, 1.0)
+    w[:, ::3] *= 1e-3
+    w[0, 0] = top
+    return eqcore.quantize(w.astype(weight_dtype(dtype)), bits=bits, sigma=sigma, group_size=g, steps=3,
+                           backend="numpy")
+
+
+@SETTINGS
+@given(st.tuples(st.integers(1, 4), st.integers(1, 130)), BITS, groups, st.sampled_from(DTYPES),
+       st.sampled_from(DTYPES), st.sampled_from([None, 1.0, 3.0]), st.integers(0, 2**32 - 1))
+def test_dequant_saturates_like_the_reference(lib, shape, bits, g, dtype, out_dtype, sigma, seed):
+    """Products and outliers beyond the output dtype's range clamp to its finite max, bit for bit."""
+    qt = near_max(np.random.default_rng(seed), *shape, dtype, bits, sigma, g)
+    got, want = dequant_host(lib, qt, out_dtype), dequantize_reference(qt, out_dtype)
+    same_bits(got, want)
+    assert np.all(np.isfinite(got.astype(np.float64)))
+
+
 def test_dequant_multi_tile_int32_cols(lib):
     """cols > 65536: int32 outlier columns, 17 column tiles per row, ragged last block."""
     rng = np.random.default_rng(7)
@@ -214,4 +236,10 @@ def test_launch_plans_refuse_bad_arrays():
     with pytest.raises(ValueError, match="output dtype"):
         kernels.scatter_launch(np.zeros(3, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float32),
                                np.zeros((2, 4), np.int16))
-    assert np.dtype(bfloat16).name == "bfloat16"
+    with pytest.raises(ValueError, match="out of range"):  # a column past the output would write out of bounds
+        kernels.scatter_launch(np.array([0, 1, 1], np.int32), np.array([4], np.uint16), np.ones(1, np.float32),
+                               np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="outlier_rowptr"):
+        kernels.dequant_launch(np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32),
+                               np.array([0, 3, 1], np.int32), np.zeros(1, np.uint16), np.ones(1, np.float32),
+                               np.zeros((2, 4), np.float32), 4, None)

@@ -1,0 +1,5 @@
+"""eqcore's own exception types."""
+
+
+class FormatError(ValueError):
+    """A quantized tensor or file is malformed."""
