@@ -10,16 +10,19 @@ tensor is an ordinary one, passed through unchanged.
 from __future__ import annotations
 
 import json
+import math
 import os
 
-
 from .interop import to_host
-from .safetensors_io import SafetensorsReader, SafetensorsWriter
+from .safetensors_io import SafetensorsReader, SafetensorsWriter, entry_size
 from .tensor import FIELDS, FormatError, QuantizedTensor
 
 FORMAT_VERSION = "1"
 VERSION_KEY = "eqcore.format_version"
 TENSOR_KEY = "eqcore.tensor."
+OUTPUT_KEY = "eqcore.output"  # marks a file eqcore wrote (so --force may replace it)
+# array suffixes that only eqcore uses; a tensor with one of them and no metadata is an orphan
+_OWN_SUFFIXES = tuple(f".{f}" for f in FIELDS if f.startswith("outlier_"))
 
 
 def write_entry(writer: SafetensorsWriter, name: str, value, **extra) -> None:
@@ -51,10 +54,21 @@ def quantized_names(reader: SafetensorsReader) -> dict[str, dict]:
             raise FormatError(f"{reader.path}: metadata of {name!r} is not JSON ({e})") from None
         if not isinstance(m, dict):
             raise FormatError(f"{reader.path}: metadata of {name!r} is not a JSON object")
+        rel = m.get("rel_error")
+        if rel is not None and not (isinstance(rel, (int, float)) and not isinstance(rel, bool)
+                                    and math.isfinite(rel) and rel >= 0):
+            raise FormatError(f"{reader.path}: quantized tensor {name!r}: rel_error must be a non-negative "
+                              f"number, got {rel!r}")
         missing = [f"{name}.{f}" for f in FIELDS if f"{name}.{f}" not in reader]
         if missing:
             raise FormatError(f"{reader.path}: quantized tensor {name!r} lacks {missing}")
         out[name] = m
+    owned = {f"{n}.{f}" for n in out for f in FIELDS}
+    suffixes = tuple(f".{f}" for f in FIELDS) if version is not None else _OWN_SUFFIXES
+    orphans = [k for k in reader.keys() if k not in owned and k.endswith(suffixes)]
+    if orphans:
+        raise FormatError(f"{reader.path}: orphan quantized parts {orphans[:5]} without their "
+                          f"{TENSOR_KEY}<name> metadata; refusing to treat them as weights")
     return out
 
 
@@ -83,17 +97,33 @@ def read_entry(reader: SafetensorsReader, name: str, qmeta: dict | None = None):
         raise FormatError(f"{reader.path}: quantized tensor {name!r} is malformed: {e}") from None
 
 
+def header_bound(names, metadata: dict | None = None) -> int:
+    """Header bytes that suffice for a file holding ``names`` (each plain or quantized, 2-D),
+    with ``metadata``: what :class:`SafetensorsWriter` reserves so it can stream in one pass."""
+    total = len(json.dumps(metadata or {})) + 256
+    for name in names:
+        total += sum(entry_size(f"{name}.{f}", 2) for f in FIELDS) + entry_size(name, 8)
+        total += len(json.dumps(TENSOR_KEY + name)) + 512  # its eqcore.tensor.* entry
+    return total
+
+
 def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write plain arrays and QuantizedTensors to one safetensors file, atomically."""
-    with SafetensorsWriter(path, metadata) as w:
+    with SafetensorsWriter(path, metadata, header_reserve=header_bound(tensors, metadata)) as w:
         for name, value in tensors.items():
             write_entry(w, name, value)
 
 
-def load_file(path) -> dict:
-    """Read every tensor of a file: QuantizedTensor for quantized weights, arrays otherwise."""
+def load_file(path, *, mmap: bool = False) -> dict:
+    """Read every tensor of a file: QuantizedTensor for quantized weights, arrays otherwise.
+
+    Arrays are private copies by default. ``mmap=True`` returns read-only views of the
+    memory-mapped file instead (no copy, pages read on first touch); then the file must not
+    be truncated or rewritten while they are alive, or touching them kills the process with
+    SIGBUS.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
-    with SafetensorsReader(path) as r:
+    with SafetensorsReader(path, mmap=mmap) as r:
         q = quantized_names(r)
         return {name: read_entry(r, name, q) for name in entry_names(r)}
