@@ -1,34 +1,43 @@
-"""Whole checkpoints: quantize / dequantize a .safetensors file or a sharded folder,
-tensor by tensor (memory-mapped reads, streamed atomic writes)."""
+"""Whole checkpoints: quantize / dequantize a .safetensors file or a model folder, tensor by
+tensor (checked reads of one tensor at a time, single-pass atomic writes).
+
+Guarantees: the input is never written to, moved or deleted; the output appears complete
+or not at all (work goes to a hidden partial path that is renamed into place, and the
+partial files of killed runs are removed by the next run); an existing output is replaced
+only when asked and only if eqcore wrote it (see :mod:`eqcore.folders`).
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .atomic import create_file, fsync_dir, partial_path, remove, remove_stale
 from .backend import preferred
 from .config import QuantConfig
 from .dtypes import WEIGHT_DTYPES, weight_dtype
+from .fileformat import (OUTPUT_KEY, VERSION_KEY, entry_names, header_bound, quantized_names, read_entry,
+                         write_entry)
+from .folders import INDEX, Source, check_output, check_replaceable, scan, write_manifest
 from .interop import to_backend, to_host
 from .outliers import row_chunks
-from .fileformat import VERSION_KEY, entry_names, quantized_names, read_entry, write_entry
 from .quantize import quantize
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 from .tensor import QuantizedTensor
 
-INDEX = "model.safetensors.index.json"
 DEFAULT_SKIP = r"embed|wte|wpe|lm_head"
 
 
 def relative_error(w_hat: np.ndarray, w: np.ndarray) -> float:
     """||w_hat - w||_F / ||w||_F in float64 (0 for an all-zero w reproduced exactly)."""
+    if tuple(w_hat.shape) != tuple(w.shape):
+        raise ValueError(f"shapes differ: {tuple(w_hat.shape)} against {tuple(w.shape)}")
     err = ref = 0.0
     for rows in row_chunks(w.shape):
         w64 = w[rows].astype(np.float64)
@@ -37,129 +46,179 @@ def relative_error(w_hat: np.ndarray, w: np.ndarray) -> float:
     return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
 
 
+def compile_skip(skip: str | None):
+    """The ``skip`` regex, compiled; ValueError naming it if it is not a valid pattern."""
+    if not skip:
+        return None
+    try:
+        return re.compile(skip)
+    except re.error as e:
+        raise ValueError(f"skip pattern {skip!r} is not a valid regular expression ({e})") from None
+
+
 def should_quantize(name: str, dtype, shape, skip: str | None = DEFAULT_SKIP, min_features: int = 16) -> bool:
     """2-D float weights with both sides >= ``min_features`` whose name does not match ``skip``."""
+    pattern = compile_skip(skip) if isinstance(skip, str) else skip
     return (len(shape) == 2 and min(shape) >= min_features and np.dtype(dtype) in WEIGHT_DTYPES.values()
-            and not (skip and re.search(skip, name)))
+            and not (pattern and pattern.search(name)))
 
 
-def shard_files(src) -> tuple[list[Path], dict | None]:
-    """The .safetensors files of a checkpoint (a file, or a folder with or without an index)."""
-    src = Path(src)
-    if src.is_file():
-        return [src], None
-    if not src.is_dir():
-        raise FileNotFoundError(f"no such file or folder: {src}")
-    index_path = src / INDEX
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            shards = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"{index_path}: not a valid safetensors index ({e!r})") from None
-        missing = [s for s in shards if not (src / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index_path} names shards that do not exist: {missing}")
-        return [src / s for s in shards], index
-    shards = sorted(src.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{src} holds no .safetensors files")
-    return shards, None
+def _numel(reader: SafetensorsReader, name: str, qmeta: dict) -> int:
+    """Elements of one logical tensor (a quantized one counts its dense shape)."""
+    shape = qmeta[name].get("shape") if name in qmeta else reader.info(name)[1]
+    ok = isinstance(shape, (list, tuple)) and all(isinstance(d, int) for d in shape)
+    return math.prod(shape) if ok else 0
 
 
-class _Output:
-    """Where results go: a file, or a folder built beside the destination and renamed into place."""
-
-    def __init__(self, src: Path, dst: Path, overwrite: bool):
-        if dst.resolve() == src.resolve():
-            raise ValueError("output must differ from input (the input is never overwritten)")
-        if dst.exists() and not overwrite:
-            raise FileExistsError(f"{dst} exists; pass overwrite=True (--force) to replace it")
-        self.src, self.dst, self.folder = src, dst, src.is_dir()
-        if self.folder:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.eqcore-"))
-
-    def path_for(self, shard: Path) -> Path:
-        return self.tmp / shard.name if self.folder else self.dst
-
-    def commit(self, weight_map: dict, total_size: int) -> None:
-        if not self.folder:
-            return
-        for extra in self.src.iterdir():  # config, tokenizer, ...: a usable model folder
-            if extra.is_file() and extra.suffix != ".safetensors" and extra.name != INDEX:
-                shutil.copy2(extra, self.tmp / extra.name)
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (self.tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-        if self.dst.exists():
-            old = self.dst.with_name(f".{self.dst.name}.eqcore-old")
-            os.replace(self.dst, old)
-            os.replace(self.tmp, self.dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(self.tmp, self.dst)
-
-    def abort(self) -> None:
-        if self.folder:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+def _check_against_index(source: Source, readers: dict) -> None:
+    """Every tensor in exactly the shard the index names, and in no other."""
+    where = {}
+    for shard, reader in readers.items():
+        for key in reader.keys():
+            if key in where:
+                raise ValueError(f"tensor {key!r} is in two shards ({where[key]} and {shard}); refusing to guess")
+            where[key] = shard
+    wm = source.index["weight_map"]
+    for key, shard in where.items():
+        if key not in wm:
+            raise ValueError(f"{shard} holds tensor {key!r}, which {INDEX} does not list")
+        if wm[key] != shard:
+            raise ValueError(f"tensor {key!r} is in {shard} but {INDEX} says {wm[key]}; it is in more than one "
+                             "shard or the index is stale")
+    absent = [k for k in wm if k not in where]
+    if absent:
+        raise ValueError(f"{INDEX} lists tensors that no shard holds: {absent[:5]}")
 
 
-def _convert(src, dst, convert_one, *, overwrite: bool, progress: bool, desc: str, meta=None):
-    """Shared driver: for each shard, stream every tensor through ``convert_one``."""
+def convert_shard(reader: SafetensorsReader, path, convert_one, *, command: str, bar=None) -> dict[str, int]:
+    """Stream every tensor of one shard through ``convert_one(name, value) -> (value, extra)``
+    into a new file at ``path`` (atomic, one pass); returns the bytes of each stored tensor.
+    The shard's own ``__metadata__`` is kept (minus stale eqcore entries)."""
+    qmeta = quantized_names(reader)
+    names = entry_names(reader)
+    meta = {k: v for k, v in reader.metadata.items() if not k.startswith("eqcore.")}
+    meta[OUTPUT_KEY] = command
+    with SafetensorsWriter(path, meta, header_reserve=header_bound(names, meta)) as writer:
+        for name in names:
+            if bar is not None:
+                bar.set_postfix_str(name[-40:], refresh=False)
+            try:
+                value, extra = convert_one(name, read_entry(reader, name, qmeta))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{Path(reader.path).name}: tensor {name!r}: {e}") from e
+            write_entry(writer, name, value, **extra)
+            if bar is not None:
+                bar.update(_numel(reader, name, qmeta))
+        return writer.sizes()
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy a regular file's bytes (``cp``-like: mode from the source, minus the umask)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    mode = os.stat(src).st_mode & 0o777
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 22)
+
+
+def _convert(src, dst, convert_one, *, command: str, overwrite: bool, progress: bool,
+             follow_symlinks: bool = False, need_quantized: bool = False) -> None:
+    """Shared driver: check the paths, convert every shard, copy the rest, commit atomically."""
     src, dst = Path(src), Path(dst)
-    shards, _ = shard_files(src)
-    out = _Output(src, dst, overwrite)
-    weight_map, total_size = {}, 0
+    source = scan(src, follow_symlinks)
+    check_output(src, dst, overwrite)
+    remove_stale(dst)
+    readers = {}
     try:
-        with ExitStack() as stack:
-            readers = [stack.enter_context(SafetensorsReader(s)) for s in shards]
-            total = sum(int(np.prod(r.info(k)[1], dtype=np.int64)) for r in readers for k in r.keys())
-            bar = stack.enter_context(tqdm(total=total, unit="w", unit_scale=True, desc=desc, disable=not progress))
-            for shard, reader in zip(shards, readers):
-                qmeta = quantized_names(reader)
-                with SafetensorsWriter(out.path_for(shard), meta) as writer:
-                    for name in entry_names(reader):
-                        bar.set_postfix_str(name[-40:], refresh=False)
-                        try:
-                            value, extra = convert_one(name, read_entry(reader, name, qmeta))
-                        except (ValueError, TypeError) as e:
-                            raise type(e)(f"{shard.name}: tensor {name!r}: {e}") from e
-                        write_entry(writer, name, value, **extra)
-                        n = int(np.prod(value.shape, dtype=np.int64))
-                        bar.update(n)
-                    for key, nbytes in writer.sizes().items():
-                        weight_map[key] = shard.name
+        for shard in source.shards:
+            readers[shard] = SafetensorsReader(source.path(shard))
+        if source.index is not None:
+            _check_against_index(source, readers)
+        if need_quantized and not any(quantized_names(r) for r in readers.values()):
+            raise ValueError(f"{src} holds no quantized tensor; nothing to dequantize "
+                             "(pass --allow-none / allow_none=True to copy it anyway)")
+        total = sum(_numel(r, n, quantized_names(r)) for r in readers.values() for n in entry_names(r))
+        with tqdm(total=total, unit="w", unit_scale=True, desc=command, disable=not progress) as bar:
+            if source.is_file:
+                if dst.is_dir() and not dst.is_symlink():
+                    os.rmdir(dst)  # an empty folder (check_output refused any other)
+                convert_shard(readers[source.shards[0]], dst, convert_one, command=command, bar=bar)
+                return
+            tmp = Path(partial_path(dst))
+            os.mkdir(tmp)
+            try:
+                weight_map, total_size = {}, 0
+                for shard, reader in readers.items():
+                    (tmp / shard).parent.mkdir(parents=True, exist_ok=True)
+                    sizes = convert_shard(reader, tmp / shard, convert_one, command=command, bar=bar)
+                    for key, nbytes in sizes.items():
+                        weight_map[key] = shard
                         total_size += nbytes
-        out.commit(weight_map, total_size)
-    except BaseException:
-        out.abort()
-        raise
+                for rel in source.others:
+                    _copy_file(source.path(rel), tmp / rel)
+                for rel, target in source.links:
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(target, tmp / rel)
+                if source.index is not None:
+                    meta = {k: v for k, v in source.index.get("metadata", {}).items() if k != "total_size"} \
+                        if isinstance(source.index.get("metadata"), dict) else {}
+                    index = {"metadata": {**meta, "total_size": total_size}, "weight_map": weight_map}
+                    with create_file(tmp / INDEX) as f:
+                        f.write(json.dumps(index, indent=2, sort_keys=True).encode())
+                write_manifest(tmp, command, source.root)
+                _commit(tmp, dst)
+            except OSError as e:  # name the output the user asked for, not our partial folder
+                remove(tmp)
+                name = str(e.filename or "").replace(str(tmp), str(dst))
+                raise OSError(e.errno, e.strerror, name or None) from e
+            except BaseException:
+                remove(tmp)
+                raise
+    finally:
+        for r in readers.values():
+            r.close()
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """Rename the finished folder into place, replacing an earlier output (checked again now)."""
+    if os.path.lexists(dst):
+        check_replaceable(dst)
+        old = partial_path(dst, "old")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        remove(old)
+    else:
+        os.replace(tmp, dst)
+    fsync_dir(dst.parent)
 
 
 def quantize_checkpoint(src, dst, config: QuantConfig | None = None, *, skip: str | None = DEFAULT_SKIP,
                         min_features: int = 16, backend: str = "auto", overwrite: bool = False,
-                        progress: bool = True) -> None:
+                        progress: bool = True, follow_symlinks: bool = False) -> None:
     """Quantize every eligible 2-D weight of a checkpoint (see :func:`should_quantize`);
     copy the rest unchanged. Peak memory is a few times the largest tensor."""
     config = config or QuantConfig()
     backend = preferred(backend)
+    pattern = compile_skip(skip)
 
     def one(name, value):
         if isinstance(value, QuantizedTensor):
             raise ValueError("is already quantized; quantize the original checkpoint")
-        if not should_quantize(name, value.dtype, value.shape, skip, min_features):
+        if not should_quantize(name, value.dtype, value.shape, pattern, min_features):
             return value, {}
         qt = quantize(to_backend(value, backend), config, backend=backend)
         rel = relative_error(to_host(qt.dequantize(np.float32, backend=backend)), value)
         return qt, {"rel_error": rel}
 
-    _convert(src, dst, one, overwrite=overwrite, progress=progress, desc="quantize")
+    _convert(src, dst, one, command="quantize", overwrite=overwrite, progress=progress,
+             follow_symlinks=follow_symlinks)
 
 
 def dequantize_checkpoint(src, dst, dtype=None, *, backend: str = "auto", overwrite: bool = False,
-                          progress: bool = True) -> None:
+                          progress: bool = True, follow_symlinks: bool = False, allow_none: bool = False) -> None:
     """Write a plain safetensors checkpoint any runtime can load: every quantized weight
-    dense in ``dtype`` (default: its original dtype), other tensors unchanged."""
+    dense in ``dtype`` (default: its original dtype), other tensors unchanged. A checkpoint
+    without quantized tensors is refused unless ``allow_none``."""
     dtype = None if dtype is None else weight_dtype(dtype)
     backend = preferred(backend)
 
@@ -168,37 +227,49 @@ def dequantize_checkpoint(src, dst, dtype=None, *, backend: str = "auto", overwr
             return value.map_arrays(lambda a: to_backend(a, backend)).dequantize(dtype, backend=backend), {}
         return value, {}
 
-    _convert(src, dst, one, overwrite=overwrite, progress=progress, desc="dequantize")
+    _convert(src, dst, one, command="dequantize", overwrite=overwrite, progress=progress,
+             follow_symlinks=follow_symlinks, need_quantized=not allow_none)
 
 
 def inspect_checkpoint(path, against=None) -> list[dict]:
     """One row per tensor: name, shape, dtype, bits, bits/weight, outlier fraction, rel_error.
 
     rel_error comes from the file's metadata, or is recomputed against the original
-    checkpoint ``against`` when given.
+    checkpoint ``against`` when given (whose tensors must have the same shapes).
     """
     rows = []
     originals = {}
-    with ExitStack() as stack:
+    readers = []
+    try:
         if against is not None:
-            for shard in shard_files(against)[0]:
-                r = stack.enter_context(SafetensorsReader(shard))
+            a = scan(against)
+            for shard in a.shards:
+                r = SafetensorsReader(a.path(shard))
+                readers.append(r)
                 originals.update({k: r for k in r.keys()})
-        for shard in shard_files(path)[0]:
-            reader = stack.enter_context(SafetensorsReader(shard))
+        source = scan(path)
+        for shard in source.shards:
+            reader = SafetensorsReader(source.path(shard))
+            readers.append(reader)
             qmeta = quantized_names(reader)
             if not qmeta and VERSION_KEY not in reader.metadata:
-                raise ValueError(f"{shard} is not an eqcore-quantized file")
+                raise ValueError(f"{source.path(shard)} is not an eqcore-quantized file")
             for name in entry_names(reader):
                 v = read_entry(reader, name, qmeta)
                 row = {"name": name, "shape": tuple(v.shape), "dtype": str(v.dtype)}
                 if isinstance(v, QuantizedTensor):
                     rel = qmeta[name].get("rel_error")
                     if name in originals:
-                        rel = relative_error(v.dequantize(np.float32), originals[name].get(name))
+                        orig = originals[name].get(name)
+                        if tuple(orig.shape) != v.shape:
+                            raise ValueError(f"tensor {name!r} has shape {v.shape} here but {tuple(orig.shape)} in {against}")
+                        rel = relative_error(v.dequantize(np.float32), orig)
                     row.update(bits=v.bits, group_size=v.group_size, bits_per_weight=v.bits_per_weight,
                                outlier_fraction=v.outlier_fraction, rel_error=rel)
                 else:
                     row.update(bits=None, bits_per_weight=8.0 * v.dtype.itemsize, outlier_fraction=None, rel_error=None)
                 rows.append(row)
+    finally:
+        for r in readers:
+            r.close()
     return rows

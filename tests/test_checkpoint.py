@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from eqcore.config import QuantConfig
 from eqcore.checkpoint import INDEX, dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
 from eqcore.cli import main
 from eqcore.fileformat import load_file
@@ -108,11 +109,19 @@ def test_refuses_to_overwrite_and_leaves_nothing_behind_on_error(tmp_path):
         quantize_checkpoint(tmp_path / "src", tmp_path / "src", overwrite=True, progress=False)
 
 
-def test_force_replaces_an_existing_output(tmp_path):
+def test_force_replaces_an_earlier_output_but_not_a_foreign_file(tmp_path):
     _write(tmp_path / "m.safetensors", _model())
     (tmp_path / "q.safetensors").write_bytes(b"old")
-    quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", overwrite=True, progress=False)
-    assert len(load_file(tmp_path / "q.safetensors")) == len(_model())
+    with pytest.raises(ValueError, match="not an earlier eqcore output"):
+        quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", overwrite=True, progress=False)
+    assert (tmp_path / "q.safetensors").read_bytes() == b"old"
+    (tmp_path / "q.safetensors").unlink()
+    quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", QuantConfig(bits=8), progress=False)
+    quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", QuantConfig(bits=2), overwrite=True,
+                        progress=False)
+    q = load_file(tmp_path / "q.safetensors")
+    assert {v.bits for v in q.values() if isinstance(v, QuantizedTensor)} == {2}
+    assert set(q) == set(_model())
 
 
 def test_quantizing_a_quantized_file_is_refused(tmp_path):
