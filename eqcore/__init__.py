@@ -6,19 +6,20 @@
     >>> w_hat = eqcore.dequantize(qt)            # float16, outliers restored exactly
     >>> eqcore.save_file({"w": qt}, "w.eq.safetensors")
 """
-from .checkpoint import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
-from .config import QuantConfig, SUPPORTED_BITS
-from .dequant import dequantize
-from .fileformat import load_file, save_file
+from .api import dequantize, pack, quantize, unpack
+from .config import QuantConfig
+from .errors import FormatError
+from .interop import to_jax, to_torch
+from .io.checkpoint import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
+from .io.fileformat import load_file, save_file
+from .layout import SUPPORTED_BITS
 from .outliers import Outliers, find_outliers
-from .packing import pack, unpack
-from .quantize import quantize
-from .tensor import FormatError, QuantizedTensor
+from .tensor import QuantizedTensor
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "QuantConfig", "SUPPORTED_BITS", "quantize", "dequantize", "QuantizedTensor", "FormatError",
-    "Outliers", "find_outliers", "pack", "unpack", "save_file", "load_file",
+    "Outliers", "find_outliers", "pack", "unpack", "save_file", "load_file", "to_torch", "to_jax",
     "quantize_checkpoint", "dequantize_checkpoint", "inspect_checkpoint", "__version__",
 ]

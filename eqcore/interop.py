@@ -1,11 +1,24 @@
-"""Array interop: NumPy and CuPy pass through; torch, JAX and other DLPack arrays are
-converted without copying where possible (bfloat16 included)."""
+"""Array interop, in and out: NumPy and CuPy pass through; torch, JAX and any other DLPack
+array come in without copying where possible (bfloat16 included), and results go back out
+to torch or JAX the same way (:func:`to_torch`, :func:`to_jax`)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .backend import is_cupy
 from .dtypes import bfloat16
+
+
+def is_cupy(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def array_module(a):
+    """``cupy`` for CuPy arrays, else ``numpy`` (like ``cupy.get_array_module``)."""
+    if is_cupy(a):
+        import cupy
+
+        return cupy
+    return np
 
 
 def as_array(a):
@@ -35,13 +48,29 @@ def to_host(a) -> np.ndarray:
     return a.get() if is_cupy(a) else np.asarray(a)
 
 
-def to_backend(a, backend: str):
-    """``a`` moved to the GPU for backend "cupy"; unchanged otherwise."""
-    if backend == "cupy" and not is_cupy(a):
-        import cupy
+def to_torch(a):
+    """A torch tensor sharing ``a``'s memory (NumPy -> CPU tensor, CuPy -> CUDA tensor);
+    bfloat16 arrays become torch.bfloat16."""
+    import torch
 
-        return cupy.asarray(a)
-    return a
+    a = as_array(a)
+    if a.dtype == bfloat16:
+        return to_torch(a.view(np.int16)).view(torch.bfloat16)
+    if is_cupy(a):
+        return torch.from_dlpack(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # torch refuses read-only memory
+
+
+def to_jax(a):
+    """A JAX array of ``a`` (zero-copy through DLPack where JAX allows it; bfloat16 kept)."""
+    import jax.numpy as jnp
+
+    a = as_array(a)
+    if is_cupy(a):
+        import jax.dlpack
+
+        return jax.dlpack.from_dlpack(a)
+    return jnp.asarray(a)
 
 
 def _from_torch(t):

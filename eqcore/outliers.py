@@ -5,7 +5,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import array_module
+from .interop import array_module
+from .layout import col_index_dtype
 
 
 class Outliers(NamedTuple):
@@ -24,10 +25,6 @@ class Outliers(NamedTuple):
     def nnz(self) -> int:
         return int(self.vals.shape[0])
 
-
-def col_index_dtype(n_cols: int) -> np.dtype:
-    """Narrowest column-index dtype for a matrix with ``n_cols`` columns."""
-    return np.dtype(np.uint16) if n_cols <= 65536 else np.dtype(np.int32)
 
 
 def check_csr(rowptr, cols, vals, shape) -> None:

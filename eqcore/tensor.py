@@ -7,13 +7,11 @@ import numbers
 
 import numpy as np
 
-from .backend import array_module
-from .config import SUPPORTED_BITS
+from .interop import array_module
 from .dtypes import dtype_name, finite_max, weight_dtype
 from .errors import FormatError
+from .layout import SUPPORTED_BITS, group_layout, packed_cols, qrange
 from .outliers import Outliers, check_csr
-from .packing import packed_cols
-from .scales import group_layout
 
 FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
 
@@ -22,7 +20,7 @@ FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
 class QuantizedTensor:
     """A quantized (rows, cols) weight: W ~= dequant(qweight, scales) + sparse(outliers).
 
-    qweight         (rows, ceil(cols/32) * bits) uint32, see :mod:`eqcore.packing`
+    qweight         (rows, ceil(cols/32) * bits) uint32, layout in :mod:`eqcore.backends.numpy`
     scales          (rows, n_groups) float32
     outlier_rowptr  (rows + 1,) int32; outlier_cols, outlier_vals: CSR entries
     shape, dtype    the original matrix shape and dtype name
@@ -66,15 +64,15 @@ class QuantizedTensor:
     def outlier_fraction(self) -> float:
         return self.outlier_vals.shape[0] / (self.shape[0] * self.shape[1])
 
+    def __repr__(self) -> str:
+        where = "cupy" if type(self.qweight).__module__.startswith("cupy") else "numpy"
+        group = "row" if self.group_size is None else self.group_size
+        return (f"QuantizedTensor(shape={self.shape}, dtype={self.dtype}, bits={self.bits}, group_size={group}, "
+                f"outliers={self.outlier_fraction:.3%}, bits_per_weight={self.bits_per_weight:.3f}, arrays={where})")
+
     def map_arrays(self, fn) -> "QuantizedTensor":
         """The same tensor with ``fn`` applied to each array (e.g. ``cupy.asarray`` to move it)."""
         return dataclasses.replace(self, **{f: fn(getattr(self, f)) for f in FIELDS})
-
-    def dequantize(self, dtype=None, backend: str = "auto"):
-        """Dense matrix with the outliers written back (see :func:`eqcore.dequantize`)."""
-        from .dequant import dequantize
-
-        return dequantize(self, dtype=dtype, backend=backend)
 
     # -- (de)serialisation --------------------------------------------------
     def metadata(self) -> dict:
@@ -142,7 +140,7 @@ class QuantizedTensor:
         xp = array_module(s)
         need(bool(xp.all(xp.isfinite(s) & (s > 0))), "scales must be finite and positive")
         top = finite_max(dt)
-        qmax = (1 << (self.bits - 1)) - 1
+        qmax = qrange(self.bits)[1]
         need(float(s.max()) * qmax <= top,
              f"scales overflow {self.dtype}: {qmax} * {float(s.max())!r} > {top!r}")
         need(self.outlier_vals.dtype == dt, f"outlier_vals must be {dt}, got {self.outlier_vals.dtype}")

@@ -1,7 +1,7 @@
 import pytest
 
 
-from eqcore.backend import gpu_available
+from eqcore.backends import gpu_available
 
 
 def pytest_collection_modifyitems(config, items):

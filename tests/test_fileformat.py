@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file as st_save
 
 import eqcore
-from eqcore.fileformat import load_file, save_file
-from eqcore.safetensors_io import SafetensorsReader, SafetensorsWriter
+from eqcore.io.fileformat import load_file, save_file
+from eqcore.io.safetensors import SafetensorsReader, SafetensorsWriter
 from eqcore.tensor import FIELDS, FormatError
 
 from helpers import weights

@@ -37,6 +37,31 @@ def test_torch_views_are_not_copied_and_grad_tensors_work():
     with torch.no_grad():
         t[0, 0] = 3.0
     assert arr[0, 0] == 3.0  # a view: DLPack shares the memory
+    w = torch.from_numpy(weights(16, 96, seed=3)).requires_grad_()  # a weight that requires grad
+    _same_quantization(w, weights(16, 96, seed=3))
+    assert w.requires_grad and w.grad is None  # untouched
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_results_go_back_to_torch_without_copies(dtype):
+    torch = pytest.importorskip("torch")
+    ref = weights(16, 96, seed=4).astype(BF16 if dtype == "bfloat16" else dtype)
+    d = eqcore.dequantize(eqcore.quantize(ref, bits=4, steps=5))
+    t = eqcore.to_torch(d)
+    assert t.dtype == getattr(torch, dtype) and tuple(t.shape) == d.shape
+    np.testing.assert_array_equal(t.float().numpy(), d.astype(np.float32))
+    d[0, 0] = 7  # the same memory
+    assert float(t[0, 0]) == 7.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_results_go_back_to_jax(dtype):
+    jnp = pytest.importorskip("jax.numpy")
+    ref = weights(16, 96, seed=5).astype(BF16 if dtype == "bfloat16" else dtype)
+    d = eqcore.dequantize(eqcore.quantize(ref, bits=4, steps=5))
+    j = eqcore.to_jax(d)
+    assert j.dtype == jnp.dtype(d.dtype) and j.shape == d.shape
+    np.testing.assert_array_equal(np.asarray(j).astype(np.float32), d.astype(np.float32))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -1,81 +1,104 @@
 """CPU gate for raw_kernels/: every instantiation compiles for sm_80 and sm_90 with the
-options eqcore.kernels uses at run time, and ptxas reports no spills and no stack.
-
-Needs NVRTC (the CUDA pip wheel, through CuPy); no GPU. Prints a register table
+options eqcore uses at run time (eqcore.backends.nvrtc), and ptxas reports no spills and no
+stack. Needs NVRTC (the CUDA pip wheels and cuda-bindings); no GPU. Prints a register table
 (pytest -s)."""
 import re
+from collections import defaultdict
 
 import pytest
 
-from eqcore import kernels
+from eqcore.backends import launch, nvrtc
 
 ARCHS = ("sm_80", "sm_90")
-ENTRY = re.compile(
-    r"Function properties for (\S+)\s*\n\s*ptxas\s+\.\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
-    r"(\d+) bytes spill loads\s*\n.*?Used (\d+) registers", re.S)
-
-
-def parse_ptxas(log: str) -> dict:
-    """{mangled name: (stack, spill stores, spill loads, registers)} from ``ptxas -v`` output."""
-    return {m.group(1): tuple(int(m.group(i)) for i in range(2, 6)) for m in ENTRY.finditer(log)}
-
-
-def test_parse_ptxas():
-    log = ("ptxas info    : Function properties for _Z1kv\n"
-           "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
-           "ptxas info    : Used 72 registers, used 1 barriers, 8192 bytes smem\n")
-    assert parse_ptxas(log) == {"_Z1kv": (8, 4, 4, 72)}
 
 
 def _nvrtc():
     try:
-        from cupy.cuda import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as e:  # no CuPy or no libnvrtc
-        pytest.skip(f"no NVRTC available ({e}); install eqcore[cuda]")
-    if kernels.cuda_include_dir() is None:
+        nvrtc.version()
+    except Exception as e:  # no cuda-bindings or no libnvrtc
+        pytest.skip(f"no NVRTC available ({e}); install eqcore[test] or eqcore[cuda]")
+    if nvrtc.cuda_include_dir() is None:
         pytest.skip("cuda_fp16.h not found (CUDA pip wheel or CUDA_PATH)")
+
+
+def by_file(names):
+    files = defaultdict(list)
+    for n in names:
+        files[launch.source_of(n)].append(n)
+    return files
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def compiled(request):
+    """(arch, {source file: Compiled}) for every kernel the library can launch."""
     _nvrtc()
-    return request.param, kernels.nvrtc_compile(kernels.all_names(), request.param, ["--ptxas-options=-v"])
+    return request.param, {f: nvrtc.nvrtc_compile(names, request.param, ["--ptxas-options=-v"])
+                           for f, names in by_file(launch.all_names()).items()}
+
+
+def test_ptxas_stats_reads_the_nvrtc_log():
+    log = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z1kv\n"
+           "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 72 registers, used 1 barriers, 8192 bytes smem\n"
+           "ptxas info    : Compiling entry function '_Z1jv' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z1jv\n"
+           "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 16 registers\n")
+    assert nvrtc.ptxas_stats(log) == {"_Z1kv": (8, 4, 4, 72), "_Z1jv": (0, 0, 0, 16)}
 
 
 def test_no_spills(compiled):
-    arch, c = compiled
-    stats = parse_ptxas(c.log)
-    names = {v: k for k, v in c.lowered.items()}
-    assert set(stats) >= set(names), f"ptxas -v said nothing about {sorted(set(names) - set(stats))}"
-    assert len(c.image) > 0
-    print(f"\n{arch}: registers per kernel")
+    arch, by_source = compiled
     bad = []
-    for mangled, expr in sorted(names.items(), key=lambda kv: kv[1]):
-        stack, st, ld, regs = stats[mangled]
-        print(f"  {expr:52s} {regs:4d} regs")
-        if stack or st or ld:
-            bad.append(f"{expr}: {stack} B stack, {st} B spill stores, {ld} B spill loads")
+    print(f"\n{arch}: registers per kernel")
+    for file, c in sorted(by_source.items()):
+        stats = nvrtc.ptxas_stats(c.log)
+        names = {v: k for k, v in c.lowered.items()}
+        assert set(stats) >= set(names), f"ptxas -v said nothing about {sorted(set(names) - set(stats))}"
+        assert len(c.image) > 0
+        for mangled, expr in sorted(names.items(), key=lambda kv: kv[1]):
+            stack, st, ld, regs = stats[mangled]
+            print(f"  {file:11s} {expr:52s} {regs:4d} regs")
+            if stack or st or ld:
+                bad.append(f"{expr}: {stack} B stack, {st} B spill stores, {ld} B spill loads")
     assert not bad, f"{arch}: " + "; ".join(bad)
 
 
 def test_names_are_unique_instantiations(compiled):
-    _, c = compiled
-    assert len(set(c.lowered.values())) == len(kernels.all_names()) == 4 * 3 + 4 * 4 * 2 + 4 * 2
+    _, by_source = compiled
+    lowered = [m for c in by_source.values() for m in c.lowered.values()]
+    assert len(set(lowered)) == len(launch.all_names()) == 4 * 3 + 4 * 4 * 2
 
 
-def test_no_fast_math_in_options():
-    opts = kernels.nvrtc_options("sm_90")
+def test_options_keep_ieee_and_carry_the_contract():
+    opts = nvrtc.options("sm_90")
     assert "-ftz=false" in opts and "-prec-div=true" in opts and "-fmad=false" in opts
     assert not any("fast-math" in o or o == "-ftz=true" for o in opts)
+    assert "-DEQ_BLOCK=32" in opts and f"-DEQ_DQ_THREADS={launch.DQ_THREADS}" in opts
+
+
+def test_kernels_refuse_to_compile_without_the_contract_defines(monkeypatch):
+    """The .cu files take the layout only from Python: without the -D defines they do not build."""
+    _nvrtc()
+    monkeypatch.setattr(nvrtc, "defines", lambda: [])
+    with pytest.raises(RuntimeError, match="compile through eqcore.backends.nvrtc"):
+        nvrtc.nvrtc_compile([launch.encode_name(4)], "compute_90")
+
+
+def test_compiling_leaves_python_constants_alone():
+    """NVRTC writes its log into the buffer it is given; an empty log (one NUL byte) once went into
+    the interpreter's shared b" " object and turned every later b" " * n into NUL bytes."""
+    _nvrtc()
+    c = nvrtc.nvrtc_compile([launch.encode_name(4)], "compute_90")
+    assert c.log == "" and b" "[0] == 0x20 and (b" " * 3) == bytes([32, 32, 32])
 
 
 def test_ptx_keeps_ieee_division_and_subnormals():
     """The PTX must use div.rn.f32 / mul.rn.f32 / cvt.rni without .ftz (exact contract)."""
     _nvrtc()
-    ptx = kernels.nvrtc_compile([kernels.encode_name(4), kernels.dequant_name(4, "bfloat16", "uint16")],
-                                "compute_90").image.decode()
+    ptx = nvrtc.nvrtc_compile([launch.encode_name(4)], "compute_90").image.decode()
+    ptx += nvrtc.nvrtc_compile([launch.dequant_name(4, "bfloat16", "uint16")], "compute_90").image.decode()
     assert re.search(r"div\.rn\.f32", ptx) and re.search(r"mul\.rn\.f32", ptx)
     assert re.search(r"cvt\.rni\.f32\.f32", ptx)
     assert ".ftz" not in ptx and "div.approx" not in ptx and "div.full" not in ptx

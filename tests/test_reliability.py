@@ -256,17 +256,17 @@ def test_dequantize_checks_outliers_changed_after_construction(how, backend):
     assert "outlier" in r.stdout
 
 
-def test_gpu_scatter_launch_plan_checks_columns():
-    from eqcore import kernels
+def test_gpu_dequant_launch_plan_checks_the_outliers():
+    """The CUDA kernel writes through the CSR: its launch plan must refuse indices outside the output."""
+    from eqcore.backends import launch
 
     out = np.zeros((2, 10), np.float32)
-    rowptr = np.array([0, 1, 2], np.int32)
-    cols = np.array([3, 10], np.uint16)  # 10 is out of range for 10 columns
+    q, s = np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32)
     vals = np.ones(2, np.float32)
-    with pytest.raises(ValueError, match="outlier"):
-        kernels.scatter_launch(rowptr, cols, vals, out)
-    with pytest.raises(ValueError, match="outlier"):
-        kernels.scatter_launch(np.array([0, 1, 5], np.int32), np.array([3, 4], np.uint16), vals, out)
+    with pytest.raises(ValueError, match="outlier"):  # column 10 of a 10-column matrix
+        launch.dequant_launch(q, s, np.array([0, 1, 2], np.int32), np.array([3, 10], np.uint16), vals, out, 4, None)
+    with pytest.raises(ValueError, match="outlier"):  # rowptr past the outliers
+        launch.dequant_launch(q, s, np.array([0, 1, 5], np.int32), np.array([3, 4], np.uint16), vals, out, 4, None)
 
 
 TRUNCATE = r"""
@@ -546,7 +546,7 @@ def test_stale_temporary_files_of_a_killed_run_are_removed_by_the_next_run(tmp_p
 
 def test_the_writer_streams_each_shard_once(tmp_path, monkeypatch):
     """Disk use is one copy of the output: no second temporary file while a shard is finished."""
-    from eqcore import fileformat
+    from eqcore.io import fileformat
 
     seen = []
     real_replace = os.replace

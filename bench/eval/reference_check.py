@@ -1,6 +1,6 @@
-"""Cross-check eqcore.evaluation's NumPy forward against independent runtimes.
+"""Cross-check bench.eval's NumPy forward against independent runtimes.
 
-    python bench/eval_reference_check.py [--tokens 48] [--ppl-tokens 2048]
+    python -m bench.eval.reference_check [--tokens 48] [--ppl-tokens 2048]
 
 References (each skipped when not importable):
   * transformers LlamaForCausalLM (fp32, eager attention) built from a config
@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from eqcore.evaluation import (find_model_file, forward, load_model, load_tokenizer,
+from bench.eval import (find_model_file, forward, load_model, load_tokenizer,
                                split_tokens)
-from eqcore.evaluation.perplexity import log_softmax_nll
+from bench.eval.perplexity import log_softmax_nll
 
 
 def stats(a, b):
@@ -119,7 +119,7 @@ def main():
         print(f"  llama.cpp ppl ({len(ptoks)} tokens): {ppl_from_logits(ref_p, ptoks):.4f}"
               f"  logits {stats(ours_p, ref_p)}")
         # tokenizer cross-check on the whole corpus text
-        from eqcore.evaluation.data import DOC_SEPARATOR, load_documents
+        from bench.eval.data import DOC_SEPARATOR, load_documents
         text = DOC_SEPARATOR.join(load_documents())
         a = load_tokenizer().encode(text, add_special_tokens=False).ids
         b = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)

@@ -1,102 +1,40 @@
-"""Fast CPU path: the reference algorithms compiled with Numba, parallel over rows / groups.
+"""The Numba backend: the reference codec compiled, parallel over rows.
 
-Same numerical contract as the NumPy reference (``scales``, ``quantize``, ``packing``,
-``dequant``): codes, packing and dequantized values are bit-identical; scales follow
-the reference Adam exactly, except that the float64 loss / gradient sums of a group
-are added in a different (vectorised) order.
-
-The per-group code is built by factories (:func:`make_loss_grad`,
-:func:`make_group_adam`) from the scalar helpers of :mod:`eqcore.rowmath`, using only
-scalar maths and array indexing, so a GPU backend can compile the very same bodies
-with ``numba.cuda.jit(device=True)`` by passing device versions of the helpers.
-
-Note: Numba's on-disk cache (``cache=True``) keys on this file only; clear
-``eqcore/__pycache__/cpu.*.nbi|nbc`` after editing ``rowmath.py``.
+Same operations and signatures as :mod:`eqcore.backends.numpy`, and bit-identical results:
+codes, packing and dequantized values (fp16 / bf16 conversions are done on the bits, with the
+reference's rounding). Compiled kernels are cached on disk outside the package (see
+:mod:`eqcore.cache`).
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit, prange
 
-from . import rowmath
-from .dtypes import bfloat16, finite_max, saturate, weight_dtype
-from .packing import BLOCK, check_bits, check_codes, check_packed, packed_cols
-from .scales import group_layout, max_scale
+from .. import cache
+from ..dtypes import bfloat16, finite_max, saturate, weight_dtype
+from ..layout import BLOCK, check_bits, group_layout, packed_cols, qrange
+from .numpy import check_codes, check_packed
 
-# -- scalar helpers ---------------------------------------------------------------
-quant_code_ref = njit(rowmath.quant_code)
-initial_scale = njit(rowmath.initial_scale)
-adam_step = njit(rowmath.adam_step)
+name = "numba"
+cache.install_numba_locator()
+
+
+def asarray(a):
+    """``a`` as a NumPy array (this backend's arrays)."""
+    return np.asarray(a)
 
 
 @njit
 def quant_code(x, s, qmin, qmax):
-    """Branch-free :func:`eqcore.rowmath.quant_code` for float32 x, s, qmin, qmax.
+    """Branch-free :func:`eqcore.solvers.rowmath.quant_code` for float32 x, s, qmin, qmax.
 
     Returns the same integer value (as float32): the float32 quotient is rounded half
     to even by ``rint`` (IEEE default mode), then clamped; rint is monotone, so
     clamping after rounding equals the reference's clamping before it. Compiled
     without fast-math, so ``x / s`` stays an IEEE division even when inlined into
-    the fast-math loss loop.
+    a fast-math loop.
     """
     return min(max(np.rint(x / s), qmin), qmax)
-
-
-def make_loss_grad(quant_code):
-    """(loss, sum(err * q)) of group ``x[start:start+n]`` at float32 scale ``s``, float64."""
-
-    def loss_grad(x, start, n, s, qmin, qmax):
-        xs = x[start:start + n]
-        sd = np.float64(s)
-        loss = 0.0
-        grad = 0.0
-        for i in range(n):
-            xi = xs[i]
-            q = np.float64(quant_code(xi, s, qmin, qmax))
-            err = sd * q - np.float64(xi)
-            loss += err * err
-            grad += err * q
-        return loss, grad
-
-    return loss_grad
-
-
-def make_group_adam(loss_grad, initial_scale, adam_step):
-    """Best scale (float32) of one group: the per-group body of ``optimize_scales_reference``."""
-
-    def group_adam(x, start, n, qmin, qmax, steps, lr, beta1, beta2, eps, smax):
-        absmax = np.float32(0.0)
-        for i in range(n):
-            a = abs(x[start + i])
-            if a > absmax:
-                absmax = a
-        s0 = initial_scale(np.float64(absmax), np.float64(qmax))
-        best_s = min(np.float32(s0), smax)
-        if steps == 0:
-            return best_s
-        nf = np.float64(n)
-        u = 1.0
-        m = 0.0
-        v = 0.0
-        best_loss = math.inf
-        for t in range(1, steps + 1):
-            s = min(np.float32(u * s0), smax)
-            loss, grad = loss_grad(x, start, n, s, qmin, qmax)
-            if loss < best_loss:
-                best_loss = loss
-                best_s = s
-            g = 2.0 * grad / (nf * s0)
-            u, m, v = adam_step(u, m, v, g, np.float64(t), lr, beta1, beta2, eps)
-        return best_s
-
-    return group_adam
-
-
-# reassoc lets LLVM vectorise the float64 sums; quant_code is compiled apart, without it
-_loss_grad = njit(fastmath={"reassoc"})(make_loss_grad(quant_code))
-_group_adam = njit(make_group_adam(_loss_grad, initial_scale, adam_step))
 
 
 @njit
@@ -161,15 +99,6 @@ def _unpack_row(words, bits, out):
 
 
 @njit(parallel=True, cache=True)
-def _optimize_kernel(flat, rows, cols, g, n_groups, qmin, qmax, steps, lr, beta1, beta2, eps, smax, out):
-    for k in prange(rows * n_groups):
-        r = k // n_groups
-        lo = (k - r * n_groups) * g
-        n = min(g, cols - lo)
-        out[k] = _group_adam(flat, r * cols + lo, n, qmin, qmax, steps, lr, beta1, beta2, eps, smax)
-
-
-@njit(parallel=True, cache=True)
 def _encode_kernel(x, scales, g, bits, qmin, qmax, out):
     rows, cols = x.shape
     n_groups = scales.shape[1]
@@ -225,22 +154,9 @@ def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, top, o
             orow[ocols[p]] = ovals[p]
 
 
-# -- public API (signatures used by quantize.py / dequant.py) -----------------------
-def optimize_scales(x: np.ndarray, config, smax=None) -> np.ndarray:
-    """Numba ``optimize_scales_reference``: best scales (rows, n_groups) float32."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, cols = x.shape
-    g, n_groups = group_layout(cols, config.group_size)
-    out = np.empty(rows * n_groups, dtype=np.float32)
-    b1, b2 = config.betas
-    smax = max_scale(np.float32, config.qmax) if smax is None else np.float32(smax)
-    _optimize_kernel(x.reshape(-1), rows, cols, g, n_groups, np.float32(config.qmin), np.float32(config.qmax),
-                     int(config.steps), float(config.lr), float(b1), float(b2), float(config.eps), smax, out)
-    return out.reshape(rows, n_groups)
-
-
+# -- the backend's operations (signatures of eqcore.backends.numpy) ------------------
 def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None) -> np.ndarray:
-    """Codes of float32 ``x`` at ``scales``, packed: ``quantize.encode_reference`` fused."""
+    """Packed codes of float32 ``x`` at ``scales``: codes and packing fused in one pass."""
     bits = check_bits(bits)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
@@ -249,13 +165,13 @@ def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None)
     if scales.shape != (rows, n_groups):
         raise ValueError(f"scales must have shape {(rows, n_groups)}, got {scales.shape}")
     out = np.empty((rows, packed_cols(cols, bits)), dtype=np.uint32)
-    qmax = (1 << (bits - 1)) - 1
-    _encode_kernel(x, scales, g, bits, np.float32(-qmax - 1), np.float32(qmax), out)
+    qmin, qmax = qrange(bits)
+    _encode_kernel(x, scales, g, bits, np.float32(qmin), np.float32(qmax), out)
     return out
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Numba :func:`eqcore.packing.pack` (same checks, same layout)."""
+    """Unsigned codes (rows, cols) -> (rows, packed_cols) uint32 (same checks and layout)."""
     codes, bits = check_codes(codes, bits)
     out = np.empty((codes.shape[0], packed_cols(codes.shape[1], bits)), dtype=np.uint32)
     _pack_kernel(np.ascontiguousarray(codes, dtype=np.uint8), bits, out)
@@ -263,7 +179,7 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """Numba :func:`eqcore.packing.unpack`: (rows, packed_cols) uint32 -> (rows, cols) uint8."""
+    """(rows, packed_cols) uint32 -> (rows, cols) uint8 codes."""
     packed, bits = check_packed(packed, bits, cols)
     out = np.empty((packed.shape[0], cols), dtype=np.uint8)
     _unpack_kernel(np.ascontiguousarray(packed), bits, out)
@@ -271,7 +187,7 @@ def unpack(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
 
 
 def dequantize(qt, dtype=None) -> np.ndarray:
-    """Numba ``dequantize_reference``: dense (rows, cols) in ``dtype``, outliers scattered per row."""
+    """Dense (rows, cols) in ``dtype``, outliers scattered per row, in one parallel pass."""
     dtype = weight_dtype(dtype or qt.dtype)
     rows, cols = qt.shape
     g, _ = group_layout(cols, qt.group_size)

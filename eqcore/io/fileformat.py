@@ -13,9 +13,10 @@ import json
 import math
 import os
 
-from .interop import to_host
-from .safetensors_io import SafetensorsReader, SafetensorsWriter, entry_size
-from .tensor import FIELDS, FormatError, QuantizedTensor
+from ..interop import to_host
+from .safetensors import SafetensorsReader, SafetensorsWriter, entry_size
+from ..errors import FormatError
+from ..tensor import FIELDS, QuantizedTensor
 
 FORMAT_VERSION = "1"
 VERSION_KEY = "eqcore.format_version"

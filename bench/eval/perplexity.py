@@ -120,7 +120,7 @@ def perplexity(weights: Mapping[str, np.ndarray], tokens, ctx: int = PROTOCOL.ct
                n_layers: int | None = None, progress=None) -> float:
     """exp(mean NLL) of ``tokens`` under the model given by ``weights``.
 
-    ``weights`` is the dict from :func:`eqcore.evaluation.load_gguf`, possibly
+    ``weights`` is the dict from :func:`bench.eval.load_gguf`, possibly
     with any linear weights replaced (same shapes, float32).  ``config``
     defaults to :func:`infer_config` (SmolLM2-135M head_dim/rope/eps).
     """

@@ -20,8 +20,8 @@ import struct
 import numpy as np
 
 from .atomic import create_file, fsync_dir, partial_path, remove, remove_stale
-from .dtypes import bfloat16
-from .errors import FormatError
+from ..dtypes import bfloat16
+from ..errors import FormatError
 
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": bfloat16,

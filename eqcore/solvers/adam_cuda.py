@@ -1,7 +1,7 @@
 """Numba-CUDA Adam on scales: one launch, one thread block per (row, group).
 
-Same algorithm as :func:`eqcore.scales.optimize_scales_reference`, with the scalar
-maths of :mod:`eqcore.rowmath` compiled unchanged as device functions. Each block
+Same algorithm as :func:`eqcore.solvers.adam.optimize_scales`, with the scalar
+maths of :mod:`eqcore.solvers.rowmath` compiled unchanged as device functions. Each block
 copies its group into dynamic shared memory once (groups longer than
 ``_MAX_SHARED_FLOATS`` are re-read from global memory every step instead) and runs
 all steps on chip. Per step every thread accumulates float64 loss and gradient over
@@ -23,9 +23,8 @@ from numba import cuda
 from numba.cuda import float32, float64
 from numba.cuda.core import config as _numba_cuda_config
 
+from ..layout import group_layout, max_scale
 from . import rowmath
-from .config import QuantConfig
-from .scales import max_scale
 
 SIMULATOR = bool(_numba_cuda_config.ENABLE_CUDASIM)
 _FULL = 0xFFFFFFFF
@@ -229,7 +228,7 @@ def _cai(a):
     return getattr(a, "__cuda_array_interface__", None)
 
 
-def optimize_scales_cuda(x, config: QuantConfig, smax=None):
+def optimize_scales(x, config, smax=None):
     """Best float32 scales (rows, n_groups) on the GPU; see the module docstring.
 
     ``x``: float32 C-contiguous (rows, cols) with outliers zeroed, either a device
@@ -247,8 +246,7 @@ def optimize_scales_cuda(x, config: QuantConfig, smax=None):
     rows, cols = shape
     if iface is not None and iface.get("strides") not in (None, (cols * 4, 4)):
         raise ValueError("x must be C-contiguous")
-    g = cols if config.group_size is None else min(config.group_size, cols)
-    n_groups = -(-cols // g) if g else 0
+    g, n_groups = group_layout(cols, config.group_size)
     threads, in_shared = launch_config(g)
     shared_bytes = 4 * g if in_shared else 0
     b1, b2 = config.betas

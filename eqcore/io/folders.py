@@ -27,6 +27,11 @@ MANIFEST = ".eqcore-manifest.json"
 class OutputExistsError(FileExistsError):
     """The output path exists and replacing it was not asked for."""
 
+    def __init__(self, path):
+        super().__init__(f"{path} exists; pass overwrite=True to replace it (only an earlier eqcore output "
+                         "or an empty file or folder is ever replaced)")
+        self.filename = str(path)
+
 
 def is_within(path: Path, root: Path) -> bool:
     """True when resolved ``path`` is ``root`` or lies under it."""
@@ -162,7 +167,7 @@ def _tree_entries(folder: Path) -> set[str]:
 
 def _is_own_file(path: Path) -> bool:
     from .fileformat import OUTPUT_KEY, VERSION_KEY
-    from .safetensors_io import SafetensorsReader
+    from .safetensors import SafetensorsReader
 
     try:
         with SafetensorsReader(path) as r:
@@ -210,12 +215,12 @@ def check_output(src: Path, dst: Path, overwrite: bool) -> None:
         if is_within(s, d):
             raise ValueError(f"{dst} contains the input {src}; refusing to replace it")
         if not overwrite:
-            raise OutputExistsError(f"{dst} exists; pass --force (overwrite=True) to replace it")
+            raise OutputExistsError(dst)
         check_replaceable(dst)
 
 
 def write_manifest(folder: Path, command: str, src: Path) -> None:
-    from . import __version__
+    from .._version import __version__
     from .atomic import create_file
 
     files = sorted(p for p in _tree_entries(folder) if not (folder / p).is_dir() or (folder / p).is_symlink())

@@ -6,7 +6,7 @@ installable with ``--no-deps``.  Nothing is downloaded at run time.
 
 Typical use::
 
-    from eqcore.evaluation import load_model, split_tokens, perplexity, linear_weight_names
+    from bench.eval import load_model, split_tokens, perplexity, linear_weight_names
     weights, cfg = load_model()
     toks = split_tokens("test")
     base = perplexity(weights, toks, config=cfg)
@@ -17,7 +17,7 @@ Typical use::
 """
 from __future__ import annotations
 
-from .model import (LlamaConfig, SMOLLM2_135M, config_from_gguf, export_f32_gguf, forward,
+from .model import (LlamaConfig, config_from_gguf, export_f32_gguf, forward,
                     infer_config, linear_weight_names, load_gguf)
 from .perplexity import PROTOCOL, Protocol, nll_windows, perplexity, split_tokens
 from .data import (corpus_tokens, encode, find_model_file, find_text_file,
@@ -30,7 +30,7 @@ def load_model(path=None, max_layers=None):
 
 
 __all__ = [
-    "LlamaConfig", "SMOLLM2_135M", "config_from_gguf", "export_f32_gguf", "forward", "infer_config",
+    "LlamaConfig", "config_from_gguf", "export_f32_gguf", "forward", "infer_config",
     "linear_weight_names", "load_gguf", "load_model", "PROTOCOL", "Protocol",
     "nll_windows", "perplexity", "split_tokens", "corpus_tokens", "encode",
     "find_model_file", "find_text_file", "load_documents", "load_tokenizer",

@@ -19,17 +19,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic import create_file, fsync_dir, partial_path, remove, remove_stale
-from .backend import preferred
-from .config import QuantConfig
-from .dtypes import WEIGHT_DTYPES, weight_dtype
+from .. import backends
+from ..api import dequantize, quantize
+from ..config import QuantConfig
+from ..dtypes import WEIGHT_DTYPES, saturate, weight_dtype
 from .fileformat import (OUTPUT_KEY, VERSION_KEY, entry_names, header_bound, quantized_names, read_entry,
                          write_entry)
 from .folders import INDEX, Source, check_output, check_replaceable, scan, write_manifest
-from .interop import to_backend, to_host
-from .outliers import row_chunks
-from .quantize import quantize
-from .safetensors_io import SafetensorsReader, SafetensorsWriter
-from .tensor import QuantizedTensor
+from ..interop import to_host
+from ..outliers import row_chunks
+from ..tensor import QuantizedTensor
+from .safetensors import SafetensorsReader, SafetensorsWriter
 
 DEFAULT_SKIP = r"embed|wte|wpe|lm_head"
 
@@ -198,7 +198,8 @@ def quantize_checkpoint(src, dst, config: QuantConfig | None = None, *, skip: st
     """Quantize every eligible 2-D weight of a checkpoint (see :func:`should_quantize`);
     copy the rest unchanged. Peak memory is a few times the largest tensor."""
     config = config or QuantConfig()
-    backend = preferred(backend)
+    backend = backends.for_files(backend)
+    be = backends.get(backend)
     pattern = compile_skip(skip)
 
     def one(name, value):
@@ -206,8 +207,8 @@ def quantize_checkpoint(src, dst, config: QuantConfig | None = None, *, skip: st
             raise ValueError("is already quantized; quantize the original checkpoint")
         if not should_quantize(name, value.dtype, value.shape, pattern, min_features):
             return value, {}
-        qt = quantize(to_backend(value, backend), config, backend=backend)
-        rel = relative_error(to_host(qt.dequantize(np.float32, backend=backend)), value)
+        qt = quantize(be.asarray(value), config, backend=backend)
+        rel = relative_error(to_host(dequantize(qt, np.float32, backend=backend)), value)
         return qt, {"rel_error": rel}
 
     _convert(src, dst, one, command="quantize", overwrite=overwrite, progress=progress,
@@ -215,20 +216,40 @@ def quantize_checkpoint(src, dst, config: QuantConfig | None = None, *, skip: st
 
 
 def dequantize_checkpoint(src, dst, dtype=None, *, backend: str = "auto", overwrite: bool = False,
-                          progress: bool = True, follow_symlinks: bool = False, allow_none: bool = False) -> None:
+                          progress: bool = True, follow_symlinks: bool = False, allow_none: bool = False,
+                          all_floats: bool = False) -> None:
     """Write a plain safetensors checkpoint any runtime can load: every quantized weight
-    dense in ``dtype`` (default: its original dtype), other tensors unchanged. A checkpoint
+    dense in ``dtype`` (default: its original dtype), other tensors unchanged (or, with
+    ``all_floats``, every other floating-point tensor cast to ``dtype`` too). A checkpoint
     without quantized tensors is refused unless ``allow_none``."""
     dtype = None if dtype is None else weight_dtype(dtype)
-    backend = preferred(backend)
+    if all_floats and dtype is None:
+        raise ValueError("all_floats needs a dtype")
+    backend = backends.for_files(backend)
+    be = backends.get(backend)
 
     def one(name, value):
         if isinstance(value, QuantizedTensor):
-            return value.map_arrays(lambda a: to_backend(a, backend)).dequantize(dtype, backend=backend), {}
+            return dequantize(value.map_arrays(be.asarray), dtype, backend=backend), {}
+        if all_floats and value.dtype in WEIGHT_DTYPES.values():
+            return saturate(value, dtype), {}
         return value, {}
 
     _convert(src, dst, one, command="dequantize", overwrite=overwrite, progress=progress,
              follow_symlinks=follow_symlinks, need_quantized=not allow_none)
+
+
+def inspect_totals(rows: list[dict]) -> dict:
+    """Totals over :func:`inspect_checkpoint` rows: the number of quantized tensors and their
+    weights, their bits/weight and outlier fraction (over all their weights). There is no total
+    relative error: per-tensor errors do not add up without the tensors' norms."""
+    q = [r for r in rows if r["bits"] is not None]
+    n = sum(math.prod(r["shape"]) for r in q)
+    out = {"quantized": len(q), "weights": n, "bits_per_weight": None, "outlier_fraction": None, "rel_error": None}
+    if n:
+        out["bits_per_weight"] = sum(r["bits_per_weight"] * math.prod(r["shape"]) for r in q) / n
+        out["outlier_fraction"] = sum(r["outlier_fraction"] * math.prod(r["shape"]) for r in q) / n
+    return out
 
 
 def inspect_checkpoint(path, against=None) -> list[dict]:
@@ -263,7 +284,7 @@ def inspect_checkpoint(path, against=None) -> list[dict]:
                         orig = originals[name].get(name)
                         if tuple(orig.shape) != v.shape:
                             raise ValueError(f"tensor {name!r} has shape {v.shape} here but {tuple(orig.shape)} in {against}")
-                        rel = relative_error(v.dequantize(np.float32), orig)
+                        rel = relative_error(dequantize(v, np.float32), orig)
                     row.update(bits=v.bits, group_size=v.group_size, bits_per_weight=v.bits_per_weight,
                                outlier_fraction=v.outlier_fraction, rel_error=rel)
                 else:

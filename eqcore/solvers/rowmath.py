@@ -1,9 +1,9 @@
-"""Scalar maths shared by every backend.
+"""Scalar maths of the scale search, shared by the compiled solvers.
 
-Plain Python functions on scalars, each self-contained (no calls between them) so
-that the CPU path can compile them with ``numba.njit`` and the GPU path with
-``numba.cuda.jit(device=True)`` unchanged. The NumPy reference (``scales.py``,
-``dequant.py``) states the same maths vectorised; tests check they agree.
+Plain Python functions on scalars, each self-contained (no calls between them), compiled
+unchanged with ``numba.njit`` (:mod:`eqcore.solvers.adam_numba`) and with
+``numba.cuda.jit(device=True)`` (:mod:`eqcore.solvers.adam_cuda`). The NumPy reference
+(:mod:`eqcore.solvers.adam`) states the same maths vectorised; tests check they agree.
 """
 import math
 

@@ -3,7 +3,7 @@
 ``run_quality`` loads the float SmolLM2-135M once (the shipped Q4_1 GGUF dequantized to fp32),
 tokenizes one split of the Lee corpus once, and for every (method, bits) quantizes all 210
 linear weights once, dequantizes them to fp32 and scores the same tokens with the same
-protocol (:data:`eqcore.evaluation.PROTOCOL`).  The same methods are applied to the 36 linear
+protocol (:data:`bench.eval.PROTOCOL`).  The same methods are applied to the 36 linear
 weights of all-MiniLM-L6-v2 and the sentence embeddings of real sentences (same split) are
 compared with the float ones (cosine similarity).
 
@@ -141,7 +141,7 @@ def quantize_weights(weights: Mapping[str, np.ndarray], names: Sequence[str], sp
     n_out = 0
     secs = 0.0
     if spec.kind == "eqcore":
-        from ..quantize import quantize
+        from eqcore import dequantize, quantize
 
         opts = spec.options
         for i, n in enumerate(names):
@@ -149,7 +149,7 @@ def quantize_weights(weights: Mapping[str, np.ndarray], names: Sequence[str], sp
             t = time.perf_counter()
             qt = quantize(w, bits=bits, backend=backend, **opts)
             secs += time.perf_counter() - t
-            out[n] = np.asarray(qt.dequantize(np.float32))
+            out[n] = np.asarray(dequantize(qt, np.float32))
             total_bits += qt.bits_per_weight * w.size
             n_out += int(round(qt.outlier_fraction * w.size))
             numel += w.size
@@ -176,7 +176,7 @@ def environment_info() -> dict:
     """Machine, date and package versions for the result files."""
     from importlib import metadata
 
-    from ..machine import cpu_name
+    from eqcore.machine import cpu_name
 
 
     vers = {}
@@ -519,10 +519,10 @@ def write_results(res: dict, out_prefix, command: str | None = None, plot: bool 
 
 
 def main(argv=None) -> int:
-    """Command line shared by ``eqcore eval`` and ``bench/quality.py``."""
+    """Command line of ``python -m bench.eval`` and ``bench/quality.py``."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="eqcore eval", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.eval", description=__doc__.split("\n")[0])
     add_arguments(ap)
     return run_from_args(ap.parse_args(argv))
 
@@ -550,8 +550,7 @@ def run_from_args(a) -> int:
     n_layers = 2 if a.quick else None
     n_tokens = a.n_tokens if a.n_tokens is not None else (128 if a.quick else None)
     n_sent = min(a.n_sentences, 32) if a.quick else a.n_sentences
-    cmd = "python bench/quality.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("quality.py") \
-        else "eqcore eval " + " ".join(sys.argv[2:])
+    cmd = "python bench/quality.py " + " ".join(sys.argv[1:])
     out = a.out
 
     def checkpoint(res):  # partial results survive an interruption

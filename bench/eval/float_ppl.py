@@ -1,6 +1,6 @@
 """Float (dequantized fp32) perplexity of SmolLM2-135M under the eqcore protocol.
 
-    python bench/eval_float_ppl.py [--split test] [--n-tokens 8192] [--llama-cpp]
+    python -m bench.eval.float_ppl [--split test] [--n-tokens 8192] [--llama-cpp]
 
 Prints the NumPy forward's perplexity and wall/CPU time; with --llama-cpp also
 the perplexity llama-cpp-python gives on exactly the same windows/targets,
@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from eqcore.evaluation import (PROTOCOL, export_f32_gguf, find_model_file, load_model,
+from bench.eval import (PROTOCOL, export_f32_gguf, find_model_file, load_model,
                                nll_windows, split_tokens)
-from eqcore.evaluation.perplexity import log_softmax_nll
+from bench.eval.perplexity import log_softmax_nll
 
 
 def llama_cpp_nll(path, toks, ctx, stride, f32_kv):

@@ -1,0 +1,1 @@
+"""Benchmarks and the quality evaluation (not part of the installed eqcore package)."""

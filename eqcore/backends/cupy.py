@@ -1,0 +1,67 @@
+"""The CuPy backend: the codec on the GPU, with the CUDA C kernels of ``raw_kernels/``.
+
+Same operations and signatures as :mod:`eqcore.backends.numpy`, bit-identical results; every
+array stays on the device. Kernels are compiled by :mod:`eqcore.backends.nvrtc` and launched
+through the plans of :mod:`eqcore.backends.launch`. bfloat16 arrays are CuPy arrays of dtype
+``ml_dtypes.bfloat16`` (supported natively by CuPy >= 14).
+
+Outlier selection (shared code, :mod:`eqcore.outliers`) uses float64 mean/std computed by
+CuPy; its summation order differs from NumPy's, so an entry lying within ~1e-16 (relative) of
+the threshold may be classified differently from the CPU backends.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import weight_dtype
+from ..layout import check_bits, packed_cols
+from . import launch, nvrtc
+from .numpy import check_codes, check_packed
+
+name = "cupy"
+
+
+def _cp():
+    import cupy
+
+    return cupy
+
+
+def asarray(a):
+    """``a`` as a C-contiguous CuPy array (NumPy input is copied to the device)."""
+    return _cp().ascontiguousarray(a)
+
+
+def encode(x, scales, bits: int, group_size: int | None):
+    """Packed codes (rows, ceil(cols/32)*bits) uint32 of float32 ``x`` for the given scales."""
+    x, scales = asarray(x), asarray(scales)
+    out = _cp().empty((x.shape[0], packed_cols(x.shape[1], check_bits(bits))), dtype=np.uint32)
+    nvrtc.run(launch.encode_launch(x, scales, out, bits, group_size))
+    return out
+
+
+def pack(codes, bits: int):
+    """Unsigned codes (rows, cols) -> (rows, packed_cols) uint32."""
+    cp = _cp()
+    codes, bits = check_codes(asarray(codes), bits)
+    codes = cp.ascontiguousarray(codes, dtype=cp.uint8)
+    out = cp.empty((codes.shape[0], packed_cols(codes.shape[1], bits)), dtype=cp.uint32)
+    nvrtc.run(launch.pack_launch(codes, out, bits))
+    return out
+
+
+def unpack(packed, bits: int, cols: int):
+    """(rows, packed_cols) uint32 -> (rows, cols) uint8 codes."""
+    packed, bits = check_packed(asarray(packed), bits, cols)
+    out = _cp().empty((packed.shape[0], cols), dtype=np.uint8)
+    nvrtc.run(launch.unpack_launch(packed, out, bits))
+    return out
+
+
+def dequantize(qt, dtype=None):
+    """Dense CuPy (rows, cols) matrix of ``qt`` in ``dtype`` (default: its own), one kernel launch."""
+    dtype = weight_dtype(dtype or qt.dtype)
+    out = _cp().empty(qt.shape, dtype=dtype)
+    nvrtc.run(launch.dequant_launch(asarray(qt.qweight), asarray(qt.scales), asarray(qt.outlier_rowptr),
+                                    asarray(qt.outlier_cols), asarray(qt.outlier_vals), out, qt.bits, qt.group_size))
+    return out

@@ -1,0 +1,145 @@
+"""Launch plans for the CUDA C kernels of ``raw_kernels/``: names, geometry, checked arguments.
+
+Plain Python, importable without a GPU: :mod:`eqcore.backends.cupy` runs the plans with CuPy,
+``tests/test_raw_kernels_host.py`` runs the same plans on the host with the kernels compiled
+by g++. The launch geometry is defined here and handed to the .cu files as -D defines.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..dtypes import bfloat16
+from ..layout import BLOCK, INDEX_DTYPES, SUPPORTED_BITS, check_bits, group_layout, packed_cols
+from ..outliers import check_csr
+
+THREADS = 256      # threads per block: encode, pack, unpack (one packing block per thread)
+DQ_THREADS = 128   # threads per block: dequant (one packing block per thread)
+DQ_TILE = DQ_THREADS * BLOCK  # codes of one row per dequant block
+
+# weight dtype -> CUDA type; the index is the `vtype` code of load_val() in eqcore.cuh
+CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+VTYPE = {name: i for i, name in enumerate(CUDA_TYPES)}
+INDEX_TYPES = dict(zip(INDEX_DTYPES, ("unsigned short", "int")))
+
+
+def cuda_defines() -> list[str]:
+    return [f"-DEQ_THREADS={THREADS}", f"-DEQ_DQ_THREADS={DQ_THREADS}"]
+
+
+# -- kernel names (NVRTC name expressions) and the file that defines each ------------------
+def encode_name(bits: int) -> str:
+    return f"eq::encode<{bits}>"
+
+
+def pack_name(bits: int) -> str:
+    return f"eq::pack<{bits}>"
+
+
+def unpack_name(bits: int) -> str:
+    return f"eq::unpack<{bits}>"
+
+
+def dequant_name(bits: int, out: str, index: str) -> str:
+    return f"eq::dequant<{bits}, {CUDA_TYPES[out]}, {INDEX_TYPES[index]}>"
+
+
+def source_of(name: str) -> str:
+    """The raw_kernels/ file that defines kernel ``name``."""
+    return "dequant.cu" if name.startswith("eq::dequant<") else "codec.cu"
+
+
+def all_names() -> list[str]:
+    """Every instantiation the library can launch."""
+    names = [f(b) for b in SUPPORTED_BITS for f in (encode_name, pack_name, unpack_name)]
+    names += [dequant_name(b, o, i) for b in SUPPORTED_BITS for o in CUDA_TYPES for i in INDEX_TYPES]
+    return names
+
+
+# -- launch plans ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch: name expression, grid, block and arguments (arrays and
+    NumPy scalars of the exact C types, as cupy.RawKernel and cuLaunchKernel want)."""
+
+    name: str
+    grid: tuple
+    block: tuple
+    args: tuple
+
+
+def _i32(v: int) -> np.int32:
+    if not 0 <= v <= np.iinfo(np.int32).max:
+        raise ValueError(f"size {v} does not fit the kernels' int32 indices")
+    return np.int32(v)
+
+
+def _check(a, name, dtype, shape):
+    if a.dtype != np.dtype(dtype) or tuple(a.shape) != tuple(shape) or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous {np.dtype(dtype)} {tuple(shape)}, got {a.dtype} {a.shape}")
+
+
+def _grid1(work: int, threads: int) -> tuple:
+    return (max(1, min(-(-work // threads), 2**31 - 1)), 1, 1)
+
+
+def encode_launch(x, scales, out, bits: int, group_size: int | None) -> Launch:
+    """float32 x (rows, cols), float32 scales (rows, n_groups) -> out uint32 (rows, packed)."""
+    bits = check_bits(bits)
+    rows, cols = x.shape
+    g, ng = group_layout(cols, group_size)
+    _check(x, "x", np.float32, (rows, cols))
+    _check(scales, "scales", np.float32, (rows, ng))
+    _check(out, "out", np.uint32, (rows, packed_cols(cols, bits)))
+    return Launch(encode_name(bits), _grid1(rows * -(-cols // BLOCK), THREADS), (THREADS, 1, 1),
+                  (x, scales, out, _i32(rows), _i32(cols), _i32(g), _i32(ng)))
+
+
+def pack_launch(codes, out, bits: int) -> Launch:
+    bits = check_bits(bits)
+    rows, cols = codes.shape
+    _check(codes, "codes", np.uint8, (rows, cols))
+    _check(out, "out", np.uint32, (rows, packed_cols(cols, bits)))
+    return Launch(pack_name(bits), _grid1(rows * -(-cols // BLOCK), THREADS), (THREADS, 1, 1),
+                  (codes, out, _i32(rows), _i32(cols)))
+
+
+def unpack_launch(packed, out, bits: int) -> Launch:
+    bits = check_bits(bits)
+    rows, cols = out.shape
+    _check(packed, "packed", np.uint32, (rows, packed_cols(cols, bits)))
+    _check(out, "out", np.uint8, (rows, cols))
+    return Launch(unpack_name(bits), _grid1(rows * -(-cols // BLOCK), THREADS), (THREADS, 1, 1),
+                  (packed, out, _i32(rows), _i32(cols)))
+
+
+def _out_name(out) -> str:
+    name = "bfloat16" if out.dtype == bfloat16 else out.dtype.name
+    if name not in CUDA_TYPES:
+        raise ValueError(f"output dtype must be one of {list(CUDA_TYPES)}, got {out.dtype}")
+    return name
+
+
+def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_size: int | None) -> Launch:
+    """Dense ``out`` (rows, cols) = codes * scales with the CSR outliers written in, one launch.
+    The CSR is checked to stay inside ``out`` first (O(nnz))."""
+    bits = check_bits(bits)
+    rows, cols = out.shape
+    g, ng = group_layout(cols, group_size)
+    _check(qweight, "qweight", np.uint32, (rows, packed_cols(cols, bits)))
+    _check(scales, "scales", np.float32, (rows, ng))
+    oname = _out_name(out)
+    _check(out, "out", out.dtype, (rows, cols))
+    _check(rowptr, "outlier_rowptr", np.int32, (rows + 1,))
+    check_csr(rowptr, ocols, ovals, (rows, cols))
+    _check(ocols, "outlier_cols", ocols.dtype, ocols.shape)
+    vname = "bfloat16" if ovals.dtype == bfloat16 else ovals.dtype.name
+    if vname not in VTYPE:
+        raise ValueError(f"outlier_vals dtype {ovals.dtype} is not a weight dtype")
+    _check(ovals, "outlier_vals", ovals.dtype, ovals.shape)
+    if rows > 2**31 - 1 or -(-cols // DQ_TILE) > 65535:
+        raise ValueError(f"shape {(rows, cols)} is too large for the dequant grid")
+    return Launch(dequant_name(bits, oname, ocols.dtype.name), (rows, -(-cols // DQ_TILE), 1), (DQ_THREADS, 1, 1),
+                  (qweight, scales, rowptr, ocols, ovals, np.int32(VTYPE[vname]), out, _i32(rows), _i32(cols),
+                   _i32(g), _i32(ng)))

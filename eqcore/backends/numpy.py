@@ -1,0 +1,106 @@
+"""The NumPy backend: the reference codec, written to be read.
+
+Packing layout, per row: the signed code q in [-2^(k-1), 2^(k-1) - 1] is stored as the
+unsigned code u = q + 2^(k-1). A row of ``cols`` codes is padded with u = 0 to a multiple of
+32 codes; every block of 32 codes fills exactly k uint32 words, code j of the row taking bits
+[j*k, (j+1)*k) of the row's little-endian bit stream (bit b lives in word b // 32 at bit
+b % 32). For k = 2, 4, 8 no code straddles a word; for k = 3 some do. Packed shape:
+(rows, ceil(cols / 32) * k), dtype uint32.
+
+Every backend (:mod:`eqcore.backends`) has these operations with these signatures:
+``asarray``, ``encode``, ``pack``, ``unpack``, ``dequantize``; the fast ones are held to these.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import finite_max, saturate, weight_dtype
+from ..interop import is_cupy
+from ..layout import BLOCK, check_bits, group_layout, packed_cols, qrange
+
+name = "numpy"
+
+
+def asarray(a):
+    """``a`` as a NumPy array (this backend's arrays)."""
+    return np.asarray(a)
+
+
+def codes(x: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Signed codes clamp(rint(x / s)) as float32: x and s float32 (s broadcastable), so x / s is
+    the IEEE float32 quotient, and rint rounds half to even."""
+    return np.clip(np.rint(x / s), qmin, qmax)
+
+
+def expand_scales(scales: np.ndarray, cols: int, group_size: int | None) -> np.ndarray:
+    """Per-element scales (rows, cols) from per-group scales (rows, n_groups)."""
+    g, _ = group_layout(cols, group_size)
+    return np.repeat(scales, g, axis=1)[:, :cols]
+
+
+def check_codes(codes, bits: int):
+    """Validated (codes, bits) for packing: 2-D integers in [0, 2**bits) (NumPy or CuPy)."""
+    bits = check_bits(bits)
+    codes = codes if is_cupy(codes) else np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be 2-D, got shape {codes.shape}")
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+    return codes, bits
+
+
+def check_packed(packed, bits: int, cols: int):
+    """Validated (packed, bits) for unpacking ``cols`` codes per row (NumPy or CuPy)."""
+    bits = check_bits(bits)
+    packed = packed if is_cupy(packed) else np.asarray(packed)
+    if packed.ndim != 2 or packed.dtype != np.uint32:
+        raise ValueError(f"packed must be a 2-D uint32 array, got {packed.dtype} {packed.shape}")
+    if packed.shape[1] != packed_cols(cols, bits):
+        raise ValueError(f"packed has {packed.shape[1]} words per row; {cols} {bits}-bit codes need {packed_cols(cols, bits)}")
+    return packed, bits
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (rows, cols), each < 2**bits, into (rows, packed_cols) uint32."""
+    codes, bits = check_codes(codes, bits)
+    rows, cols = codes.shape
+    nblk = -(-cols // BLOCK)
+    padded = np.zeros((rows, nblk * BLOCK), dtype=np.uint64)
+    padded[:, :cols] = codes
+    # bit stream: code j -> bits [j*k, (j+1)*k); expand to single bits, regroup by 32
+    shifts = np.arange(bits, dtype=np.uint64)
+    bitplane = ((padded[:, :, None] >> shifts) & 1).reshape(rows, nblk * BLOCK * bits)
+    words = bitplane.reshape(rows, -1, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)
+    return words.sum(axis=2, dtype=np.uint64).astype(np.uint32)
+
+
+def unpack(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """Inverse of :func:`pack`: (rows, packed_cols) uint32 -> (rows, cols) uint8 codes."""
+    packed, bits = check_packed(packed, bits, cols)
+    rows = packed.shape[0]
+    bitstream = (packed[:, :, None].astype(np.uint64) >> np.arange(32, dtype=np.uint64)) & 1
+    per_code = bitstream.reshape(rows, -1, bits) << np.arange(bits, dtype=np.uint64)
+    return per_code.sum(axis=2, dtype=np.uint64)[:, :cols].astype(np.uint8)
+
+
+def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None) -> np.ndarray:
+    """Packed unsigned codes of float32 ``x`` (rows, cols) for float32 ``scales`` (rows, n_groups)."""
+    qmin, qmax = qrange(bits)
+    q = codes(np.asarray(x, np.float32), expand_scales(np.asarray(scales, np.float32), x.shape[1], group_size),
+              qmin, qmax)
+    return pack((q - qmin).astype(np.uint8), bits)
+
+
+def dequantize(qt, dtype=None) -> np.ndarray:
+    """float32(q) * scale, clamped to ``dtype``'s finite range, cast (round to nearest even) to
+    ``dtype`` (default: the weight's), then the outlier values (clamped and cast the same way)
+    written at their positions."""
+    dtype = weight_dtype(dtype or qt.dtype)
+    rows, cols = qt.shape
+    q = unpack(qt.qweight, qt.bits, cols).astype(np.float32) - np.float32(1 << (qt.bits - 1))
+    top = np.float32(finite_max(dtype))
+    with np.errstate(over="ignore"):  # a float32 product past the range is clamped next
+        out = np.clip(q * expand_scales(qt.scales, cols, qt.group_size), -top, top).astype(dtype)
+    r = np.repeat(np.arange(rows), np.diff(qt.outlier_rowptr))
+    out[r, qt.outlier_cols.astype(np.int64)] = saturate(qt.outlier_vals, dtype)
+    return out

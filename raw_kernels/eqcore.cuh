@@ -1,0 +1,174 @@
+// eqcore's CUDA contract, shared by every kernel file: types, conversions, the packing layout.
+//
+// Layout (eqcore/layout.py, eqcore/backends/numpy.py): per row, codes padded with 0 to a
+// multiple of EQ_BLOCK (32); each block of 32 codes is exactly BITS uint32 words; code j of a
+// block takes bits [j*BITS, (j+1)*BITS) of the block's little-endian bit stream.
+// Rounding: q = clamp(rint_half_even(x / s)) with an IEEE float32 quotient; dequant =
+// float32(q) * s (IEEE float32 product), clamped to the output type's finite range, rounded to
+// nearest even into the output type, outliers (clamped the same way) written last. Compile
+// WITHOUT fast-math and with -ftz=false (eqcore/backends/nvrtc.py does; CuPy's own compile path
+// forces -ftz=true, so it is not used).
+//
+// The contract's constants and the launch geometry come from Python as -D defines
+// (eqcore.layout.cuda_defines, eqcore.backends.launch.cuda_defines), never from literals here.
+// Kernels are templates, instantiated by NVRTC name expressions (eqcore/backends/launch.py),
+// e.g. "eq::dequant<4, __half, unsigned short>". The same files compile on the host with g++
+// through tests/host_shim.h (EQ_HOST_SHIM), which runs every CUDA thread as a fiber so that
+// __syncthreads keeps its meaning; tests/test_raw_kernels_host.py checks the results bit for
+// bit against the NumPy reference.
+#pragma once
+#ifndef EQ_HOST_SHIM
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#endif
+
+#if !defined(EQ_BLOCK) || !defined(EQ_THREADS) || !defined(EQ_DQ_THREADS)
+#error "compile through eqcore.backends.nvrtc: it passes the layout and launch geometry as -D defines"
+#endif
+static_assert(EQ_BLOCK == 32, "a block of 32 k-bit codes is exactly k 32-bit words");
+
+namespace eq {
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef long long i64;
+
+constexpr int BLOCK = EQ_BLOCK;            // codes per packing block
+constexpr int THREADS = EQ_THREADS;        // threads per block: encode, pack, unpack
+constexpr int DQ_THREADS = EQ_DQ_THREADS;  // threads per block: dequant (one packing block each)
+constexpr int DQ_TILE = DQ_THREADS * BLOCK;  // codes of one row per dequant block
+
+// Largest finite value of an output type, capped at float32's (products are float32):
+// dequantized values saturate there, so a finite weight never comes back as inf.
+template <class T> __device__ __forceinline__ float out_max() { return __uint_as_float(0x7f7fffffu); }
+template <> __device__ __forceinline__ float out_max<__half>() { return 65504.0f; }
+template <> __device__ __forceinline__ float out_max<__nv_bfloat16>() { return __uint_as_float(0x7f7f0000u); }
+
+// ---- scalar conversions (round to nearest even; exact where the target is wider) ----
+template <class T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_f32<double>(float v) { return (double)v; }
+
+// float64 outlier values: direct single rounding to f16 / f32 (as NumPy); to bf16 via
+// float32 (as ml_dtypes, whose float64 -> bfloat16 cast rounds twice).
+template <class T> __device__ __forceinline__ T from_f64(double v);
+template <> __device__ __forceinline__ __half from_f64<__half>(double v) { return __double2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f64<__nv_bfloat16>(double v) {
+    return __float2bfloat16_rn(__double2float_rn(v));
+}
+template <> __device__ __forceinline__ float from_f64<float>(double v) { return __double2float_rn(v); }
+template <> __device__ __forceinline__ double from_f64<double>(double v) { return v; }
+
+// Outlier value i of a CSR whose value dtype is given at run time (uniform branch):
+// 0 float16, 1 bfloat16, 2 float32, 3 float64; clamped to Out's finite range like the codes.
+template <class Out>
+__device__ __forceinline__ Out load_val(const void* __restrict__ vals, int vtype, i64 i) {
+    const float top = out_max<Out>();
+    float v;
+    switch (vtype) {
+        case 0: v = __half2float(static_cast<const __half*>(vals)[i]); break;
+        case 1: v = __bfloat162float(static_cast<const __nv_bfloat16*>(vals)[i]); break;
+        case 2: v = static_cast<const float*>(vals)[i]; break;
+        default: {
+            const double d = static_cast<const double*>(vals)[i];
+            return from_f64<Out>(fmin(fmax(d, -(double)top), (double)top));
+        }
+    }
+    return from_f32<Out>(fminf(fmaxf(v, -top), top));
+}
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// ---- the bit layout of one 32-code block (j is a compile-time constant once unrolled) ----
+template <int BITS>
+__device__ __forceinline__ u32 get_code(const u32 (&w)[BITS], int j) {
+    const int bit = j * BITS, wi = bit >> 5, off = bit & 31;
+    u32 v = w[wi] >> off;
+    if (off + BITS > 32) v |= w[wi + 1] << (32 - off);
+    return v & ((1u << BITS) - 1u);
+}
+
+template <int BITS>
+__device__ __forceinline__ void put_code(u32 (&w)[BITS], int j, u32 u) {
+    const int bit = j * BITS, wi = bit >> 5, off = bit & 31;
+    w[wi] |= u << off;
+    if (off + BITS > 32) w[wi + 1] |= u >> (32 - off);
+}
+
+__device__ __forceinline__ bool aligned(const void* p, unsigned n) {
+    return (reinterpret_cast<unsigned long long>(p) & (n - 1)) == 0;
+}
+
+// Load / store the BITS words of one block; 16-byte (BITS 4, 8) or 8-byte (BITS 2)
+// vector accesses when the address allows it (always, for a contiguous CuPy array).
+template <int BITS>
+__device__ __forceinline__ void load_words(const u32* __restrict__ p, u32 (&w)[BITS]) {
+    if constexpr (BITS % 4 == 0) {
+        if (aligned(p, 16)) {
+#pragma unroll
+            for (int k = 0; k < BITS; k += 4) {
+                const uint4 v = reinterpret_cast<const uint4*>(p)[k / 4];
+                w[k] = v.x; w[k + 1] = v.y; w[k + 2] = v.z; w[k + 3] = v.w;
+            }
+            return;
+        }
+    } else if constexpr (BITS == 2) {
+        if (aligned(p, 8)) {
+            const uint2 v = *reinterpret_cast<const uint2*>(p);
+            w[0] = v.x; w[1] = v.y;
+            return;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < BITS; ++k) w[k] = p[k];
+}
+
+template <int BITS>
+__device__ __forceinline__ void store_words(u32* __restrict__ p, const u32 (&w)[BITS]) {
+    if constexpr (BITS % 4 == 0) {
+        if (aligned(p, 16)) {
+#pragma unroll
+            for (int k = 0; k < BITS; k += 4) {
+                uint4 v;
+                v.x = w[k]; v.y = w[k + 1]; v.z = w[k + 2]; v.w = w[k + 3];
+                reinterpret_cast<uint4*>(p)[k / 4] = v;
+            }
+            return;
+        }
+    } else if constexpr (BITS == 2) {
+        if (aligned(p, 8)) {
+            uint2 v;
+            v.x = w[0]; v.y = w[1];
+            *reinterpret_cast<uint2*>(p) = v;
+            return;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < BITS; ++k) p[k] = w[k];
+}
+
+// Raw bits of an output value, zero-extended, to assemble 16-byte vector stores.
+__device__ __forceinline__ unsigned long long raw_bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ unsigned long long raw_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ unsigned long long raw_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned long long raw_bits(double v) { return (unsigned long long)__double_as_longlong(v); }
+
+// 16 / sizeof(Out) output values as the 16 bytes of one uint4.
+template <class Out>
+__device__ __forceinline__ uint4 chunk16(const Out (&v)[16 / sizeof(Out)]) {
+    constexpr int N = 8 / (int)sizeof(Out), SH = 8 * (int)sizeof(Out);
+    unsigned long long lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        lo |= raw_bits(v[i]) << ((SH * i) & 63);
+        hi |= raw_bits(v[N + i]) << ((SH * i) & 63);
+    }
+    uint4 q;
+    q.x = (u32)lo; q.y = (u32)(lo >> 32); q.z = (u32)hi; q.w = (u32)(hi >> 32);
+    return q;
+}
+
+}  // namespace eq
