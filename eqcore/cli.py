@@ -43,6 +43,15 @@ def _quant_options(p):
                    help="numpy (reference), numba (CPU), cupy (GPU); auto: the GPU if there is one (default)")
 
 
+def _conversion_options(p):
+    """What every checkpoint conversion takes: replacing, links, progress."""
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT if it is an earlier eqcore output or empty (nothing else is ever replaced)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="copy what symbolic links leaving the model folder point to (default: refuse them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -60,11 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", default=None, help="regex of tensor names to keep unquantized "
                    "(default: embeddings and lm_head; '' quantizes every 2-D weight)")
     q.add_argument("--min-features", type=int, default=16, help="leave matrices with a side smaller than this")
-    q.add_argument("--force", action="store_true",
-                   help="replace OUTPUT if it is an earlier eqcore output or empty (nothing else is ever replaced)")
-    q.add_argument("--follow-symlinks", action="store_true",
-                   help="copy what symbolic links leaving the model folder point to (default: refuse them)")
-    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _conversion_options(q)
 
     d = sub.add_parser("dequantize", parents=[debug], help="write a plain safetensors checkpoint any runtime can load")
     d.add_argument("input", help="an eqcore-quantized file or folder")
@@ -73,13 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the dequantized weights (default: each weight's original dtype)")
     d.add_argument("--all-floats", action="store_true",
                    help="with --dtype: cast every other floating-point tensor (norms, embeddings) too")
-    d.add_argument("--force", action="store_true",
-                   help="replace OUTPUT if it is an earlier eqcore output or empty (nothing else is ever replaced)")
     d.add_argument("--allow-none", action="store_true",
                    help="copy a checkpoint that holds no quantized tensor instead of refusing it")
-    d.add_argument("--follow-symlinks", action="store_true",
-                   help="copy what symbolic links leaving the model folder point to (default: refuse them)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _conversion_options(d)
 
     i = sub.add_parser("inspect", parents=[debug], help="per-tensor bits, outlier fraction and relative error")
     i.add_argument("file", help="an eqcore-quantized file or folder")
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
             raise
         msg = str(e) or type(e).__name__
         if isinstance(e, OutputExistsError):
-            msg = f"{e.filename} exists; pass --force to replace it (only an earlier eqcore output or an empty " \
+            msg = f"{e.path} exists; pass --force to replace it (only an earlier eqcore output or an empty " \
                   "file or folder is ever replaced)"
         if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{msg}: {e.filename}"

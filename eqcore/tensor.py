@@ -10,7 +10,7 @@ import numpy as np
 from .interop import array_module
 from .dtypes import dtype_name, finite_max, weight_dtype
 from .errors import FormatError
-from .layout import SUPPORTED_BITS, group_layout, packed_cols, qrange
+from .layout import check_bits, group_layout, packed_cols, qrange
 from .outliers import Outliers, check_csr
 
 FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
@@ -113,7 +113,10 @@ class QuantizedTensor:
             if not cond:
                 raise FormatError(msg)
 
-        need(_is_int(self.bits) and self.bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        try:
+            check_bits(self.bits)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
         try:
             dt = weight_dtype(self.dtype)
         except (TypeError, ValueError) as e:

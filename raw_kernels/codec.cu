@@ -10,7 +10,7 @@ template <int BITS>
 __global__ void __launch_bounds__(THREADS)
 encode(const float* __restrict__ x, const float* __restrict__ scales, u32* __restrict__ out,
        int rows, int cols, int group, int n_groups) {
-    constexpr int HALF = 1 << (BITS - 1);
+    constexpr int HALF = qoffset<BITS>();
     const float qmin = (float)(-HALF), qmax = (float)(HALF - 1);
     const int nblk = (cols + BLOCK - 1) / BLOCK;
     const i64 total = (i64)rows * nblk;

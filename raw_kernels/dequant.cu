@@ -10,7 +10,7 @@ namespace eq {
 template <int BITS, class Out, bool ONE_SCALE>
 __device__ __forceinline__ void decode_block(const u32 (&w)[BITS], const float* __restrict__ sr, int c0,
                                              int cols, int group, int gi, uint4* tile16, Out* tile) {
-    constexpr int HALF = 1 << (BITS - 1);
+    constexpr int HALF = qoffset<BITS>();
     constexpr int PER16 = 16 / (int)sizeof(Out);
     const float top = out_max<Out>();
     const bool full = c0 + BLOCK <= cols;

@@ -82,6 +82,9 @@ __device__ __forceinline__ Out load_val(const void* __restrict__ vals, int vtype
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
+// The signed k-bit grid: q in [-QOFF, QOFF - 1], stored as the unsigned code q + QOFF.
+template <int BITS> __device__ __forceinline__ constexpr int qoffset() { return 1 << (BITS - 1); }
+
 // ---- the bit layout of one 32-code block (j is a compile-time constant once unrolled) ----
 template <int BITS>
 __device__ __forceinline__ u32 get_code(const u32 (&w)[BITS], int j) {

@@ -127,10 +127,9 @@ _F32, _BF16, _F16 = 0, 1, 2  # how _dequant_kernel writes its float32 values
 
 
 @njit(parallel=True, cache=True)
-def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, top, out):
+def _dequant_kernel(qweight, scales, g, bits, qmin, rowptr, ocols, ovals, mode, top, out):
     rows, cols = out.shape
     n_groups = scales.shape[1]
-    half = np.float32(1 << (bits - 1))
     low = -top
     for r in prange(rows):
         codes = np.empty(cols, np.uint8)
@@ -139,7 +138,7 @@ def _dequant_kernel(qweight, scales, g, bits, rowptr, ocols, ovals, mode, top, o
         for j in range(n_groups):
             s = scales[r, j]
             for c in range(j * g, min(j * g + g, cols)):
-                vals[c] = min(max((np.float32(codes[c]) - half) * s, low), top)
+                vals[c] = min(max((np.float32(codes[c]) + qmin) * s, low), top)
         orow = out[r]
         if mode == _BF16:
             for c in range(cols):
@@ -200,6 +199,6 @@ def dequantize(qt, dtype=None) -> np.ndarray:
         mode = _F32
         out = np.empty((rows, cols), dtype=dtype)
     _dequant_kernel(np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.scales), g, int(qt.bits),
-                    qt.outlier_rowptr.astype(np.int64), qt.outlier_cols.astype(np.int64), vals, mode,
+                    np.float32(qrange(qt.bits)[0]), qt.outlier_rowptr.astype(np.int64), qt.outlier_cols.astype(np.int64), vals, mode,
                     np.float32(finite_max(dtype)), out)
     return out.view(dtype) if mode != _F32 else out

@@ -97,7 +97,7 @@ def dequantize(qt, dtype=None) -> np.ndarray:
     written at their positions."""
     dtype = weight_dtype(dtype or qt.dtype)
     rows, cols = qt.shape
-    q = unpack(qt.qweight, qt.bits, cols).astype(np.float32) - np.float32(1 << (qt.bits - 1))
+    q = unpack(qt.qweight, qt.bits, cols).astype(np.float32) + np.float32(qrange(qt.bits)[0])
     top = np.float32(finite_max(dtype))
     with np.errstate(over="ignore"):  # a float32 product past the range is clamped next
         out = np.clip(q * expand_scales(qt.scales, cols, qt.group_size), -top, top).astype(dtype)

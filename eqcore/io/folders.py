@@ -30,7 +30,7 @@ class OutputExistsError(FileExistsError):
     def __init__(self, path):
         super().__init__(f"{path} exists; pass overwrite=True to replace it (only an earlier eqcore output "
                          "or an empty file or folder is ever replaced)")
-        self.filename = str(path)
+        self.path = str(path)
 
 
 def is_within(path: Path, root: Path) -> bool:
