@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np
 
 from eqcore.solvers import adam_cuda as cuda_scales
+from eqcore.solvers import exact, exact_cuda
 from eqcore.config import QuantConfig
 from eqcore.solvers.adam import optimize_scales as optimize_scales_reference
 from eqcore.solvers.objective import reconstruction_loss
@@ -72,6 +73,29 @@ def main() -> int:
             print("got", got, "\nref", ref)
             return 1
     print(f"all {len(CASES)} cases exact in {time.time() - t0:.1f}s")
+    return exact_cases()
+
+
+# the exact solver: (rows, cols, bits, group_size, workspace cap); a cap of 4 forces many pieces
+EXACT_CASES = [(2, 24, 4, None, None), (2, 20, 2, 8, 4), (1, 16, 8, None, None), (2, 12, 3, 5, 2),
+               (1, 10, 4, None, 1), (3, 7, 3, 1, None)]
+
+
+def exact_cases() -> int:
+    t0 = time.time()
+    for i, (rows, cols, bits, group, cap) in enumerate(EXACT_CASES):
+        cfg = QuantConfig(bits=bits, group_size=group)
+        x = make(rows, cols, 100 + i)
+        got = exact_cuda.optimize_scales(x, cfg, cap=cap)
+        ref = exact.optimize_scales(x, cfg)
+        lg, lr_ = reconstruction_loss(x, got, cfg), reconstruction_loss(x, ref, cfg)
+        ok = got.dtype == np.float32 and got.shape == ref.shape and np.all(lg <= lr_ * (1 + 1e-12))
+        print(f"exact {rows}x{cols} bits={bits} group={group} cap={cap}: {'exact' if ok else 'MISMATCH'} "
+              f"same scales {np.mean(got == ref):.2f} loss gpu={lg.sum():.6e} ref={lr_.sum():.6e}")
+        if not ok:
+            print("got", got, "\nref", ref)
+            return 1
+    print(f"all {len(EXACT_CASES)} exact-solver cases exact in {time.time() - t0:.1f}s")
     return 0
 
 

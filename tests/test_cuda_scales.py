@@ -108,7 +108,8 @@ def test_simulator_matches_reference():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "MISMATCH" not in res.stdout
     n = int(re.search(r"all (\d+) cases exact", res.stdout).group(1))
-    assert n >= 10 and res.stdout.count(": exact") == n
+    m = int(re.search(r"all (\d+) exact-solver cases exact", res.stdout).group(1))
+    assert n >= 10 and m >= 4 and res.stdout.count(": exact") == n + m
 
 
 # ---------------------------------------------------------------- GPU

@@ -18,6 +18,11 @@ SOLVERS = {
         "numba": "eqcore.solvers.adam_numba:optimize_scales",
         "cupy": "eqcore.solvers.adam_cuda:optimize_scales",
     },
+    "exact": {
+        "numpy": "eqcore.solvers.exact:optimize_scales",          # the reference: a full sweep
+        "numba": "eqcore.solvers.exact_numba:optimize_scales",
+        "cupy": "eqcore.solvers.exact_cuda:optimize_scales",
+    },
 }
 
 

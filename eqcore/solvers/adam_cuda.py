@@ -15,7 +15,6 @@ Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which has no warp shuffle
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -25,6 +24,7 @@ from numba.cuda.core import config as _numba_cuda_config
 
 from ..layout import group_layout, max_scale
 from . import rowmath
+from .cuda_common import check_input, compile_ptx, no_fma_contraction, output_for
 
 SIMULATOR = bool(_numba_cuda_config.ENABLE_CUDASIM)
 _FULL = 0xFFFFFFFF
@@ -165,36 +165,13 @@ _PY_KERNELS = {True: _make_kernel(True), False: _make_kernel(False)}
 _KERNELS: dict = {}
 
 
-@contextlib.contextmanager
-def _no_fma_contraction():
-    """Compile with NVVM ``-fma=0``.
-
-    NVVM contracts ``a * b + c`` into an FMA by default, even without fastmath, which
-    rounds differently from the reference (loss sums, Adam moments). Numba-CUDA has no
-    switch for it, so wrap the NVVM entry point its code library calls.
-    """
-    from numba.cuda.cudadrv import nvvm
-
-    plain = nvvm.compile_ir
-
-    def compile_ir(llvmir, **options):
-        options.setdefault("fma", False)
-        return plain(llvmir, **options)
-
-    nvvm.compile_ir = compile_ir
-    try:
-        yield
-    finally:
-        nvvm.compile_ir = plain
-
-
 def _kernel(in_shared: bool):
     """Compiled kernel (eagerly for :data:`SIGNATURE` on a GPU, so it is the tested PTX)."""
     if in_shared not in _KERNELS:
         if SIMULATOR:
             _KERNELS[in_shared] = cuda.jit(_PY_KERNELS[in_shared])
         else:
-            with _no_fma_contraction():  # eager: PTX is generated (and cached) here
+            with no_fma_contraction():  # eager: PTX is generated (and cached) here
                 _KERNELS[in_shared] = cuda.jit(SIGNATURE)(_PY_KERNELS[in_shared])
     return _KERNELS[in_shared]
 
@@ -209,23 +186,7 @@ def launch_config(g: int) -> tuple[int, bool]:
 
 def compile_ptx_for(cc: tuple[int, int], in_shared: bool = True) -> str:
     """PTX of the kernel for compute capability ``cc``, no GPU needed."""
-    from numba.cuda import dispatcher
-
-    class _Device:
-        compute_capability = tuple(cc)
-
-    saved = dispatcher.get_current_device
-    dispatcher.get_current_device = lambda: _Device()
-    try:
-        with _no_fma_contraction():
-            ptx, _ = cuda.compile_ptx(_PY_KERNELS[in_shared], SIGNATURE, cc=tuple(cc))
-    finally:
-        dispatcher.get_current_device = saved
-    return ptx
-
-
-def _cai(a):
-    return getattr(a, "__cuda_array_interface__", None)
+    return compile_ptx(_PY_KERNELS[in_shared], SIGNATURE, cc)
 
 
 def optimize_scales(x, config, smax=None):
@@ -236,16 +197,7 @@ def optimize_scales(x, config, smax=None):
     array for CuPy input, else a Numba device array) or a NumPy array (result is
     NumPy; this is also how the CUDA simulator is driven).
     """
-    iface = _cai(x)
-    if iface is None:
-        x = np.asarray(x)
-    shape = tuple(iface["shape"]) if iface is not None else x.shape
-    dtype = np.dtype(iface["typestr"]) if iface is not None else x.dtype
-    if len(shape) != 2 or dtype != np.float32:
-        raise ValueError(f"x must be a 2-D float32 matrix, got shape {shape} dtype {dtype}")
-    rows, cols = shape
-    if iface is not None and iface.get("strides") not in (None, (cols * 4, 4)):
-        raise ValueError("x must be C-contiguous")
+    x, iface, (rows, cols) = check_input(x)
     g, n_groups = group_layout(cols, config.group_size)
     threads, in_shared = launch_config(g)
     shared_bytes = 4 * g if in_shared else 0
@@ -265,15 +217,7 @@ def optimize_scales(x, config, smax=None):
             d_out.copy_to_host(out)
         return out
 
-    if type(x).__module__.startswith("cupy"):
-        import cupy
-
-        out = cupy.empty((rows, n_groups), cupy.float32)
-        ptr = cupy.cuda.get_current_stream().ptr
-        stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
-    else:
-        out = cuda.device_array((rows, n_groups), np.float32)
-        stream = cuda.default_stream()
+    out, stream = output_for(x, (rows, n_groups))
     if rows * n_groups:
         _kernel(in_shared)[rows * n_groups, threads, stream, shared_bytes](x, out, *args)
     return out

@@ -1,0 +1,80 @@
+"""The exact scale solver compiled with Numba for the CPU, parallel over (row, group).
+
+The body is :mod:`eqcore.solvers.exact_sweep` (shared with the CUDA kernel); the result equals
+the reference's (:mod:`eqcore.solvers.exact`): the float32 scale of least contract loss.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import float32, njit, prange
+
+from ..backends.numba import quant_code
+from ..layout import group_layout, max_scale
+from .exact_sweep import BLOCKS, make_group_exact, rounding_bounds
+
+BOUNDS = rounding_bounds()
+
+
+@njit
+def _code(a, s, top):
+    return quant_code(a, s, float32(0.0), top)
+
+
+@njit
+def _up(f):
+    """The next float32 above positive finite ``f`` (one more in its bit pattern)."""
+    return np.int32(np.float32(f).view(np.int32) + 1).view(np.float32)
+
+
+@njit
+def _down(f):
+    """The next float32 below positive ``f``."""
+    return np.int32(np.float32(f).view(np.int32) - 1).view(np.float32)
+
+
+group_exact = make_group_exact(njit, njit(fastmath={"reassoc"}), _code, _up, _down)
+
+
+@njit(parallel=True, cache=True)
+def _exact_kernel(flat, rows, cols, g, n_groups, qmax, smax, chunks, cap, bounds, out):
+    total = rows * n_groups
+    per = (total + chunks - 1) // chunks
+    g = min(g, cols)
+    for c in prange(chunks):  # one workspace per chunk, reused by its groups
+        wa = np.empty(g, np.float32)
+        wtop = np.empty(g, np.float32)
+        wcu = np.empty(g, np.int32)
+        wcw = np.empty(g, np.int32)
+        wt = np.empty(cap + 1, np.float32)
+        wb = np.empty(cap, np.int32)
+        wA = np.empty(cap + 1, np.float64)
+        wB = np.empty(cap + 1, np.float64)
+        st = np.empty(cap, np.float32)
+        wk = np.empty(cap + BLOCKS, np.int32)
+        sk = np.empty(cap, np.int32)
+        wc = np.empty(2 * cap + 1, np.int32)
+        ks = np.empty(1, np.float32)
+        kq = np.empty(1, np.float64)
+        for k in range(c * per, min(total, (c + 1) * per)):
+            r = k // n_groups
+            lo = (k - r * n_groups) * g
+            n = min(g, cols - lo)
+            out[k] = group_exact(flat, r * cols + lo, n, qmax, smax, wa, wtop, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB,
+                                 bounds, ks, kq)
+
+
+def optimize_scales(x: np.ndarray, config, smax=None, cap=None) -> np.ndarray:
+    """Exact scales (rows, n_groups) float32; see :func:`eqcore.solvers.exact.optimize_scales`.
+    ``cap``: thresholds per workspace piece (default 4 * group + 64; any cap >= 1 gives the
+    same scales)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    g, n_groups = group_layout(cols, config.group_size)
+    out = np.empty(rows * n_groups, dtype=np.float32)
+    smax = max_scale(np.float32, config.qmax) if smax is None else np.float32(smax)
+    chunks = max(1, min(rows * n_groups, 8 * numba.get_num_threads()))
+    cap = 4 * g + 64 if cap is None else max(1, int(cap))
+    _exact_kernel(x.reshape(-1), rows, cols, g, n_groups, np.float32(config.qmax), smax, chunks, cap, BOUNDS,
+                  out)
+    return out.reshape(rows, n_groups)

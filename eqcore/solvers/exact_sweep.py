@@ -1,0 +1,374 @@
+"""The exact solver's per-group body, for the compiled backends (Numba CPU and Numba CUDA).
+
+Same result as the reference (:func:`eqcore.solvers.exact.best_scale`): the float32 scale of
+least contract loss. The reference sweeps every threshold of every element; this body first
+proves a bracket that holds the minimum and sweeps only the thresholds inside it:
+
+1. A good scale by Lloyd's iteration (codes at s, then s = B / A) from the better of the
+   max-abs scale and an RMS-based guess; its loss L_best.
+2. A bracket [s_lo, s_hi] from two lower bounds that hold for every scale beyond it:
+   below s, an entry with a >= top s (1 + 1e-6) keeps its top code and costs at least
+   (a - top s)^2; above s, an entry a < s (1 - 1e-6) either rounds to 0 (cost a^2) or to a
+   code >= 1 (cost >= (s - a)^2). Stepping s down (up) by 0.9 until the bound exceeds L_best
+   gives s_lo (s_hi); beyond 2 max|x| every code is 0 and L = C >= L_best. Then windows of
+   ratio 1.1 are cut from each end while a sharper bound rules them out (:func:`window_bound`).
+3. The sweep, in pieces whose thresholds fit the workspace: the codes at both ends of a piece
+   give each element's levels inside it; each threshold is the exact float32 step of
+   fl(a / s), in closed form (:func:`exact_thresholds`); they are bucket-sorted,
+   A and B follow by prefix sums, and every interval offers the float32 points on either side
+   of its vertex B / A (clamped to it). The quadratic form ranks them to about 1e-15 of C
+   (it cancels); every candidate within BAND * C of the best is settled by the direct sum,
+   as in the reference.
+
+Written as plain loops over arrays, most of them branch-free so that LLVM vectorises them on
+the CPU, and built by :func:`make_group_exact` from a few compiled helpers so that
+``numba.njit`` and ``numba.cuda.jit(device=True)`` compile the same code. Workspace, for a group
+of n and room for cap thresholds per piece (any cap >= 1; a small one only means more pieces):
+wa, wtop float32 (n); wcu, wcw int32 (n); wt, st float32, wb, sk int32, wA, wB float64
+(cap + 1 each); wk int32 (cap + BLOCKS); wc int32 (2 cap + 1); ks float32, kq float64 (1: the best scale and its loss).
+"""
+from __future__ import annotations
+
+import math
+
+from numba import float32, float64, int32, int64
+
+TINY = 1.401298464324817e-45  # the smallest positive float32
+SHRINK = 0.9
+WINDOW = 1.1  # the ratio of the windows that narrow the bracket, at most WINDOWS from each end
+WINDOWS = 4
+MARGIN = 1e-6
+LLOYD = 4
+BAND = 3e-14  # the quadratic form's error, in units of C (a few float64 roundings of ~C terms)
+LEVELS = 256  # codes are below 2^8: an element and a level share one int32 as i << SHIFT | m
+SHIFT = 8
+BLOCKS = 4  # pair generation writes this many entries per element unconditionally (wk's slack)
+
+
+def rounding_bounds():
+    """For each level m, the float64 bound h +- d/2 of ``exact_thresholds`` (h = m + 1/2)."""
+    import numpy as np
+
+    h = np.arange(LEVELS) + 0.5
+    hf = h.astype(np.float32)
+    above = np.nextafter(hf, np.float32(np.inf)).astype(np.float64) - h
+    below = h - np.nextafter(hf, np.float32(0)).astype(np.float64)
+    return np.where(np.arange(LEVELS) % 2 == 0, h + above / 2, h - below / 2)
+
+
+def make_group_exact(jit, jit_sum, code, next_up, next_down):
+    """The per-group exact solver. ``jit`` compiles a function (``numba.njit`` or
+    ``numba.cuda.jit(device=True)``), ``jit_sum`` one whose float sums may be reordered
+    (vectorised); ``code(a, s, top)`` is the contract code magnitude of float32 a at float32 s
+    (a float), ``next_up`` / ``next_down`` the float32 neighbours of a positive float32."""
+
+    @jit
+    def rms_step(qmax):
+        """A grid step near the optimum for Gaussian weights, in units of their RMS (the uniform
+        Lloyd-Max steps: 0.996, 0.586, 0.335 at 2, 3, 4 bits, about 4.5 / 2^k beyond)."""
+        if qmax < 2:
+            return 0.996
+        if qmax < 4:
+            return 0.586
+        if qmax < 8:
+            return 0.335
+        return 4.5 / (2.0 * (qmax + 1.0))
+
+    @jit_sum
+    def prepare(x, start, n, qmax, wa, wtop):
+        """Magnitudes and top codes into the workspace; (max |x|, C = sum a^2)."""
+        amax = float32(0.0)
+        C = 0.0
+        for i in range(n):
+            v = x[start + i]
+            a = abs(v)
+            wa[i] = a
+            wtop[i] = qmax + float32(1.0) if v < 0 else qmax
+            amax = max(amax, a)
+            C += float64(a) * float64(a)
+        return amax, C
+
+    @jit_sum
+    def moments(wa, wtop, n, s):
+        """(A, B) of the codes at float32 ``s``."""
+        A = 0.0
+        B = 0.0
+        for i in range(n):
+            c = float64(code(wa[i], s, wtop[i]))
+            A += c * c
+            B += float64(wa[i]) * c
+        return A, B
+
+    @jit_sum
+    def direct_loss(wa, wtop, n, s):
+        """The contract loss at ``s`` by the direct sum (no cancellation)."""
+        total = 0.0
+        sd = float64(s)
+        for i in range(n):
+            e = sd * float64(code(wa[i], s, wtop[i])) - float64(wa[i])
+            total += e * e
+        return total
+
+    @jit_sum
+    def clamp_bound(wa, wtop, n, s):
+        """Lower bound of the loss at every scale <= s (entries certainly clipped at s)."""
+        lb = 0.0
+        sd = float64(s)
+        for i in range(n):
+            t = float64(wtop[i]) * sd
+            e = float64(wa[i]) - t
+            lb += e * e if float64(wa[i]) >= t * (1.0 + MARGIN) else 0.0
+        return lb
+
+    @jit_sum
+    def small_bound(wa, n, s):
+        """Lower bound of the loss at every scale s' >= s: an entry a < s rounds to 0 (cost a^2)
+        or to a code >= 1 (cost >= (s - a)^2)."""
+        lb = 0.0
+        sd = float64(s) * (1.0 - MARGIN)
+        for i in range(n):
+            a = float64(wa[i])
+            e = sd - a
+            lb += min(a * a, e * e) if a < sd else 0.0
+        return lb
+
+    @jit_sum
+    def ends(wa, wtop, n, u, w, wcu, wcw):
+        """Codes at both ends of a piece into wcu / wcw; the number of thresholds between."""
+        total = int64(0)
+        for i in range(n):
+            cu = int32(code(wa[i], u, wtop[i]))
+            cw = int32(code(wa[i], w, wtop[i]))
+            wcu[i] = cu
+            wcw[i] = cw
+            total += int64(cu - cw)
+        return total
+
+    @jit_sum
+    def window_bound(wa, wtop, n, s1, s2):
+        """Lower bound of the loss at every scale in [s1, s2]: each entry on its own takes its
+        best code and scale there; codes c reach [c s1, c s2], so an entry with no integer in
+        [a / s2, a / s1] is at least as far as the nearest of those ranges (slightly shrunk:
+        the quotients are rounded)."""
+        lb = 0.0
+        i1 = 1.0 / float64(s1)
+        i2 = 1.0 / float64(s2)
+        for i in range(n):
+            a = float64(wa[i])
+            top = float64(wtop[i])
+            lo = a * i2 * (1.0 - MARGIN)
+            hi = a * i1 * (1.0 + MARGIN)
+            below = min(math.floor(lo), top)
+            above = math.ceil(hi)
+            e = min(a - below * float64(s2), above * float64(s1) - a if above <= top else math.inf)
+            e = max(e, 0.0) * (1.0 - MARGIN)
+            lb += e * e if math.floor(hi) < math.ceil(lo) or math.ceil(lo) > top else 0.0
+        return lb
+
+    @jit
+    def threshold(a, m, top):
+        """The smallest float32 t with code(a, t) <= m (a > 0, m < top), from a first guess."""
+        t = float32(float64(a) / (float64(m) + 0.5))
+        if t < TINY:
+            t = float32(TINY)
+        while code(a, t, top) > m:
+            t = next_up(t)
+        while t > TINY and code(a, next_down(t), top) <= m:
+            t = next_down(t)
+        return t
+
+    @jit
+    def exact_thresholds(wa, wtop, k, wk, wt, wb, bounds):
+        """wt[j] = threshold(a, m, top) for each packed (i, m) in wk, in closed form.
+
+        h = m + 1/2 has an odd float32 significand, so a quotient rounding to it is a tie that
+        goes to its even neighbour: fl(a / t) gives a code <= m iff a / t < h + d+/2 (m even:
+        the tie rounds up, away from h) or a / t <= h - d-/2 (m odd), d+- the float32 spacings
+        around h; ``bounds[m]`` is that h +- d/2 (exact in float64). So the threshold is the
+        smallest float32 above (or at) Q = a / bounds[m]: one float64 division, in a loop
+        without branches, decides unless Q itself rounds to a float32 (flagged in wb; the
+        search settles those)."""
+        ambiguous = 0
+        for j in range(k):
+            i = wk[j] >> SHIFT
+            q = float64(wa[i]) / bounds[wk[j] & (LEVELS - 1)]
+            f = float32(q)
+            fd = float64(f)
+            t = f if fd > q else next_up(f)
+            wt[j] = t if t > TINY else float32(TINY)
+            wb[j] = 1 if fd == q else 0
+            ambiguous += 1 if fd == q else 0
+        if ambiguous:
+            for j in range(k):
+                if wb[j]:
+                    i = wk[j] >> SHIFT
+                    wt[j] = threshold(wa[i], float32(wk[j] & (LEVELS - 1)), wtop[i])
+
+    @jit
+    def settle(wa, wtop, n, s, q, C, ks, kq):
+        """Take scale s (quadratic loss q) if its direct loss beats the best so far."""
+        if q > kq[0] + BAND * C:
+            return
+        d = direct_loss(wa, wtop, n, s)
+        if d < kq[0]:
+            kq[0] = d
+            ks[0] = s
+
+    @jit
+    def best_in(A, B, C, lo, hi):
+        """(s, quadratic loss) of the best float32 point of [lo, hi] where the codes give (A, B)
+        (branch-free: A = 0, all codes 0, gives lo and C)."""
+        v = B / A if A > 0.0 else 0.0
+        f = min(max(float32(v), lo), hi)
+        up = next_up(f)
+        down = next_down(f)
+        g = up if float64(f) < v else down  # the float32 on v's other side
+        g = min(max(g, lo), hi)
+        s = g if abs(float64(g) - v) < abs(float64(f) - v) else f  # the nearer to v is the better
+        sd = float64(s)
+        return s, (A * sd - 2.0 * B) * sd + C
+
+    @jit
+    def sweep_piece(wa, wtop, n, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
+        """Every interval of [u, w] (inclusive), given its ``cnt`` thresholds fit the workspace."""
+        A, B = moments(wa, wtop, n, u)
+        if cnt == 0:
+            s, q = best_in(A, B, C, u, w)
+            settle(wa, wtop, n, s, q, C, ks, kq)
+            return
+        k = 0
+        for i in range(n):  # the thresholds: levels between the codes at u and at w
+            base = int32(i << SHIFT) + wcw[i]
+            for d in range(BLOCKS):  # written whether used or not (no branch); wk has the room
+                wk[k + d] = base + d
+            for d in range(BLOCKS, wcu[i] - wcw[i]):
+                wk[k + d] = base + d
+            k += wcu[i] - wcw[i]
+        exact_thresholds(wa, wtop, k, wk, wt, wb, bounds)
+        # bucket sort on t (two buckets per threshold), then insertion sort (linear here)
+        nb = 2 * k
+        scale = float32(float64(nb) / (float64(w) - float64(u))) if w > u else float32(0.0)
+        for j in range(k):
+            wb[j] = min(max(int32((wt[j] - u) * scale), 0), nb - 1)
+        for b in range(nb + 1):
+            wc[b] = 0
+        for j in range(k):
+            wc[wb[j] + 1] += 1
+        for b in range(nb):
+            wc[b + 1] += wc[b]
+        for j in range(k):
+            p = wc[wb[j]]
+            wc[wb[j]] = p + 1
+            st[p] = wt[j]
+            sk[p] = wk[j]
+        for j in range(1, k):
+            t = st[j]
+            if st[j - 1] > t:
+                key = sk[j]
+                p = j
+                while p > 0 and st[p - 1] > t:
+                    st[p] = st[p - 1]
+                    sk[p] = sk[p - 1]
+                    p -= 1
+                st[p] = t
+                sk[p] = key
+        # the codes of interval j ([st[j-1], st[j]) ) follow the first j steps: prefix sums
+        wA[0] = A  # A stays an exact integer; B is summed with compensation (Fast2Sum: B >= a here,
+        wB[0] = B  # since B still holds a * (m + 1) of the element that steps down)
+        comp = 0.0
+        for j in range(k):
+            wA[j + 1] = wA[j] - float64(2 * (sk[j] & (LEVELS - 1)) + 1)
+            a = -float64(wa[sk[j] >> SHIFT])
+            t = B + a
+            comp += (B - t) + a
+            B = t
+            wB[j + 1] = B + comp
+        for j in range(k + 1):  # every interval's best float32 point (none where it is empty)
+            lo = u if j == 0 else st[j - 1]
+            hi = w if j == k else next_down(st[j])
+            s, q = best_in(wA[j], wB[j], C, lo, max(lo, hi))
+            wt[j] = s
+            wA[j] = q if hi >= lo else math.inf
+        qmin = math.inf
+        for j in range(k + 1):
+            qmin = min(qmin, wA[j])
+        for j in range(k + 1):  # the candidates the quadratic form cannot tell apart
+            if wA[j] <= qmin + BAND * C:
+                settle(wa, wtop, n, wt[j], wA[j], C, ks, kq)
+
+    @jit
+    def group_exact(x, start, n, qmax, smax, wa, wtop, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
+        """The float32 scale <= smax of least contract loss for x[start:start+n]."""
+        amax, C = prepare(x, start, n, qmax, wa, wtop)
+        if amax == 0:
+            return min(float32(1.0), smax)
+        # 1. Lloyd from the better of the max-abs scale and an RMS-based guess
+        s = min(float32(float64(amax) / float64(qmax)), smax)
+        best = direct_loss(wa, wtop, n, s)
+        guess = min(float32(math.sqrt(C / n) * rms_step(qmax)), smax)
+        if guess > 0:
+            q = direct_loss(wa, wtop, n, guess)
+            if q < best:
+                best = q
+                s = guess
+        best_s = s
+        for _ in range(LLOYD):
+            A, B = moments(wa, wtop, n, s)
+            if A <= 0.0:
+                break
+            s_new = min(float32(B / A), smax)
+            if not (s_new > 0) or s_new == s:
+                break
+            q = direct_loss(wa, wtop, n, s_new)
+            if not (q < best):
+                break
+            best = q
+            best_s = s_new
+            s = s_new
+        ks[0] = best_s
+        kq[0] = best
+        # 2. the bracket
+        s_lo = best_s
+        while True:
+            s_lo = float32(float64(s_lo) * SHRINK)
+            if s_lo <= TINY:
+                s_lo = float32(TINY)
+                break
+            if clamp_bound(wa, wtop, n, s_lo) > best:
+                break
+        s_hi = best_s
+        while True:
+            s_hi = float32(float64(s_hi) / SHRINK)
+            if s_hi >= smax:
+                s_hi = smax
+                break
+            if float64(s_hi) > 2.0 * float64(amax) or small_bound(wa, n, s_hi) > best:
+                break
+        # ... narrowed by windows from its ends inwards while a window's bound rules it out
+        for _ in range(WINDOWS):
+            s2 = min(float32(float64(s_lo) * WINDOW), best_s)
+            if s2 >= best_s or window_bound(wa, wtop, n, s_lo, s2) <= best:
+                break
+            s_lo = s2
+        for _ in range(WINDOWS):
+            s1 = max(float32(float64(s_hi) / WINDOW), best_s)
+            if s1 <= best_s or window_bound(wa, wtop, n, s1, s_hi) <= best:
+                break
+            s_hi = s1
+        # 3. the sweep, piece by piece (wt holds cap + 1 entries: one per interval)
+        cap = int64(wt.shape[0]) - 1
+        u = s_lo
+        while True:
+            w = s_hi
+            cnt = ends(wa, wtop, n, u, w, wcu, wcw)
+            while cnt > cap:
+                half = float32(float64(u) + 0.5 * (float64(w) - float64(u)))
+                w = u if half == w else half  # one ulp wide: [u, u] holds no threshold
+                cnt = ends(wa, wtop, n, u, w, wcu, wcw)
+            sweep_piece(wa, wtop, n, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq)
+            if w >= s_hi:
+                break
+            u = next_up(w)
+        return ks[0]
+
+    return group_exact
