@@ -6,7 +6,7 @@
     >>> w_hat = eqcore.dequantize(qt)            # float16, outliers restored exactly
     >>> eqcore.save_file({"w": qt}, "w.eq.safetensors")
 """
-from .api import dequantize, pack, quantize, unpack
+from .api import dequantize, matmul, pack, quantize, unpack
 from .config import QuantConfig
 from .errors import FormatError
 from .interop import to_jax, to_torch
@@ -19,7 +19,7 @@ from .tensor import QuantizedTensor
 from ._version import __version__
 
 __all__ = [
-    "QuantConfig", "SUPPORTED_BITS", "quantize", "dequantize", "QuantizedTensor", "FormatError",
+    "QuantConfig", "SUPPORTED_BITS", "quantize", "dequantize", "matmul", "QuantizedTensor", "FormatError",
     "Outliers", "find_outliers", "pack", "unpack", "save_file", "load_file", "to_torch", "to_jax",
     "quantize_checkpoint", "dequantize_checkpoint", "inspect_checkpoint", "__version__",
 ]

@@ -8,10 +8,12 @@ import numpy as np
 
 from . import backends, solvers
 from .config import QuantConfig
-from .dtypes import FLOAT32_MAX, dtype_name, weight_dtype
+from .dtypes import FLOAT32_MAX, dtype_name, finite_max, weight_dtype
+from .grids import codebook_for, column_scales
 from .interop import array_module, as_array
-from .layout import max_scale
-from .outliers import find_outliers
+from .layout import max_scale, round_scales, round_zeros
+from .outliers import select, to_csr
+from .solvers.objective import dequant_error
 from .tensor import QuantizedTensor
 
 
@@ -48,16 +50,86 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
         config = config.replace(**options)
     w = check_weight(as_array(w))
     name = backends.select(backend, w)
-    be = backends.get(name)
-    w = be.asarray(w)
-    outliers, mask = find_outliers(w, config.sigma, config.outlier_stats)
+    w = backends.get(name).asarray(w)
+    return quantize_masked(w, config, select(w, config, row_losses(config, name, w.dtype)), backend=name)
+
+
+def row_losses(config: QuantConfig, backend: str, dtype):
+    """``losses(x)``: each row's error at its best grid for a float32 matrix x (zeros count for
+    nothing on the non-symmetric grids): what the budget selector measures."""
+    solve = solvers.get(config.solver_name, backend)
+    smax = max_scale(dtype, config.qmax, config.scale_dtype)
+
+    def losses(x):
+        keep = None if config.grid == "symmetric" else x != 0
+        scales, zeros, codebook, col = fit_grid(x, config, solve, smax, dtype, keep)
+        return dequant_error(x, scales, config, zeros, codebook, col, keep)
+
+    return losses
+
+
+def quantize_masked(w, config: QuantConfig, mask, *, backend: str) -> QuantizedTensor:
+    """:func:`quantize` of a checked weight on ``backend``'s arrays with the outliers ``mask``."""
+    be = backends.get(backend)
+    solve = solvers.get(config.solver_name, backend)
+    smax = max_scale(w.dtype, config.qmax, config.scale_dtype)
+    outliers = to_csr(w, mask)
     x = w.astype(np.float32)
-    x[mask] = 0.0  # outliers take no part in the scales, and get the code of 0
-    del mask
-    scales = solvers.get(config.solver, name)(x, config, max_scale(w.dtype, config.qmax))
-    qweight = be.encode(x, scales, config.bits, config.group_size)
+    x[mask] = 0.0  # outliers take no part in the grid; their codes are overwritten
+    keep = None if config.grid == "symmetric" or outliers.nnz == 0 else ~mask
+    scales, zeros, codebook, col = fit_grid(x, config, solve, smax, w.dtype, keep)
+    del keep
+    f32 = _float32
+    qweight = be.encode(x, f32(scales), config.bits, config.group_size, zeros=f32(zeros), codebook=codebook,
+                        col_scales=f32(col))
     return QuantizedTensor(qweight, scales, *outliers, shape=w.shape, dtype=dtype_name(w.dtype),
-                           bits=config.bits, group_size=config.group_size, sigma=config.sigma)
+                           bits=config.bits, group_size=config.group_size, sigma=_sigma_of(config),
+                           grid=config.grid, zeros=zeros, codebook=codebook, col_scales=col)
+
+
+def fit_grid(x, config, solve, smax, dtype, keep=None):
+    """(scales, zeros, codebook, col_scales) of float32 ``x`` (outliers zeroed; ``keep`` False at
+    them, or None), as stored: column scales first (if configured), then the codebook of x / col,
+    then the solver's scales (and zeros), capped so that no level leaves ``dtype``'s range and
+    rounded to ``config.scale_dtype``."""
+    xp = array_module(x)
+    col = column_scales(x, config.scale_dtype) if config.col_scales else None
+    codebook = codebook_for(x if col is None else x / col.astype(np.float32), config)
+    scales, zeros = solve(x, config, smax, codebook=codebook, col=_float32(col), keep=keep)
+    scales = round_scales(cap_scales(scales, dtype, config, zeros, codebook, col), config.scale_dtype)
+    zeros = None if zeros is None else round_zeros(zeros, config.scale_dtype)
+    if codebook is not None:
+        codebook = xp.asarray(codebook)
+    return scales, zeros, codebook, col
+
+
+def _float32(a):
+    return None if a is None else a.astype(np.float32)
+
+
+def cap_scales(scales, dtype, config, zeros=None, codebook=None, col=None):
+    """Scales lowered where the grid's largest level times the column scale would leave ``dtype``'s
+    finite range (only weights within a few steps of that range are affected), with a margin for
+    rounding the scales to ``config.scale_dtype``."""
+    if config.grid == "symmetric" and col is None:
+        return scales  # the solver's smax already holds qmax * s within range
+    xp = array_module(scales)
+    top = finite_max(dtype)
+    if zeros is not None:
+        z = zeros.astype(np.float64)
+        level = xp.maximum(xp.abs(z), xp.abs((1 << config.bits) - 1 - z))
+    elif codebook is not None:
+        level = float(xp.abs(xp.asarray(codebook)).max())
+    else:
+        level = float(config.qmax)
+    cmax = 1.0 if col is None else float(col.astype(np.float32).max())
+    limit = top / (xp.maximum(level, 1.0) * cmax) * (1 - 2.0 ** -7)
+    return xp.minimum(scales.astype(np.float64), limit).astype(np.float32)
+
+
+def _sigma_of(config) -> float | None:
+    """What the tensor records as ``sigma``: the threshold of a threshold rule, else None."""
+    return config.sigma if config.outliers in ("sigma", "adpq") else None
 
 
 def dequantize(qt: QuantizedTensor, dtype=None, *, backend: str = "auto"):
@@ -67,6 +139,25 @@ def dequantize(qt: QuantizedTensor, dtype=None, *, backend: str = "auto"):
         raise TypeError(f"expected a QuantizedTensor, got {type(qt).__name__}")
     qt.validate()  # O(scales + nnz): its arrays may have been changed since construction
     return backends.get(backends.select(backend, qt.qweight)).dequantize(qt, dtype)
+
+
+def matmul(x, qt: QuantizedTensor, *, backend: str = "auto"):
+    """``x @ W.T`` for W = ``dequantize(qt, float32)``, computed from the packed form without
+    forming W (outliers included): float32, shape ``x.shape[:-1] + (rows,)``. Equal to the
+    dense product up to float32 summation order: |y - y_dense| <= 1e-5 * (|x| @ |W|.T) + 1e-30.
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"expected a QuantizedTensor, got {type(qt).__name__}")
+    x = as_array(x)
+    if getattr(x, "ndim", 0) < 1 or x.shape[-1] != qt.shape[1]:
+        raise ValueError(f"x must end in the weight's {qt.shape[1]} input features, got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"x must be a float array, got {x.dtype}")
+    qt.validate()
+    be = backends.get(backends.select(backend, x, qt.qweight))
+    lead = x.shape[:-1]
+    y = be.matmul(x.reshape(-1, qt.shape[1]).astype(np.float32), qt)
+    return y.reshape(*lead, qt.shape[0])
 
 
 def pack(codes, bits: int, *, backend: str = "auto"):

@@ -10,7 +10,9 @@ import sys
 from .backends import CHOICES
 from .io.folders import OutputExistsError
 from .config import QuantConfig
-from .layout import SUPPORTED_BITS
+from .grids import CODEBOOKS
+from .layout import GRIDS, SCALE_DTYPES, SUPPORTED_BITS
+from .outliers import SELECTORS
 from .solvers import SOLVERS
 
 
@@ -23,22 +25,38 @@ def _on_sigterm(signum, frame):
 
 
 def _config(a) -> QuantConfig:
-    return QuantConfig(bits=a.bits, sigma=None if a.no_outliers else a.sigma, outlier_stats=a.outlier_stats,
-                       group_size=a.group_size, solver=a.solver, steps=a.steps, lr=a.lr)
+    return QuantConfig(bits=a.bits, outliers=a.outliers, sigma=None if a.no_outliers else a.sigma,
+                       outlier_stats=a.outlier_stats, outlier_fraction=a.outlier_fraction, group_size=a.group_size,
+                       scale_dtype=a.scale_dtype, grid=a.grid, codebook=a.codebook, col_scales=a.col_scales,
+                       solver=a.solver, steps=a.steps, lr=a.lr)
 
 
 def _quant_options(p):
     d = QuantConfig()
     p.add_argument("--bits", type=int, default=d.bits, choices=SUPPORTED_BITS, help="code width (default %(default)s)")
+    p.add_argument("--outliers", choices=SELECTORS, default=d.outliers,
+                   help="how outliers are chosen: sigma (the paper's n-sigma rule), adpq (robust per-group "
+                        "threshold), budget (the entries with the largest error) (default %(default)s)")
     p.add_argument("--sigma", type=float, default=d.sigma, help="outlier threshold in std devs (default %(default)s)")
     p.add_argument("--no-outliers", action="store_true", help="do not isolate outliers")
     p.add_argument("--outlier-stats", choices=("tensor", "row"), default=d.outlier_stats,
                    help="mean/std per tensor (paper) or per row (default %(default)s)")
+    p.add_argument("--outlier-fraction", type=float, default=d.outlier_fraction,
+                   help="share of the weights --outliers budget keeps exact (default %(default)s)")
     p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one scale per row)")
+    p.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), default=d.scale_dtype,
+                   help="how scales are stored (default %(default)s)")
+    p.add_argument("--grid", choices=GRIDS, default=d.grid,
+                   help="the levels codes stand for: symmetric (the paper's), asymmetric (a zero-point per "
+                        "group) or codebook (2^bits levels) (default %(default)s)")
+    p.add_argument("--codebook", choices=CODEBOOKS, default=d.codebook,
+                   help="codebook grid: fit (levels fitted to the tensor) or nf (normal-float) (default %(default)s)")
+    p.add_argument("--col-scales", action="store_true", help="also a scale per input column (SINQ-like balancing)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per scale (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate on s/s0 (default %(default)s)")
     p.add_argument("--solver", choices=tuple(SOLVERS), default=d.solver,
-                   help="how scales are chosen (default %(default)s, the paper's)")
+                   help="how scales are chosen: adam (the paper's), exact (the best symmetric scale), lloyd "
+                        "(any grid) (default: adam for the symmetric grid, lloyd for the others)")
     p.add_argument("--backend", choices=CHOICES, default="auto",
                    help="numpy (reference), numba (CPU), cupy (GPU); auto: the GPU if there is one (default)")
 
@@ -68,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_options(q)
     q.add_argument("--skip", default=None, help="regex of tensor names to keep unquantized "
                    "(default: embeddings and lm_head; '' quantizes every 2-D weight)")
+    q.add_argument("--bits-per-weight", type=float, default=None, metavar="B",
+                   help="a budget over the quantized weights: each one's group size and outlier budget are chosen "
+                        "to fit it (overrides --group-size and --outliers; e.g. 4.25)")
     q.add_argument("--min-features", type=int, default=16, help="leave matrices with a side smaller than this")
     _conversion_options(q)
 
@@ -147,10 +168,11 @@ def _run(a) -> int:
             re.compile(skip)
         except re.error as e:
             raise ValueError(f"--skip {skip!r} is not a valid regular expression ({e})") from None
-        quantize_checkpoint(a.input, a.output, _config(a), skip=skip, min_features=a.min_features,
-                            backend=a.backend, overwrite=a.force, progress=not a.no_progress,
-                            follow_symlinks=a.follow_symlinks)
-        print(f"wrote {a.output}")
+        done = quantize_checkpoint(a.input, a.output, _config(a), skip=skip, min_features=a.min_features,
+                                   backend=a.backend, overwrite=a.force, progress=not a.no_progress,
+                                   follow_symlinks=a.follow_symlinks, bits_per_weight=a.bits_per_weight)
+        bpw = "" if done["bits_per_weight"] is None else f", {done['bits_per_weight']:.4f} bits/weight"
+        print(f"wrote {a.output} ({done['tensors']} tensors quantized{bpw})")
     elif a.command == "dequantize":
         from .io.checkpoint import dequantize_checkpoint
 
@@ -186,8 +208,7 @@ def _run(a) -> int:
             raise ValueError(f"{path} holds no quantizable 2-D weights")
         cfg = _config(a)
         print(f"eqcore demo: {len(weights)} matrices from {path}")
-        print(f"{cfg.bits}-bit, sigma={cfg.sigma}, group_size={cfg.group_size}, steps={cfg.steps}, lr={cfg.lr}; "
-              f"{cpu_name()}, {time.strftime('%Y-%m-%d')}")
+        print(f"{cfg.describe()}; {cpu_name()}, {time.strftime('%Y-%m-%d')}")
         print(format_table(compare_methods(weights, cfg, a.backend, progress=not a.no_progress)))
     return 0
 

@@ -10,11 +10,14 @@ import numbers
 
 import numpy as np
 
-from .dtypes import finite_max
+from .dtypes import bfloat16, finite_max
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 BLOCK = 32  # codes per packing block; a block of k-bit codes is exactly k uint32 words
 INDEX_DTYPES = ("uint16", "int32")  # outlier column indices: uint16 up to 65536 columns
+GRIDS = ("symmetric", "asymmetric", "codebook")  # how a code becomes a level; the index is the kernels' grid id
+GRID_SYMMETRIC, GRID_ASYMMETRIC, GRID_CODEBOOK = range(3)
+SCALE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": bfloat16}
 
 
 def check_bits(bits) -> int:
@@ -49,13 +52,51 @@ def col_index_dtype(n_cols: int) -> np.dtype:
     return np.dtype(np.uint16) if n_cols <= 65536 else np.dtype(np.int32)
 
 
-def max_scale(dtype, qmax: int) -> np.float32:
-    """Largest float32 scale s with qmax * s <= the finite maximum of ``dtype`` (exact test)."""
+def max_scale(dtype, qmax: int, scale_dtype="float32") -> np.float32:
+    """Largest float32 scale s, representable in ``scale_dtype``, with qmax * s <= the finite
+    maximum of ``dtype`` (exact test)."""
     top = finite_max(dtype)
-    s = np.float32(top / qmax)
+    sd = SCALE_DTYPES[scale_dtype] if isinstance(scale_dtype, str) else np.dtype(scale_dtype)
+    s = np.float32(min(top / qmax, float(np.finfo(np.float16).max) if sd == np.float16 else top))
+    s = np.float32(s.astype(sd))
     while float(s) * qmax > top:
-        s = np.nextafter(s, np.float32(0))
+        s = np.float32(np.nextafter(s.astype(sd), np.zeros((), sd)))
     return s
+
+
+def round_scales(scales, scale_dtype: str):
+    """float32 ``scales`` rounded to nearest in ``scale_dtype`` (NumPy or CuPy) and stored that way;
+    float16 scales never round to 0 (the smallest positive float16 is the floor)."""
+    sd = SCALE_DTYPES[scale_dtype]
+    if sd == np.float32:
+        return scales
+    if sd == np.float16:
+        scales = scales.clip(np.float32(np.finfo(np.float16).smallest_subnormal), np.float32(np.finfo(np.float16).max))
+    return scales.astype(sd)
+
+
+def round_zeros(zeros, scale_dtype: str):
+    """float32 zero-points rounded to nearest in ``scale_dtype`` (NumPy or CuPy), clipped to its
+    finite range."""
+    sd = SCALE_DTYPES[scale_dtype]
+    if sd == np.float32:
+        return zeros
+    top = np.float32(finite_max(sd))
+    return zeros.clip(-top, top).astype(sd)
+
+
+def stored_bytes(shape, bits: int, group_size: int | None = None, *, nnz: int = 0, weight_itemsize: int = 2,
+                 grid: str = "symmetric", scale_dtype: str = "float32", col_scales: bool = False) -> int:
+    """Bytes a QuantizedTensor of this layout stores (``QuantizedTensor.nbytes``): packed codes,
+    scales (and zero-points), the codebook, column scales, and the outlier CSR (row pointers,
+    column indices, values in the weight's dtype)."""
+    rows, cols = shape
+    scale = SCALE_DTYPES[scale_dtype].itemsize
+    n_groups = group_layout(cols, group_size)[1]
+    size = rows * packed_cols(cols, bits) * 4 + rows * n_groups * scale * (2 if grid == "asymmetric" else 1)
+    size += (4 << bits) if grid == "codebook" else 0
+    size += cols * scale if col_scales else 0
+    return size + (rows + 1) * 4 + nnz * (col_index_dtype(cols).itemsize + weight_itemsize)
 
 
 def cuda_defines() -> list[str]:

@@ -1,4 +1,21 @@
-"""n-sigma outlier isolation: |W - mean| >= n * std, stored as CSR per output row."""
+"""Outliers: which entries stay exact, and their CSR per output row.
+
+Selectors (:data:`SELECTORS`, chosen by ``QuantConfig.outliers``), all data-free:
+
+* ``"sigma"``: the paper's rule, |w - mean| >= sigma * std, with the statistics of the whole
+  matrix or of each row (``outlier_stats``).
+* ``"adpq"``: AdpQ's adaptive soft-thresholding (arXiv 2405.13358). Its adaptive-LASSO penalty
+  lambda / |w| keeps w out of the dense part where |w|^2 > lambda; lambda is set per scale group
+  (or row) from a robust spread that the outliers themselves cannot inflate:
+  lambda = (sigma * 1.4826 * MAD)^2 about the group median. eqcore stores the selected entries
+  exactly instead of as a soft-thresholded residual.
+* ``"budget"``: error-driven, for a budget of ``outlier_fraction`` of the matrix. For each row,
+  the loss after solving its scales again without its m largest entries, L(m), is measured for
+  m = 0 .. DEPTH; the budget goes, one outlier at a time, to the row whose next removals lower
+  the total loss most per outlier (greedy on the measured gains). Entries with a large rounding
+  error but in range gain little from removal, so a plain "largest residual" rule wastes budget
+  on them; this one does not.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -58,6 +75,96 @@ def check_csr(rowptr, cols, vals, shape) -> None:
         raise ValueError("outlier_vals must be finite")
 
 
+def adpq_mask(w, sigma: float | None, group_size: int | None) -> np.ndarray:
+    """AdpQ's rule per scale group: |w - median| > sigma * 1.4826 * MAD (see the module)."""
+    from .layout import group_layout
+
+    xp = array_module(w)
+    rows, cols = w.shape
+    mask = xp.zeros(w.shape, dtype=bool)
+    if sigma is None:
+        return mask
+    g, n_groups = group_layout(cols, group_size)
+    for j in range(n_groups):
+        part = w[:, j * g:(j + 1) * g].astype(np.float32)
+        med = xp.median(part, axis=1, keepdims=True)
+        dev = xp.abs(part - med)
+        mad = xp.median(dev, axis=1, keepdims=True) * np.float32(1.4826)
+        mask[:, j * g:(j + 1) * g] = (dev > sigma * mad) & (mad > 0)
+    return mask
+
+
+DEPTH = 8  # removals per row whose effect the budget selector measures
+
+
+def budget_mask(w, fraction: float, row_losses, depth: int = DEPTH) -> np.ndarray:
+    """The budget selector (see the module). ``row_losses(x)``: each row's loss at its best scales,
+    for a float32 matrix ``x`` (the configured solver and grid)."""
+    budget = int(round(fraction * w.size))
+    if budget <= 0:
+        return array_module(w).zeros(w.shape, dtype=bool)
+    return take_budget(w, *removal_losses(w, row_losses, depth), budget)
+
+
+def removal_losses(w, row_losses, depth: int = DEPTH):
+    """(order, losses): each row's ``depth`` largest-magnitude columns, largest first, and
+    losses[r, m], row r's loss with its m largest entries removed (m = 0 .. depth)."""
+    xp = array_module(w)
+    rows, cols = w.shape
+    depth = min(depth, cols)
+    x = w.astype(np.float32)
+    order = xp.argsort(-xp.abs(x), axis=1)[:, :depth]
+    losses = np.empty((rows, depth + 1))
+    for chunk in row_chunks(w.shape, 1 << 20):
+        xc = x[chunk].copy()
+        r = xp.arange(xc.shape[0])
+        for m in range(depth + 1):
+            if m:
+                xc[r, order[chunk][:, m - 1]] = 0.0
+            losses[chunk, m] = np.asarray(row_losses(xc) if xp is np else row_losses(xc).get())
+    return order, losses
+
+
+def take_budget(w, order, losses, budget: int) -> np.ndarray:
+    """The mask of ``budget`` outliers (or fewer, when no removal gains more) given
+    :func:`removal_losses`: one row step at a time, the best gain per outlier first."""
+    import heapq
+
+    xp = array_module(w)
+    rows, depth = order.shape
+    gain = losses[:, :1] - losses  # gain[r, m]: loss saved by removing row r's m largest entries
+    taken = np.zeros(rows, dtype=np.int64)
+
+    def best_step(r):  # the best average gain per outlier over the row's next steps
+        m0 = taken[r]
+        if m0 >= depth:
+            return None
+        j = np.arange(m0 + 1, depth + 1)
+        rate = (gain[r, j] - gain[r, m0]) / (j - m0)
+        k = int(np.argmax(rate))
+        return -rate[k], r, int(j[k])
+
+    heap = [step for step in (best_step(r) for r in range(rows)) if step is not None] if budget > 0 else []
+    heapq.heapify(heap)
+    left = budget
+    while heap and left > 0:
+        neg, r, m = heapq.heappop(heap)
+        if -neg <= 0:
+            break
+        take = min(m - taken[r], left)
+        taken[r] += take
+        left -= take
+        step = best_step(r)
+        if step is not None:
+            heapq.heappush(heap, step)
+    keep = np.arange(depth)[None, :] < taken[:, None]
+    order_h = order if xp is np else order.get()
+    rr, cc = np.nonzero(keep)
+    mask_h = np.zeros(w.shape, dtype=bool)
+    mask_h[rr, order_h[rr, cc]] = True
+    return mask_h if xp is np else xp.asarray(mask_h)
+
+
 def outlier_mask(w: np.ndarray, sigma: float | None, stats: str = "tensor") -> np.ndarray:
     """Boolean mask of entries with |w - mean| >= sigma * std (float64 statistics).
 
@@ -110,6 +217,21 @@ def to_csr(w: np.ndarray, mask: np.ndarray) -> Outliers:
 
 
 def find_outliers(w: np.ndarray, sigma: float | None = 3.0, stats: str = "tensor") -> tuple[Outliers, np.ndarray]:
-    """Split ``w`` into its outliers (CSR) and the boolean mask that selected them."""
+    """Split ``w`` into its outliers (CSR) and the boolean mask that selected them (the sigma rule)."""
     mask = outlier_mask(w, sigma, stats)
     return to_csr(w, mask), mask
+
+
+def select(w, config, residual=None):
+    """The outlier mask of ``w`` for ``config.outliers``; ``residual(x)`` gives each row's loss at
+    its best scales for a float32 matrix x (only the budget selector calls it)."""
+    if config.outliers == "sigma":
+        return outlier_mask(w, config.sigma, config.outlier_stats)
+    if config.outliers == "adpq":
+        return adpq_mask(w, config.sigma, config.group_size)
+    if config.outliers == "budget":
+        return budget_mask(w, config.outlier_fraction, residual)
+    raise ValueError(f"unknown outlier selector {config.outliers!r}")
+
+
+SELECTORS = ("sigma", "adpq", "budget")

@@ -10,21 +10,27 @@ import numpy as np
 from .interop import array_module
 from .dtypes import dtype_name, finite_max, weight_dtype
 from .errors import FormatError
-from .layout import check_bits, group_layout, packed_cols, qrange
+from .layout import GRIDS, SCALE_DTYPES, check_bits, group_layout, packed_cols, qrange
 from .outliers import Outliers, check_csr
 
 FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
+OPTIONAL = ("zeros", "codebook", "col_scales")  # present for some grids only
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedTensor:
-    """A quantized (rows, cols) weight: W ~= dequant(qweight, scales) + sparse(outliers).
+    """A quantized (rows, cols) weight: W ~= dequant(qweight, scales, ...) + sparse(outliers).
 
     qweight         (rows, ceil(cols/32) * bits) uint32, layout in :mod:`eqcore.backends.numpy`
-    scales          (rows, n_groups) float32
+    scales          (rows, n_groups) float32, float16 or bfloat16
     outlier_rowptr  (rows + 1,) int32; outlier_cols, outlier_vals: CSR entries
     shape, dtype    the original matrix shape and dtype name
     bits, group_size, sigma  how it was quantized (sigma None: no outliers isolated)
+    grid            how a code u becomes a level: "symmetric" (u + qmin), "asymmetric"
+                    (u - zero of its group) or "codebook" (codebook[u])
+    zeros           (rows, n_groups), the scales' dtype: the asymmetric grid's zero-points
+    codebook        (2^bits,) float32, strictly increasing: the codebook grid's levels
+    col_scales      (cols,), the scales' dtype, or None: a scale per input column, applied last
     """
 
     qweight: np.ndarray
@@ -37,6 +43,10 @@ class QuantizedTensor:
     bits: int
     group_size: int | None = None
     sigma: float | None = None
+    grid: str = "symmetric"
+    zeros: np.ndarray | None = None
+    codebook: np.ndarray | None = None
+    col_scales: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -53,7 +63,7 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, f).nbytes for f in FIELDS)
+        return sum(a.nbytes for a in self.arrays().values())
 
     @property
     def bits_per_weight(self) -> float:
@@ -72,15 +82,30 @@ class QuantizedTensor:
 
     def map_arrays(self, fn) -> "QuantizedTensor":
         """The same tensor with ``fn`` applied to each array (e.g. ``cupy.asarray`` to move it)."""
-        return dataclasses.replace(self, **{f: fn(getattr(self, f)) for f in FIELDS})
+        return dataclasses.replace(self, **{f: fn(a) for f, a in self.arrays().items()})
+
+    def row_block(self, start: int, stop: int) -> "QuantizedTensor":
+        """Rows ``start:stop`` as a QuantizedTensor of their own (views, outliers re-based)."""
+        a, b = int(self.outlier_rowptr[start]), int(self.outlier_rowptr[stop])
+        return dataclasses.replace(
+            self, qweight=self.qweight[start:stop], scales=self.scales[start:stop],
+            zeros=None if self.zeros is None else self.zeros[start:stop],
+            outlier_rowptr=self.outlier_rowptr[start:stop + 1] - self.outlier_rowptr[start],
+            outlier_cols=self.outlier_cols[a:b], outlier_vals=self.outlier_vals[a:b], shape=(stop - start, self.shape[1]))
 
     # -- (de)serialisation --------------------------------------------------
     def metadata(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype, "bits": self.bits,
+        meta = {"shape": list(self.shape), "dtype": self.dtype, "bits": self.bits,
                 "group_size": self.group_size, "sigma": self.sigma}
+        if self.grid != "symmetric":
+            meta["grid"] = self.grid
+        return meta
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f: getattr(self, f) for f in FIELDS}
+        """Every array it holds, by field name (the optional ones only when present)."""
+        out = {f: getattr(self, f) for f in FIELDS}
+        out.update({f: getattr(self, f) for f in OPTIONAL if getattr(self, f) is not None})
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: dict, meta: dict) -> "QuantizedTensor":
@@ -99,7 +124,8 @@ class QuantizedTensor:
         if not isinstance(meta["dtype"], str):
             raise FormatError(f"dtype must be a dtype name, got {meta['dtype']!r}")
         return cls(**{f: arrays[f] for f in FIELDS}, shape=tuple(shape), dtype=meta["dtype"],
-                   bits=meta["bits"], group_size=meta.get("group_size"), sigma=meta.get("sigma"))
+                   bits=meta["bits"], group_size=meta.get("group_size"), sigma=meta.get("sigma"),
+                   grid=meta.get("grid", "symmetric"), **{f: arrays.get(f) for f in OPTIONAL})
 
     # -- validation -----------------------------------------------------------
     def validate(self) -> None:
@@ -138,14 +164,49 @@ class QuantizedTensor:
         need(_padding_is_zero(q, self.bits, cols),
              f"qweight has codes in the padding beyond column {cols}: the shape does not match the packed data")
         s = self.scales
-        need(s.dtype == np.float32 and tuple(s.shape) == (rows, self.n_groups),
-             f"scales must be float32 {(rows, self.n_groups)}, got {s.dtype} {tuple(s.shape)}")
+        need(s.dtype in SCALE_DTYPES.values() and tuple(s.shape) == (rows, self.n_groups),
+             f"scales must be float32, float16 or bfloat16 {(rows, self.n_groups)}, got {s.dtype} {tuple(s.shape)}")
         xp = array_module(s)
+        s = s.astype(np.float32)
         need(bool(xp.all(xp.isfinite(s) & (s > 0))), "scales must be finite and positive")
         top = finite_max(dt)
-        qmax = qrange(self.bits)[1]
-        need(float(s.max()) * qmax <= top,
-             f"scales overflow {self.dtype}: {qmax} * {float(s.max())!r} > {top!r}")
+        need(self.grid in GRIDS, f"grid must be one of {GRIDS}, got {self.grid!r}")
+        need((self.zeros is not None) == (self.grid == "asymmetric"),
+             f"zeros are present exactly for the asymmetric grid (grid {self.grid!r})")
+        need((self.codebook is not None) == (self.grid == "codebook"),
+             f"a codebook is present exactly for the codebook grid (grid {self.grid!r})")
+        level = float(qrange(self.bits)[1])  # each group's largest level magnitude: it must stay finite
+        if self.zeros is not None:
+            z = self.zeros
+            need(hasattr(z, "dtype") and z.dtype == self.scales.dtype and tuple(z.shape) == tuple(s.shape),
+                 f"zeros must be {self.scales.dtype} {tuple(s.shape)}, got {getattr(z, 'dtype', None)} "
+                 f"{tuple(getattr(z, 'shape', ()))}")
+            z = z.astype(np.float32)
+            need(bool(xp.all(xp.isfinite(z))), "zeros must be finite")
+            level = xp.maximum(xp.abs(z.astype(np.float64)), xp.abs((2 ** self.bits - 1) - z.astype(np.float64)))
+        if self.codebook is not None:
+            cb = self.codebook
+            need(hasattr(cb, "dtype") and cb.dtype == np.float32 and tuple(cb.shape) == (1 << self.bits,),
+                 f"codebook must be float32 ({1 << self.bits},), got {getattr(cb, 'dtype', None)} "
+                 f"{tuple(getattr(cb, 'shape', ()))}")
+            need(bool(xp.all(xp.isfinite(cb))) and bool(xp.all(cb[1:] > cb[:-1])),
+                 "codebook levels must be finite and strictly increasing")
+            level = float(xp.abs(cb).max())
+        col = 1.0
+        if self.col_scales is not None:
+            c = self.col_scales
+            need(hasattr(c, "dtype") and c.dtype == self.scales.dtype and tuple(c.shape) == (cols,),
+                 f"col_scales must be {self.scales.dtype} ({cols},), got {getattr(c, 'dtype', None)} "
+                 f"{tuple(getattr(c, 'shape', ()))}")
+            c = c.astype(np.float32)
+            need(bool(xp.all(xp.isfinite(c) & (c > 0))), "col_scales must be finite and positive")
+            col = float(c.max())
+        peak = float((s.astype(np.float64) * level).max()) * col if s.size else 0.0
+        # exact for the plain symmetric grid; the other grids' stored zero-points, levels and column
+        # scales are rounded after the cap, so they may pass it by that rounding (dequantization saturates)
+        slack = 0.0 if (self.grid == "symmetric" and self.col_scales is None) else 2.0 ** -6
+        need(peak <= top * (1 + slack),
+             f"scales overflow {self.dtype}: a group's largest level times its scale reaches {peak!r} > {top!r}")
         need(self.outlier_vals.dtype == dt, f"outlier_vals must be {dt}, got {self.outlier_vals.dtype}")
         try:
             check_csr(self.outlier_rowptr, self.outlier_cols, self.outlier_vals, self.shape)

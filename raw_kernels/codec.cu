@@ -4,22 +4,29 @@
 
 namespace eq {
 
-// ---- encode: float32 x (rows, cols) + scales (rows, n_groups) -> packed codes ----
-// One thread per (row, 32-code block); element (r, c) uses scales[r, c / group].
-template <int BITS>
+// ---- encode: float32 x (rows, cols) + grid parameters -> packed codes ----
+// One thread per (row, 32-code block); element (r, c) uses scales[r, c / group] (and zeros[r,
+// c / group] on the asymmetric grid). With column scales, x is divide_cols' output. The
+// codebook's midpoints are computed once per block into shared memory.
+template <int BITS, int GRID>
 __global__ void __launch_bounds__(THREADS)
-encode(const float* __restrict__ x, const float* __restrict__ scales, u32* __restrict__ out,
-       int rows, int cols, int group, int n_groups) {
-    constexpr int HALF = qoffset<BITS>();
-    const float qmin = (float)(-HALF), qmax = (float)(HALF - 1);
+encode(const float* __restrict__ x, const float* __restrict__ scales, const float* __restrict__ zeros,
+       const float* __restrict__ codebook, u32* __restrict__ out, int rows, int cols, int group, int n_groups) {
+    __shared__ float mids[GRID == CODEBOOK ? (1 << BITS) : 1];
+    if constexpr (GRID == CODEBOOK) {
+        for (int j = threadIdx.x; j < (1 << BITS) - 1; j += blockDim.x)
+            mids[j] = __fmul_rn(__fadd_rn(codebook[j], codebook[j + 1]), 0.5f);
+        __syncthreads();
+    }
     const int nblk = (cols + BLOCK - 1) / BLOCK;
     const i64 total = (i64)rows * nblk;
     for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
         const int r = (int)(t / nblk), b = (int)(t - (i64)r * nblk), c0 = b * BLOCK;
         const float* xr = x + (i64)r * cols;
         const float* sr = scales + (i64)r * n_groups;
+        const float* zr = zeros + (GRID == ASYMMETRIC ? (i64)r * n_groups : 0);
         int gi = c0 / group, next = (gi + 1) * group;
-        float s = sr[gi];
+        float s = sr[gi], z = GRID == ASYMMETRIC ? zr[gi] : 0.0f;
         u32 w[BITS];
 #pragma unroll
         for (int k = 0; k < BITS; ++k) w[k] = 0u;
@@ -27,13 +34,23 @@ encode(const float* __restrict__ x, const float* __restrict__ scales, u32* __res
         for (int j = 0; j < BLOCK; ++j) {
             const int c = c0 + j;
             if (c < cols) {
-                if (c == next) { ++gi; next += group; s = sr[gi]; }
-                const float q = fminf(fmaxf(rintf(__fdiv_rn(xr[c], s)), qmin), qmax);
-                put_code<BITS>(w, j, (u32)((int)q + HALF));
+                if (c == next) {
+                    ++gi; next += group; s = sr[gi];
+                    if constexpr (GRID == ASYMMETRIC) z = zr[gi];
+                }
+                put_code<BITS>(w, j, grid_code<BITS, GRID>(__fdiv_rn(xr[c], s), z, mids));
             }
         }
         store_words<BITS>(out + t * BITS, w);
     }
+}
+
+// ---- divide_cols: y = x / col[c] (IEEE float32 quotients), the input of encode with column scales ----
+__global__ void __launch_bounds__(THREADS)
+divide_cols(const float* __restrict__ x, const float* __restrict__ col, float* __restrict__ y, int rows, int cols) {
+    const i64 total = (i64)rows * cols;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x)
+        y[i] = __fdiv_rn(x[i], col[i % cols]);
 }
 
 // ---- pack: unsigned uint8 codes (rows, cols) -> packed words (codes masked to BITS) ----

@@ -7,25 +7,30 @@ namespace eq {
 // Dequant phase 1 for one 32-code block starting at column c0: 16 bytes of output at a
 // time (decode, then one vector store into the shared tile; scalar for a ragged block).
 // ONE_SCALE: the whole block lies in group gi (no group boundary to track).
-template <int BITS, class Out, bool ONE_SCALE>
-__device__ __forceinline__ void decode_block(const u32 (&w)[BITS], const float* __restrict__ sr, int c0,
-                                             int cols, int group, int gi, uint4* tile16, Out* tile) {
-    constexpr int HALF = qoffset<BITS>();
+template <int BITS, int GRID, class Out, bool ONE_SCALE>
+__device__ __forceinline__ void decode_block(const u32 (&w)[BITS], const float* __restrict__ sr,
+                                             const float* __restrict__ zr, const float* cb,
+                                             const float* __restrict__ col, int c0, int cols, int group, int gi,
+                                             uint4* tile16, Out* tile) {
     constexpr int PER16 = 16 / (int)sizeof(Out);
     const float top = out_max<Out>();
     const bool full = c0 + BLOCK <= cols;
     int next = (gi + 1) * group;
-    float s = sr[gi];
+    float s = sr[gi], z = GRID == ASYMMETRIC ? zr[gi] : 0.0f;
 #pragma unroll
     for (int k = 0; k < BLOCK; k += PER16) {
         Out v[PER16];
 #pragma unroll
         for (int i = 0; i < PER16; ++i) {
+            const int c = c0 + k + i;
             if (!ONE_SCALE) {
-                const int c = c0 + k + i;
-                if (c < cols && c == next) { ++gi; next += group; s = sr[gi]; }
+                if (c < cols && c == next) {
+                    ++gi; next += group; s = sr[gi];
+                    if constexpr (GRID == ASYMMETRIC) z = zr[gi];
+                }
             }
-            const float p = __fmul_rn((float)((int)get_code<BITS>(w, k + i) - HALF), s);
+            float p = __fmul_rn(grid_level<BITS, GRID>(get_code<BITS>(w, k + i), z, cb), s);
+            if (col != nullptr && c < cols) p = __fmul_rn(p, col[c]);
             v[i] = from_f32<Out>(copysignf(fminf(fabsf(p), top), p));  // = clamp; this form does not spill on sm_80
         }
         if (full) {
@@ -46,9 +51,12 @@ __device__ __forceinline__ void decode_block(const u32 (&w)[BITS], const float* 
 // where sm_90 ptxas otherwise caps registers at 80 and spills.
 template <class Out> __device__ constexpr int dq_min_blocks() { return sizeof(Out) == 8 ? 4 : 0; }
 
-template <int BITS, class Out, class Idx>
+// Grid parameters as in encode (the codebook read through the read-only cache: a shared-memory
+// copy made ptxas spill for 2-bit half outputs on sm_80); col_scales used when has_col.
+template <int BITS, int GRID, class Out, class Idx>
 __global__ void __launch_bounds__(DQ_THREADS, dq_min_blocks<Out>())
-dequant(const u32* __restrict__ packed, const float* __restrict__ scales,
+dequant(const u32* __restrict__ packed, const float* __restrict__ scales, const float* __restrict__ zeros,
+        const float* __restrict__ codebook, const float* __restrict__ col_scales, int has_col,
         const int* __restrict__ rowptr, const Idx* __restrict__ ocols, const void* __restrict__ ovals,
         int vtype, Out* __restrict__ out, int rows, int cols, int group, int n_groups) {
     constexpr int PER16 = 16 / (int)sizeof(Out);  // outputs per 16-byte store
@@ -59,16 +67,19 @@ dequant(const u32* __restrict__ packed, const float* __restrict__ scales,
     const int len = imin(DQ_TILE, cols - tile0);
     const int nblk = (cols + BLOCK - 1) / BLOCK;
     const int b = blockIdx.y * DQ_THREADS + threadIdx.x;
+    const float* __restrict__ cb = codebook;
+    const float* col = has_col ? col_scales : nullptr;
 
     if (b < nblk) {
         u32 w[BITS];
         load_words<BITS>(packed + ((i64)r * nblk + b) * BITS, w);
         const float* sr = scales + (i64)r * n_groups;
+        const float* zr = zeros + (GRID == ASYMMETRIC ? (i64)r * n_groups : 0);
         const int c0 = b * BLOCK, gi = c0 / group;
         if (gi == imin(c0 + BLOCK - 1, cols - 1) / group)  // the usual case: one scale for the block
-            decode_block<BITS, Out, true>(w, sr, c0, cols, group, gi, tile16, tile);
+            decode_block<BITS, GRID, Out, true>(w, sr, zr, cb, col, c0, cols, group, gi, tile16, tile);
         else
-            decode_block<BITS, Out, false>(w, sr, c0, cols, group, gi, tile16, tile);
+            decode_block<BITS, GRID, Out, false>(w, sr, zr, cb, col, c0, cols, group, gi, tile16, tile);
     }
     __syncthreads();
 

@@ -3,9 +3,15 @@
 // Layout (eqcore/layout.py, eqcore/backends/numpy.py): per row, codes padded with 0 to a
 // multiple of EQ_BLOCK (32); each block of 32 codes is exactly BITS uint32 words; code j of a
 // block takes bits [j*BITS, (j+1)*BITS) of the block's little-endian bit stream.
-// Rounding: q = clamp(rint_half_even(x / s)) with an IEEE float32 quotient; dequant =
-// float32(q) * s (IEEE float32 product), clamped to the output type's finite range, rounded to
-// nearest even into the output type, outliers (clamped the same way) written last. Compile
+// Grids (template parameter GRID, eqcore.layout.GRIDS): a code u stands for the level
+//   0 symmetric   u - 2^(k-1)                  code u = clamp(rint(t), qmin, qmax) - qmin
+//   1 asymmetric  u - z (float32 difference)   code u = clamp(rint(t + z), 0, 2^k - 1)
+//   2 codebook    cb[u]                        code u = #{j : mid_j < t}, mid_j = (cb[j] + cb[j+1]) / 2
+// with t = y / s an IEEE float32 quotient, rint half to even, z and s the group's zero-point and
+// scale, y = x or, with column scales, the float32 quotient x / col[c]. dequant = level * s (IEEE
+// float32 product), times col[c] if there are column scales, clamped to the output type's
+// finite range, rounded to nearest even into the output type, outliers (clamped the same way)
+// written last. Compile
 // WITHOUT fast-math and with -ftz=false (eqcore/backends/nvrtc.py does; CuPy's own compile path
 // forces -ftz=true, so it is not used).
 //
@@ -84,6 +90,35 @@ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 // The signed k-bit grid: q in [-QOFF, QOFF - 1], stored as the unsigned code q + QOFF.
 template <int BITS> __device__ __forceinline__ constexpr int qoffset() { return 1 << (BITS - 1); }
+
+// The grids' ids (eqcore.layout.GRIDS).
+constexpr int SYMMETRIC = 0, ASYMMETRIC = 1, CODEBOOK = 2;
+
+// The float32 level of code u on grid GRID (z: the group's zero-point; cb: the codebook).
+template <int BITS, int GRID>
+__device__ __forceinline__ float grid_level(u32 u, float z, const float* cb) {
+    if constexpr (GRID == CODEBOOK) return cb[u];
+    else if constexpr (GRID == ASYMMETRIC) return __fsub_rn((float)u, z);
+    else return (float)((int)u - qoffset<BITS>());
+}
+
+// The unsigned code of float32 quotient t on grid GRID (mids: the codebook's 2^BITS - 1
+// midpoints, increasing): the number of midpoints strictly below t.
+template <int BITS, int GRID>
+__device__ __forceinline__ u32 grid_code(float t, float z, const float* mids) {
+    if constexpr (GRID == CODEBOOK) {  // branch-free binary search over 2^BITS - 1 sorted midpoints
+        u32 pos = 0;
+#pragma unroll 1
+        for (u32 step = 1u << (BITS - 1); step > 0; step >>= 1)
+            if (mids[pos + step - 1] < t) pos += step;
+        return pos;
+    } else if constexpr (GRID == ASYMMETRIC) {
+        return (u32)fminf(fmaxf(rintf(__fadd_rn(t, z)), 0.0f), (float)((1 << BITS) - 1));
+    } else {
+        constexpr int HALF = qoffset<BITS>();
+        return (u32)((int)fminf(fmaxf(rintf(t), (float)(-HALF)), (float)(HALF - 1)) + HALF);
+    }
+}
 
 // ---- the bit layout of one 32-code block (j is a compile-time constant once unrolled) ----
 template <int BITS>

@@ -68,7 +68,7 @@ def test_no_spills(compiled):
 def test_names_are_unique_instantiations(compiled):
     _, by_source = compiled
     lowered = [m for c in by_source.values() for m in c.lowered.values()]
-    assert len(set(lowered)) == len(launch.all_names()) == 4 * 3 + 4 * 4 * 2
+    assert len(set(lowered)) == len(launch.all_names()) == 4 * 3 + 4 * 2 + 1 + 4 * 3 * 4 * 2
 
 
 def test_options_keep_ieee_and_carry_the_contract():

@@ -118,14 +118,41 @@ def encode_case(draw):
     return x, scales, cfg
 
 
+def grid_params(rng, grid, bits, shape):
+    """(zeros, codebook) for ``grid``: zero-points with fractions (ties of t + z), or strictly
+    increasing levels, some exactly on quotients' midpoint ties."""
+    if grid == "asymmetric":
+        z = rng.integers(0, 1 << bits, shape) + rng.choice([0.0, 0.5, 0.25, 0.37], shape)
+        return z.astype(np.float32), None
+    if grid == "codebook":
+        n = 1 << bits
+        cb = np.sort(rng.choice(np.arange(-4 * n, 4 * n), n, replace=False)).astype(np.float32) / n
+        return None, cb
+    return None, None
+
+
 @SETTINGS
-@given(encode_case(), st.booleans())
-def test_encode(lib, case, misalign):
+@given(encode_case(), st.sampled_from(eqcore.layout.GRIDS), st.booleans())
+def test_encode(lib, case, grid, misalign):
     x, scales, cfg = case
-    expected = encode_reference(x, scales, cfg.bits, cfg.group_size)
+    zeros, cb = grid_params(np.random.default_rng(int(scales.size)), grid, cfg.bits, scales.shape)
+    expected = encode_reference(x, scales, cfg.bits, cfg.group_size, zeros=zeros, codebook=cb)
     out = place(np.full(expected.shape, 0xDEADBEEF, np.uint32), misalign)
-    run(lib, launch.encode_launch(place(x, misalign), place(scales, misalign), out, cfg.bits, cfg.group_size))
+    run(lib, launch.encode_launch(place(x, misalign), place(scales, misalign), out, cfg.bits, cfg.group_size,
+                                  zeros=None if zeros is None else place(zeros, misalign), codebook=cb))
     same_bits(out, expected)
+
+
+@SETTINGS
+@given(shapes, st.integers(0, 2**32 - 1))
+def test_divide_cols(lib, shape, seed):
+    """x / col in IEEE float32, subnormal quotients included (the encode input with column scales)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * np.exp2(rng.integers(-140, 10, shape))).astype(np.float32)
+    col = np.exp2(rng.uniform(-3, 3, shape[1])).astype(np.float32)
+    out = np.full(shape, np.nan, np.float32)
+    run(lib, launch.divide_cols_launch(x, col, out))
+    same_bits(out, x / col)
 
 
 @SETTINGS
@@ -141,27 +168,38 @@ def test_pack_unpack(lib, shape, bits, seed, misalign):
     same_bits(back, unpack(expected, bits, shape[1]))
 
 
-def quantized(rng, rows, cols, dtype, bits, sigma, g, steps=2) -> QuantizedTensor:
+def quantized(rng, rows, cols, dtype, bits, sigma, g, steps=2, **grid) -> QuantizedTensor:
     w = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 2.0)).astype(weight_dtype(dtype))
-    return eqcore.quantize(w, bits=bits, sigma=sigma, group_size=g, steps=steps, backend="numpy")
+    return eqcore.quantize(w, bits=bits, sigma=sigma, group_size=g, steps=steps, backend="numpy", **grid)
+
+
+def f32(a):
+    return None if a is None else np.ascontiguousarray(a.astype(np.float32))
 
 
 def dequant_host(lib, qt: QuantizedTensor, out_dtype, misalign=False) -> np.ndarray:
     out = place(np.zeros(qt.shape, weight_dtype(out_dtype)) + np.asarray(7, weight_dtype(out_dtype)), misalign)
-    run(lib, launch.dequant_launch(place(qt.qweight, misalign), qt.scales, qt.outlier_rowptr, qt.outlier_cols,
-                                    qt.outlier_vals, out, qt.bits, qt.group_size))
+    run(lib, launch.dequant_launch(place(qt.qweight, misalign), f32(qt.scales), qt.outlier_rowptr, qt.outlier_cols,
+                                   qt.outlier_vals, out, qt.bits, qt.group_size, f32(qt.zeros), f32(qt.codebook),
+                                   f32(qt.col_scales)))
     return out
+
+
+GRID_OPTIONS = st.sampled_from([{}, {"grid": "asymmetric"}, {"grid": "codebook"}, {"grid": "codebook", "codebook": "nf"},
+                                {"col_scales": True}, {"grid": "asymmetric", "col_scales": True, "scale_dtype": "float16"},
+                                {"grid": "codebook", "col_scales": True, "scale_dtype": "bfloat16"}])
 
 
 @SETTINGS
 @given(st.tuples(st.integers(1, 4), st.integers(1, 300)), BITS, groups, st.sampled_from(DTYPES),
-       st.sampled_from(DTYPES), st.sampled_from([None, 1.0, 2.0, 3.0]), st.integers(0, 2**32 - 1), st.booleans())
-def test_dequant_fused(lib, shape, bits, g, dtype, out_dtype, sigma, seed, misalign):
-    qt = quantized(np.random.default_rng(seed), *shape, dtype, bits, sigma, g)
+       st.sampled_from(DTYPES), st.sampled_from([None, 1.0, 2.0, 3.0]), st.integers(0, 2**32 - 1), st.booleans(),
+       GRID_OPTIONS)
+def test_dequant_fused(lib, shape, bits, g, dtype, out_dtype, sigma, seed, misalign, grid):
+    qt = quantized(np.random.default_rng(seed), *shape, dtype, bits, sigma, g, **grid)
     same_bits(dequant_host(lib, qt, out_dtype, misalign), dequantize_reference(qt, out_dtype))
 
 
-def near_max(rng, rows, cols, dtype, bits, sigma, g) -> QuantizedTensor:
+def near_max(rng, rows, cols, dtype, bits, sigma, g, **grid) -> QuantizedTensor:
     """Weights at the edge of ``dtype``'s range (a few outliers near its max, scales capped)."""
     top = float(np.finfo(np.float32).max) if dtype == "float64" else float(
         np.finfo(weight_dtype(dtype)).max if dtype != "bfloat16" else 3.3895313892515355e38)
@@ -169,15 +207,15 @@ def near_max(rng, rows, cols, dtype, bits, sigma, g) -> QuantizedTensor:
     w[:, ::3] *= 1e-3
     w[0, 0] = top
     return eqcore.quantize(w.astype(weight_dtype(dtype)), bits=bits, sigma=sigma, group_size=g, steps=3,
-                           backend="numpy")
+                           backend="numpy", **grid)
 
 
 @SETTINGS
 @given(st.tuples(st.integers(1, 4), st.integers(1, 130)), BITS, groups, st.sampled_from(DTYPES),
-       st.sampled_from(DTYPES), st.sampled_from([None, 1.0, 3.0]), st.integers(0, 2**32 - 1))
-def test_dequant_saturates_like_the_reference(lib, shape, bits, g, dtype, out_dtype, sigma, seed):
+       st.sampled_from(DTYPES), st.sampled_from([None, 1.0, 3.0]), st.integers(0, 2**32 - 1), GRID_OPTIONS)
+def test_dequant_saturates_like_the_reference(lib, shape, bits, g, dtype, out_dtype, sigma, seed, grid):
     """Products and outliers beyond the output dtype's range clamp to its finite max, bit for bit."""
-    qt = near_max(np.random.default_rng(seed), *shape, dtype, bits, sigma, g)
+    qt = near_max(np.random.default_rng(seed), *shape, dtype, bits, sigma, g, **grid)
     got, want = dequant_host(lib, qt, out_dtype), dequantize_reference(qt, out_dtype)
     same_bits(got, want)
     assert np.all(np.isfinite(got.astype(np.float64)))

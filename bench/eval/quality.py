@@ -22,8 +22,11 @@ Methods (``METHODS``; a method string may override eqcore fields: ``"easyquant:s
   fp16 as ``HQQLinear`` stores them; dequantized with the fp16 scale/zero.  Bits/weight =
   k + 2*16/group.
 
-Bits/weight for eqcore methods is ``QuantizedTensor.bits_per_weight`` (codes + fp32 scales +
-outlier CSR with values in the weight dtype, here fp32), weighted by the number of weights.
+eqcore methods quantize the fp16-rounded weights (as an fp16 checkpoint holds them); bits/weight
+is ``QuantizedTensor.bits_per_weight`` (codes + scales (+ zero-points, codebook, column scales)
+in their stored dtype + outlier CSR with fp16 values), weighted by the number of weights.
+Override keys (``_EQ_FIELDS``) are QuantConfig fields, plus ``bpw``: a bits budget over all the
+model's linear weights (:func:`eqcore.budget.plan`).
 """
 from __future__ import annotations
 
@@ -72,13 +75,32 @@ METHODS: dict[str, MethodSpec] = {
     "hqq-pc": MethodSpec("hqq-pc", "hqq", "HQQ per-channel", None),
     "hqq-g128": MethodSpec("hqq-g128", "hqq", "HQQ g128", 128),
     "hqq-g64": MethodSpec("hqq-g64", "hqq", "HQQ g64", 64),
+    "hqq-g32": MethodSpec("hqq-g32", "hqq", "HQQ g32", 32),
+    # SINQ at its defaults (Sinkhorn-normalised dual scales, groups of 64, RTN inside; no calibration)
+    "sinq-g64": MethodSpec("sinq-g64", "sinq", "SINQ g64", 64),
+    "sinq-g128": MethodSpec("sinq-g128", "sinq", "SINQ g128", 128),
+    # bitsandbytes NF4 / FP4 (4-bit only), blocks of 64 with an fp32 absmax, as BitsAndBytesConfig does
+    "bnb-nf4": MethodSpec("bnb-nf4", "bnb", "bitsandbytes NF4 b64", 64),
+    # llama.cpp formats through gguf-py (NumPy): the bit width is the format's own, not --bits
+    "q4_0": MethodSpec("q4_0", "gguf", "llama.cpp Q4_0", 32),
+    "q4_1": MethodSpec("q4_1", "gguf", "llama.cpp Q4_1", 32),
+    "q5_0": MethodSpec("q5_0", "gguf", "llama.cpp Q5_0", 32),
+    "q8_0": MethodSpec("q8_0", "gguf", "llama.cpp Q8_0", 32),
 }
 
 DEFAULT_METHODS = ("fp", "rtn", "outliers", "easyquant", "easyquant-g128", "easyquant-tuned", "hqq-pc", "hqq-g128",
                    "hqq-g64")
 DEFAULT_BITS = (4, 3)
 
-_EQ_FIELDS = {"sigma": float, "steps": int, "lr": float, "group_size": int, "outlier_stats": str}
+def _bool(v: str) -> bool:
+    if v.strip().lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v.strip().lower() in ("true", "1")
+
+
+_EQ_FIELDS = {"sigma": float, "steps": int, "lr": float, "group_size": int, "outlier_stats": str, "grid": str,
+              "codebook": str, "col_scales": _bool, "scale_dtype": str, "solver": str, "outliers": str,
+              "outlier_fraction": float, "bpw": float}
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -124,6 +146,56 @@ def _hqq_quantize(w: np.ndarray, bits: int, group: int | None) -> tuple[np.ndarr
     return w_hat.numpy().astype(np.float32), bits_total
 
 
+def _sinq_quantize(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, float]:
+    """SINQ (pip sinq, --no-deps) at its defaults; scales, zeros and the column scales in fp16 as
+    SINQLinear stores them (compute dtype). Its awq.py imports `datasets`, used for calibration
+    only: a stub module stands in for it."""
+    import sys
+    import types
+
+    import torch
+
+    sys.modules.setdefault("datasets", types.SimpleNamespace(load_dataset=None))
+    from sinq.quantizer import Quantizer
+
+    W = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    rows, cols = w.shape
+    with torch.inference_mode():
+        W_q, meta = Quantizer.quantize(W, None, nbits=bits, group_size=group, axis=1, device="cpu", bitpack=False,
+                                       method="sinq")
+        for k in ("scale", "zero", "scale2"):
+            if isinstance(meta.get(k), torch.Tensor):
+                meta[k] = meta[k].to(torch.float16).to(torch.float32)
+        w_hat = Quantizer.dequantize(W_q, meta).reshape(rows, cols).float()
+    groups = rows * cols // group
+    bits_total = rows * cols * bits + groups * 2 * 16 + (meta["scale2"].numel() if meta.get("scale2") is not None else 0) * 16
+    return w_hat.numpy(), bits_total
+
+
+def _bnb_quantize(w: np.ndarray, bits: int, group: int, quant_type: str = "nf4") -> tuple[np.ndarray, float]:
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    if bits != 4:
+        raise ValueError("bitsandbytes NF4 is a 4-bit format")
+    W = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    q, state = quantize_4bit(W, blocksize=group, quant_type=quant_type)
+    w_hat = dequantize_4bit(q, state).float().reshape(w.shape)
+    return w_hat.numpy(), w.size * 4 + state.absmax.numel() * 32
+
+
+GGUF_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q8_0": "Q8_0"}
+
+
+def _gguf_quantize(w: np.ndarray, name: str) -> tuple[np.ndarray, float]:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    t = getattr(GGMLQuantizationType, GGUF_TYPES[name])
+    q = quantize(np.ascontiguousarray(w, dtype=np.float32), t)
+    return dequantize(q, t).reshape(w.shape).astype(np.float32), q.nbytes * 8.0
+
+
 def quantize_weights(weights: Mapping[str, np.ndarray], names: Sequence[str], spec: MethodSpec, bits: int,
                      backend: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict:
     """Quantize + dequantize ``names`` with one method.
@@ -143,13 +215,27 @@ def quantize_weights(weights: Mapping[str, np.ndarray], names: Sequence[str], sp
     if spec.kind == "eqcore":
         from eqcore import dequantize, quantize
 
-        opts = spec.options
-        for i, n in enumerate(names):
-            w = weights[n]
+        from eqcore import QuantConfig
+        from eqcore.budget import plan
+
+        opts = dict(spec.options)
+        bpw = opts.pop("bpw", None)
+        config = QuantConfig(bits=bits, **opts)
+        configs = {n: config for n in names}
+        # eqcore quantizes the weights as an fp16 checkpoint holds them: outliers are stored in the
+        # weight's dtype, so they count 16 bits each, as the peers' fp16 scales do
+        half = {n: weights[n].astype(np.float16) for n in names}
+        if bpw is not None:  # the bits budget chooses each tensor's layout (its time counts)
             t = time.perf_counter()
-            qt = quantize(w, bits=bits, backend=backend, **opts)
+            configs = plan(half, bpw, config, backend=backend)
+            secs += time.perf_counter() - t
+        for i, n in enumerate(names):
+            w = half[n]
+            t = time.perf_counter()
+            qt = quantize(w, configs[n], backend=backend)
             secs += time.perf_counter() - t
             out[n] = np.asarray(dequantize(qt, np.float32))
+            del half[n]
             total_bits += qt.bits_per_weight * w.size
             n_out += int(round(qt.outlier_fraction * w.size))
             numel += w.size
@@ -157,11 +243,13 @@ def quantize_weights(weights: Mapping[str, np.ndarray], names: Sequence[str], sp
                 progress(i + 1, len(names))
         return {"weights": out, "bits_per_weight": total_bits / numel, "seconds": secs,
                 "outlier_fraction": n_out / numel}
-    if spec.kind == "hqq":
+    peers = {"hqq": lambda w: _hqq_quantize(w, bits, spec.group), "sinq": lambda w: _sinq_quantize(w, bits, spec.group),
+             "bnb": lambda w: _bnb_quantize(w, bits, spec.group), "gguf": lambda w: _gguf_quantize(w, spec.name)}
+    if spec.kind in peers:
         for i, n in enumerate(names):
             w = weights[n]
             t = time.perf_counter()
-            w_hat, b = _hqq_quantize(w, bits, spec.group)
+            w_hat, b = peers[spec.kind](w)
             secs += time.perf_counter() - t
             out[n] = w_hat
             total_bits += b
@@ -197,12 +285,23 @@ def _log(msg: str, quiet: bool) -> None:
 
 def _available(spec: MethodSpec) -> str | None:
     """None if the method can run here, else why not."""
-    if spec.kind == "hqq":
+    needs = {"hqq": ("hqq.core.quantize",), "sinq": ("scipy", "torch"), "bnb": ("bitsandbytes",),
+             "gguf": ("gguf.quants",)}
+    if spec.kind in needs:
+        import importlib
+        import importlib.util
+
         try:
-            import hqq.core.quantize  # noqa: F401
+            for module in needs[spec.kind]:
+                importlib.import_module(module)
         except Exception as e:  # ImportError, or torch missing / broken
-            return f"hqq not importable ({type(e).__name__}: {e})"
+            return f"{spec.kind} not importable ({type(e).__name__}: {e})"
+        if spec.kind == "sinq" and importlib.util.find_spec("sinq") is None:
+            return "sinq not installed (pip install --no-deps sinq)"
     return None
+
+
+FIXED_BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q8_0": 8, "bnb-nf4": 4}  # formats with their own width
 
 
 def run_quality(methods: Iterable[str] = DEFAULT_METHODS, bits: Iterable[int] = DEFAULT_BITS,
@@ -223,7 +322,9 @@ def run_quality(methods: Iterable[str] = DEFAULT_METHODS, bits: Iterable[int] = 
     bits = [int(b) for b in bits]
     ctx = PROTOCOL.ctx if ctx is None else int(ctx)
     stride = PROTOCOL.stride if stride is None else int(stride)
-    runs = [(s, None) for s in specs if s.kind == "fp"] + [(s, b) for b in bits for s in specs if s.kind != "fp"]
+    runs = [(s, None) for s in specs if s.kind == "fp"] + [(s, b) for b in bits for s in specs
+                                                           if s.kind != "fp" and s.name not in FIXED_BITS]
+    runs += [(s, FIXED_BITS[s.name]) for s in specs if s.name in FIXED_BITS]
 
     res = {"env": environment_info(), "lm": {}, "encoder": None}
     t0 = time.perf_counter()

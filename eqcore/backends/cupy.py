@@ -32,11 +32,21 @@ def asarray(a):
     return _cp().ascontiguousarray(a)
 
 
-def encode(x, scales, bits: int, group_size: int | None):
-    """Packed codes (rows, ceil(cols/32)*bits) uint32 of float32 ``x`` for the given scales."""
-    x, scales = asarray(x), asarray(scales)
+def _f32(a):
+    """``a`` (or None) as a C-contiguous float32 CuPy array: exact for float16 / bfloat16 values."""
+    return None if a is None else _cp().ascontiguousarray(_cp().asarray(a).astype(np.float32))
+
+
+def encode(x, scales, bits: int, group_size: int | None, zeros=None, codebook=None, col_scales=None):
+    """Packed codes (rows, ceil(cols/32)*bits) uint32 of float32 ``x`` on the grid ``zeros`` /
+    ``codebook`` select (of x / col_scales, if given)."""
+    x = _cp().ascontiguousarray(asarray(x), dtype=np.float32)
+    if col_scales is not None:
+        y = _cp().empty_like(x)
+        nvrtc.run(launch.divide_cols_launch(x, _f32(col_scales), y))
+        x = y
     out = _cp().empty((x.shape[0], packed_cols(x.shape[1], check_bits(bits))), dtype=np.uint32)
-    nvrtc.run(launch.encode_launch(x, scales, out, bits, group_size))
+    nvrtc.run(launch.encode_launch(x, _f32(scales), out, bits, group_size, _f32(zeros), _f32(codebook)))
     return out
 
 
@@ -62,6 +72,15 @@ def dequantize(qt, dtype=None):
     """Dense CuPy (rows, cols) matrix of ``qt`` in ``dtype`` (default: its own), one kernel launch."""
     dtype = weight_dtype(dtype or qt.dtype)
     out = _cp().empty(qt.shape, dtype=dtype)
-    nvrtc.run(launch.dequant_launch(asarray(qt.qweight), asarray(qt.scales), asarray(qt.outlier_rowptr),
-                                    asarray(qt.outlier_cols), asarray(qt.outlier_vals), out, qt.bits, qt.group_size))
+    nvrtc.run(launch.dequant_launch(asarray(qt.qweight), _f32(qt.scales), asarray(qt.outlier_rowptr),
+                                    asarray(qt.outlier_cols), asarray(qt.outlier_vals), out, qt.bits, qt.group_size,
+                                    _f32(qt.zeros), _f32(qt.codebook), _f32(qt.col_scales)))
     return out
+
+
+def matmul(x, qt):
+    """y = x @ W^T (float32): W dequantized by the fused kernel, then cuBLAS (the baseline path
+    of :func:`eqcore.backends.numpy.matmul`'s contract)."""
+    import cupy
+
+    return cupy.matmul(x.astype(cupy.float32), dequantize(qt, np.float32).T)

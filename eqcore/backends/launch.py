@@ -11,7 +11,8 @@ import dataclasses
 import numpy as np
 
 from ..dtypes import bfloat16
-from ..layout import BLOCK, INDEX_DTYPES, SUPPORTED_BITS, check_bits, group_layout, packed_cols
+from ..interop import array_module
+from ..layout import BLOCK, GRIDS, INDEX_DTYPES, SUPPORTED_BITS, check_bits, group_layout, packed_cols
 from ..outliers import check_csr
 
 THREADS = 256      # threads per block: encode, pack, unpack (one packing block per thread)
@@ -29,8 +30,11 @@ def cuda_defines() -> list[str]:
 
 
 # -- kernel names (NVRTC name expressions) and the file that defines each ------------------
-def encode_name(bits: int) -> str:
-    return f"eq::encode<{bits}>"
+def encode_name(bits: int, grid: str = "symmetric") -> str:
+    return f"eq::encode<{bits}, {GRIDS.index(grid)}>"
+
+
+DIVIDE_COLS = "eq::divide_cols"
 
 
 def pack_name(bits: int) -> str:
@@ -41,8 +45,8 @@ def unpack_name(bits: int) -> str:
     return f"eq::unpack<{bits}>"
 
 
-def dequant_name(bits: int, out: str, index: str) -> str:
-    return f"eq::dequant<{bits}, {CUDA_TYPES[out]}, {INDEX_TYPES[index]}>"
+def dequant_name(bits: int, out: str, index: str, grid: str = "symmetric") -> str:
+    return f"eq::dequant<{bits}, {GRIDS.index(grid)}, {CUDA_TYPES[out]}, {INDEX_TYPES[index]}>"
 
 
 def source_of(name: str) -> str:
@@ -52,8 +56,9 @@ def source_of(name: str) -> str:
 
 def all_names() -> list[str]:
     """Every instantiation the library can launch."""
-    names = [f(b) for b in SUPPORTED_BITS for f in (encode_name, pack_name, unpack_name)]
-    names += [dequant_name(b, o, i) for b in SUPPORTED_BITS for o in CUDA_TYPES for i in INDEX_TYPES]
+    names = [encode_name(b, g) for b in SUPPORTED_BITS for g in GRIDS]
+    names += [f(b) for b in SUPPORTED_BITS for f in (pack_name, unpack_name)] + [DIVIDE_COLS]
+    names += [dequant_name(b, o, i, g) for b in SUPPORTED_BITS for g in GRIDS for o in CUDA_TYPES for i in INDEX_TYPES]
     return names
 
 
@@ -84,16 +89,46 @@ def _grid1(work: int, threads: int) -> tuple:
     return (max(1, min(-(-work // threads), 2**31 - 1)), 1, 1)
 
 
-def encode_launch(x, scales, out, bits: int, group_size: int | None) -> Launch:
-    """float32 x (rows, cols), float32 scales (rows, n_groups) -> out uint32 (rows, packed)."""
+def _grid_params(like, rows: int, ng: int, cols: int, bits: int, zeros, codebook, col):
+    """(grid name, zeros, codebook, col, has_col) as the kernels take them: checked float32
+    arrays, a one-element placeholder (same array module as ``like``) where there is none."""
+    xp = array_module(like)
+    if zeros is not None and codebook is not None:
+        raise ValueError("a grid has zeros or a codebook, not both")
+    grid = "asymmetric" if zeros is not None else "codebook" if codebook is not None else "symmetric"
+    none = xp.zeros(1, np.float32)
+    if zeros is not None:
+        _check(zeros, "zeros", np.float32, (rows, ng))
+    if codebook is not None:
+        _check(codebook, "codebook", np.float32, (1 << bits,))
+    if col is not None:
+        _check(col, "col_scales", np.float32, (cols,))
+    return (grid, none if zeros is None else zeros, none if codebook is None else codebook,
+            none if col is None else col, np.int32(col is not None))
+
+
+def encode_launch(x, scales, out, bits: int, group_size: int | None, zeros=None, codebook=None) -> Launch:
+    """float32 x (rows, cols), float32 scales (rows, n_groups) and, for the other grids, float32
+    zeros (rows, n_groups) or codebook (2^bits,) -> out uint32 (rows, packed). With column scales,
+    ``x`` is :func:`divide_cols_launch`'s output."""
     bits = check_bits(bits)
     rows, cols = x.shape
     g, ng = group_layout(cols, group_size)
     _check(x, "x", np.float32, (rows, cols))
     _check(scales, "scales", np.float32, (rows, ng))
     _check(out, "out", np.uint32, (rows, packed_cols(cols, bits)))
-    return Launch(encode_name(bits), _grid1(rows * -(-cols // BLOCK), THREADS), (THREADS, 1, 1),
-                  (x, scales, out, _i32(rows), _i32(cols), _i32(g), _i32(ng)))
+    grid, z, cb, _, _ = _grid_params(x, rows, ng, cols, bits, zeros, codebook, None)
+    return Launch(encode_name(bits, grid), _grid1(rows * -(-cols // BLOCK), THREADS), (THREADS, 1, 1),
+                  (x, scales, z, cb, out, _i32(rows), _i32(cols), _i32(g), _i32(ng)))
+
+
+def divide_cols_launch(x, col, out) -> Launch:
+    """float32 out (rows, cols) = x / col[c], IEEE float32 quotients."""
+    rows, cols = x.shape
+    _check(x, "x", np.float32, (rows, cols))
+    _check(col, "col_scales", np.float32, (cols,))
+    _check(out, "out", np.float32, (rows, cols))
+    return Launch(DIVIDE_COLS, _grid1(rows * cols, THREADS), (THREADS, 1, 1), (x, col, out, _i32(rows), _i32(cols)))
 
 
 def pack_launch(codes, out, bits: int) -> Launch:
@@ -121,14 +156,17 @@ def _out_name(out) -> str:
     return name
 
 
-def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_size: int | None) -> Launch:
-    """Dense ``out`` (rows, cols) = codes * scales with the CSR outliers written in, one launch.
-    The CSR is checked to stay inside ``out`` first (O(nnz))."""
+def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_size: int | None, zeros=None,
+                   codebook=None, col=None) -> Launch:
+    """Dense ``out`` (rows, cols) = level(codes) * scales (* col) with the CSR outliers written in,
+    one launch; grid parameters as in :func:`encode_launch`. The CSR is checked to stay inside
+    ``out`` first (O(nnz))."""
     bits = check_bits(bits)
     rows, cols = out.shape
     g, ng = group_layout(cols, group_size)
     _check(qweight, "qweight", np.uint32, (rows, packed_cols(cols, bits)))
     _check(scales, "scales", np.float32, (rows, ng))
+    grid, z, cb, c, has_col = _grid_params(qweight, rows, ng, cols, bits, zeros, codebook, col)
     oname = _out_name(out)
     _check(out, "out", out.dtype, (rows, cols))
     _check(rowptr, "outlier_rowptr", np.int32, (rows + 1,))
@@ -140,6 +178,6 @@ def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_
     _check(ovals, "outlier_vals", ovals.dtype, ovals.shape)
     if rows > 2**31 - 1 or -(-cols // DQ_TILE) > 65535:
         raise ValueError(f"shape {(rows, cols)} is too large for the dequant grid")
-    return Launch(dequant_name(bits, oname, ocols.dtype.name), (rows, -(-cols // DQ_TILE), 1), (DQ_THREADS, 1, 1),
-                  (qweight, scales, rowptr, ocols, ovals, np.int32(VTYPE[vname]), out, _i32(rows), _i32(cols),
-                   _i32(g), _i32(ng)))
+    return Launch(dequant_name(bits, oname, ocols.dtype.name, grid), (rows, -(-cols // DQ_TILE), 1),
+                  (DQ_THREADS, 1, 1), (qweight, scales, z, cb, c, has_col, rowptr, ocols, ovals,
+                                       np.int32(VTYPE[vname]), out, _i32(rows), _i32(cols), _i32(g), _i32(ng)))

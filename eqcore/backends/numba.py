@@ -12,7 +12,7 @@ from numba import njit, prange
 
 from .. import cache
 from ..dtypes import bfloat16, finite_max, saturate, weight_dtype
-from ..layout import BLOCK, check_bits, group_layout, packed_cols, qrange
+from ..layout import BLOCK, GRID_ASYMMETRIC, GRID_CODEBOOK, GRIDS, check_bits, group_layout, packed_cols, qrange
 from .numpy import check_codes, check_packed
 
 name = "numba"
@@ -98,16 +98,45 @@ def _unpack_row(words, bits, out):
         out[c] = np.uint8(v & mask)
 
 
+@njit
+def grid_code(t, grid, bits, qmin, qmax, z, mids):
+    """Unsigned code of float32 quotient ``t`` on one grid (:func:`eqcore.backends.numpy.grid_codes`):
+    symmetric clamp(rint(t)) - qmin, asymmetric clamp(rint(t + z), 0, 2^k - 1) with a float32 sum,
+    codebook the number of midpoints strictly below t."""
+    if grid == GRID_CODEBOOK:
+        u = 0
+        for m in mids:  # at most 255 midpoints, increasing
+            if m < t:
+                u += 1
+        return np.uint8(u)
+    if grid == GRID_ASYMMETRIC:
+        return np.uint8(min(max(np.rint(np.float32(t + z)), np.float32(0)), np.float32((1 << bits) - 1)))
+    return np.uint8(min(max(np.rint(t), qmin), qmax) - qmin)
+
+
+@njit
+def grid_level(u, grid, qmin, z, codebook):
+    """float32 level of code ``u``: u + qmin, u - z (float32) or codebook[u]."""
+    if grid == GRID_CODEBOOK:
+        return codebook[u]
+    if grid == GRID_ASYMMETRIC:
+        return np.float32(np.float32(u) - z)
+    return np.float32(u) + qmin
+
+
 @njit(parallel=True, cache=True)
-def _encode_kernel(x, scales, g, bits, qmin, qmax, out):
+def _encode_kernel(x, scales, g, bits, qmin, qmax, grid, zeros, mids, col, out):
     rows, cols = x.shape
     n_groups = scales.shape[1]
+    has_col = col.shape[0] > 0
     for r in prange(rows):
         codes = np.empty(cols, np.uint8)
         for j in range(n_groups):
             s = scales[r, j]
+            z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
             for c in range(j * g, min(j * g + g, cols)):
-                codes[c] = np.uint8(quant_code(x[r, c], s, qmin, qmax) - qmin)
+                y = x[r, c] / col[c] if has_col else x[r, c]
+                codes[c] = grid_code(np.float32(y / s), grid, bits, qmin, qmax, z, mids)
         _pack_row(codes, bits, out[r])
 
 
@@ -127,9 +156,11 @@ _F32, _BF16, _F16 = 0, 1, 2  # how _dequant_kernel writes its float32 values
 
 
 @njit(parallel=True, cache=True)
-def _dequant_kernel(qweight, scales, g, bits, qmin, rowptr, ocols, ovals, mode, top, out):
+def _dequant_kernel(qweight, scales, g, bits, qmin, grid, zeros, codebook, col, rowptr, ocols, ovals, mode, top,
+                    out):
     rows, cols = out.shape
     n_groups = scales.shape[1]
+    has_col = col.shape[0] > 0
     low = -top
     for r in prange(rows):
         codes = np.empty(cols, np.uint8)
@@ -137,8 +168,12 @@ def _dequant_kernel(qweight, scales, g, bits, qmin, rowptr, ocols, ovals, mode, 
         vals = np.empty(cols, np.float32)
         for j in range(n_groups):
             s = scales[r, j]
+            z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
             for c in range(j * g, min(j * g + g, cols)):
-                vals[c] = min(max((np.float32(codes[c]) + qmin) * s, low), top)
+                v = np.float32(grid_level(codes[c], grid, qmin, z, codebook) * s)
+                if has_col:
+                    v = np.float32(v * col[c])
+                vals[c] = min(max(v, low), top)
         orow = out[r]
         if mode == _BF16:
             for c in range(cols):
@@ -153,19 +188,80 @@ def _dequant_kernel(qweight, scales, g, bits, qmin, rowptr, ocols, ovals, mode, 
             orow[ocols[p]] = ovals[p]
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul_kernel(x, xc, qweight, scales, g, bits, qmin, grid, zeros, codebook, col, rowptr, ocols, ovals, out):
+    """out[:, r] = x @ W[r] for every row r, W never formed: the row's codes are unpacked once,
+    each group's levels times its scale come from a 2^bits table, dotted with xc = x * col
+    (x when there are no column scales); then the row's outliers replace their dense value."""
+    batch, cols = x.shape
+    rows = qweight.shape[0]
+    n_groups = scales.shape[1]
+    has_col = col.shape[0] > 0
+    n_levels = 1 << bits
+    for r in prange(rows):
+        codes = np.empty(cols, np.uint8)
+        _unpack_row(qweight[r], bits, codes)
+        lut = np.empty(n_levels, np.float32)
+        acc = np.zeros(batch, np.float32)
+        for j in range(n_groups):
+            s = scales[r, j]
+            z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
+            for u in range(n_levels):
+                lut[u] = np.float32(grid_level(u, grid, qmin, z, codebook) * s)
+            c1 = min(j * g + g, cols)
+            for b in range(batch):
+                t = np.float32(0)
+                for c in range(j * g, c1):
+                    t += lut[codes[c]] * xc[b, c]
+                acc[b] += t
+        for p in range(rowptr[r], rowptr[r + 1]):
+            c = ocols[p]
+            j = c // g
+            z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
+            v = np.float32(grid_level(codes[c], grid, qmin, z, codebook) * scales[r, j])
+            if has_col:
+                v = np.float32(v * col[c])
+            for b in range(batch):
+                acc[b] += (ovals[p] - v) * x[b, c]
+        for b in range(batch):
+            out[b, r] = acc[b]
+
+
 # -- the backend's operations (signatures of eqcore.backends.numpy) ------------------
-def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None) -> np.ndarray:
-    """Packed codes of float32 ``x`` at ``scales``: codes and packing fused in one pass."""
+def _grid_args(grid: str, rows: int, n_groups: int, cols: int, zeros, codebook, col_scales):
+    """(grid index, zeros, codebook, col scales) as the kernels take them: float32 C arrays, empty
+    where the grid has none."""
+    f32 = np.float32
+    z = np.zeros((0, 0), f32) if zeros is None else np.ascontiguousarray(np.asarray(zeros).astype(f32))
+    cb = np.zeros(0, f32) if codebook is None else np.ascontiguousarray(codebook, dtype=f32)
+    c = np.zeros(0, f32) if col_scales is None else np.ascontiguousarray(np.asarray(col_scales).astype(f32))
+    if zeros is not None and z.shape != (rows, n_groups):
+        raise ValueError(f"zeros must have shape {(rows, n_groups)}, got {z.shape}")
+    if col_scales is not None and c.shape != (cols,):
+        raise ValueError(f"col_scales must have shape {(cols,)}, got {c.shape}")
+    return GRIDS.index(grid), z, cb, c
+
+
+def _grid_of(zeros, codebook) -> str:
+    return "codebook" if codebook is not None else "asymmetric" if zeros is not None else "symmetric"
+
+
+def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None, zeros=None, codebook=None,
+           col_scales=None) -> np.ndarray:
+    """Packed codes of float32 ``x`` at ``scales`` on the grid ``zeros`` / ``codebook`` select
+    (of x / col_scales, if given): codes and packing fused in one pass."""
     bits = check_bits(bits)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
     g, n_groups = group_layout(cols, group_size)
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    scales = np.ascontiguousarray(np.asarray(scales).astype(np.float32))
     if scales.shape != (rows, n_groups):
         raise ValueError(f"scales must have shape {(rows, n_groups)}, got {scales.shape}")
+    grid, z, cb, col = _grid_args(_grid_of(zeros, codebook), rows, n_groups, cols, zeros, codebook, col_scales)
+    mids = ((cb[:-1] + cb[1:]) * np.float32(0.5)).astype(np.float32)
     out = np.empty((rows, packed_cols(cols, bits)), dtype=np.uint32)
     qmin, qmax = qrange(bits)
-    _encode_kernel(x, scales, g, bits, np.float32(qmin), np.float32(qmax), out)
+    _encode_kernel(x, scales, g, bits, np.float32(qmin), np.float32(qmax), grid, z, mids, col, out)
     return out
 
 
@@ -198,7 +294,36 @@ def dequantize(qt, dtype=None) -> np.ndarray:
     else:
         mode = _F32
         out = np.empty((rows, cols), dtype=dtype)
-    _dequant_kernel(np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.scales), g, int(qt.bits),
-                    np.float32(qrange(qt.bits)[0]), qt.outlier_rowptr.astype(np.int64), qt.outlier_cols.astype(np.int64), vals, mode,
+    n_groups = qt.scales.shape[1]
+    grid, z, cb, col = _grid_args(qt.grid, rows, n_groups, cols, qt.zeros, qt.codebook, qt.col_scales)
+    _dequant_kernel(np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.scales.astype(np.float32)), g,
+                    int(qt.bits), np.float32(qrange(qt.bits)[0]), grid, z, cb, col, qt.outlier_rowptr.astype(np.int64), qt.outlier_cols.astype(np.int64), vals, mode,
                     np.float32(finite_max(dtype)), out)
     return out.view(dtype) if mode != _F32 else out
+
+
+FUSED_BATCH = 16  # up to this many rows of x: the fused kernel; beyond, dequantized tiles and BLAS
+TILE_ROWS = 512
+
+
+def matmul(x, qt) -> np.ndarray:
+    """y = x @ W^T (float32) for (batch, cols) ``x``, from the packed form (see
+    :func:`eqcore.backends.numpy.matmul`; equal up to float summation order). Small batches run
+    the fused kernel; larger ones dequantize TILE_ROWS rows of W at a time for a BLAS product."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] > FUSED_BATCH:
+        out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
+        for r in range(0, qt.shape[0], TILE_ROWS):
+            block = qt.row_block(r, min(r + TILE_ROWS, qt.shape[0]))
+            np.matmul(x, dequantize(block, np.float32).T, out=out[:, r:r + block.shape[0]])
+        return out
+    rows, cols = qt.shape
+    g, n_groups = group_layout(cols, qt.group_size)
+    grid, z, cb, col = _grid_args(qt.grid, rows, n_groups, cols, qt.zeros, qt.codebook, qt.col_scales)
+    xc = x * col if col.shape[0] else x
+    out = np.empty((x.shape[0], rows), dtype=np.float32)
+    _matmul_kernel(x, np.ascontiguousarray(xc), np.ascontiguousarray(qt.qweight),
+                   np.ascontiguousarray(qt.scales.astype(np.float32)), g, int(qt.bits),
+                   np.float32(qrange(qt.bits)[0]), grid, z, cb, col, qt.outlier_rowptr.astype(np.int64),
+                   qt.outlier_cols.astype(np.int64), qt.outlier_vals.astype(np.float32), out)
+    return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..dtypes import finite_max, saturate, weight_dtype
-from ..interop import is_cupy
+from ..interop import array_module, is_cupy
 from ..layout import BLOCK, check_bits, group_layout, packed_cols, qrange
 
 name = "numpy"
@@ -83,24 +83,72 @@ def unpack(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
     return per_code.sum(axis=2, dtype=np.uint64)[:, :cols].astype(np.uint8)
 
 
-def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None) -> np.ndarray:
-    """Packed unsigned codes of float32 ``x`` (rows, cols) for float32 ``scales`` (rows, n_groups)."""
+def grid_codes(y, s, bits: int, zeros=None, codebook=None):
+    """Unsigned codes u (uint8) of float32 ``y`` at float32 scales ``s`` (broadcastable) on one
+    grid, NumPy or CuPy:
+
+    symmetric   u = clamp(rint(y / s), qmin, qmax) - qmin
+    asymmetric  u = clamp(rint(y / s + z), 0, 2^k - 1)        (z like s, float32 sum)
+    codebook    u = #{j : mid_j < y / s}, mid_j = (cb[j] + cb[j+1]) / 2 in float32 (the nearest
+                level; a quotient exactly at a midpoint takes the lower level)
+
+    every quotient the IEEE float32 one, rint half to even."""
+    xp = array_module(y)
+    t = y / s
+    if codebook is not None:
+        mids = (codebook[:-1] + codebook[1:]) * np.float32(0.5)
+        return xp.searchsorted(mids, t, side="left").astype(np.uint8)
+    if zeros is not None:
+        return xp.clip(xp.rint(t + zeros), 0, (1 << bits) - 1).astype(np.uint8)
     qmin, qmax = qrange(bits)
-    q = codes(np.asarray(x, np.float32), expand_scales(np.asarray(scales, np.float32), x.shape[1], group_size),
-              qmin, qmax)
-    return pack((q - qmin).astype(np.uint8), bits)
+    return (xp.clip(xp.rint(t), qmin, qmax) - qmin).astype(np.uint8)
+
+
+def grid_levels(u, bits: int, zeros=None, codebook=None):
+    """The float32 level of each code: u + qmin, u - z (float32) or codebook[u]."""
+    if codebook is not None:
+        return codebook[u]
+    if zeros is not None:
+        return u.astype(np.float32) - zeros
+    return u.astype(np.float32) + np.float32(qrange(bits)[0])
+
+
+def _per_element(a, cols: int, group_size: int | None):
+    return None if a is None else expand_scales(np.asarray(a).astype(np.float32), cols, group_size)
+
+
+def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None, zeros=None, codebook=None,
+           col_scales=None) -> np.ndarray:
+    """Packed unsigned codes of float32 ``x`` (rows, cols) for ``scales`` (rows, n_groups) on the
+    grid that ``zeros`` / ``codebook`` select; with ``col_scales`` (cols,), of x / col_scales."""
+    x = np.asarray(x, np.float32)
+    if col_scales is not None:
+        x = x / np.asarray(col_scales).astype(np.float32)
+    s = _per_element(scales, x.shape[1], group_size)
+    cb = None if codebook is None else np.asarray(codebook, np.float32)
+    return pack(grid_codes(x, s, bits, _per_element(zeros, x.shape[1], group_size), cb), bits)
 
 
 def dequantize(qt, dtype=None) -> np.ndarray:
-    """float32(q) * scale, clamped to ``dtype``'s finite range, cast (round to nearest even) to
-    ``dtype`` (default: the weight's), then the outlier values (clamped and cast the same way)
-    written at their positions."""
+    """level(u) * scale (times the column's scale, if any), in float32, clamped to ``dtype``'s
+    finite range, cast (round to nearest even) to ``dtype`` (default: the weight's), then the
+    outlier values (clamped and cast the same way) written at their positions."""
     dtype = weight_dtype(dtype or qt.dtype)
     rows, cols = qt.shape
-    q = unpack(qt.qweight, qt.bits, cols).astype(np.float32) + np.float32(qrange(qt.bits)[0])
+    u = unpack(qt.qweight, qt.bits, cols)
+    level = grid_levels(u, qt.bits, _per_element(qt.zeros, cols, qt.group_size), qt.codebook)
     top = np.float32(finite_max(dtype))
     with np.errstate(over="ignore"):  # a float32 product past the range is clamped next
-        out = np.clip(q * expand_scales(qt.scales, cols, qt.group_size), -top, top).astype(dtype)
+        v = level * _per_element(qt.scales, cols, qt.group_size)
+        if qt.col_scales is not None:
+            v = v * qt.col_scales.astype(np.float32)
+        out = np.clip(v, -top, top).astype(dtype)
     r = np.repeat(np.arange(rows), np.diff(qt.outlier_rowptr))
     out[r, qt.outlier_cols.astype(np.int64)] = saturate(qt.outlier_vals, dtype)
     return out
+
+
+def matmul(x, qt):
+    """y = x @ W^T for (batch, cols) float32 ``x`` and W = ``dequantize(qt, float32)``: the
+    specification of the fused kernels (which differ from it only in float summation order)."""
+    return np.asarray(x, dtype=np.float32) @ dequantize(qt, np.float32).T

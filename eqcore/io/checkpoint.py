@@ -194,25 +194,65 @@ def _commit(tmp: Path, dst: Path) -> None:
 
 def quantize_checkpoint(src, dst, config: QuantConfig | None = None, *, skip: str | None = DEFAULT_SKIP,
                         min_features: int = 16, backend: str = "auto", overwrite: bool = False,
-                        progress: bool = True, follow_symlinks: bool = False) -> None:
+                        progress: bool = True, follow_symlinks: bool = False,
+                        bits_per_weight: float | None = None) -> dict:
     """Quantize every eligible 2-D weight of a checkpoint (see :func:`should_quantize`);
-    copy the rest unchanged. Peak memory is a few times the largest tensor."""
+    copy the rest unchanged. Peak memory is a few times the largest tensor.
+
+    ``bits_per_weight``: a budget over the quantized weights; each one's group size and outlier
+    budget are then chosen for it (:mod:`eqcore.budget`; ``config`` gives everything else).
+    Returns ``{"tensors": n, "weights": count, "bits_per_weight": achieved, exactly as stored}``.
+    """
     config = config or QuantConfig()
     backend = backends.for_files(backend)
     be = backends.get(backend)
     pattern = compile_skip(skip)
+    configs = None
+    if bits_per_weight is not None:
+        configs = _plan(src, config, pattern, min_features, bits_per_weight, backend, progress, follow_symlinks)
+    done = {"tensors": 0, "weights": 0, "bytes": 0}
 
     def one(name, value):
         if isinstance(value, QuantizedTensor):
             raise ValueError("is already quantized; quantize the original checkpoint")
         if not should_quantize(name, value.dtype, value.shape, pattern, min_features):
             return value, {}
-        qt = quantize(be.asarray(value), config, backend=backend)
+        qt = quantize(be.asarray(value), config if configs is None else configs[name], backend=backend)
         rel = relative_error(to_host(dequantize(qt, np.float32, backend=backend)), value)
+        done["tensors"] += 1
+        done["weights"] += value.size
+        done["bytes"] += qt.nbytes
         return qt, {"rel_error": rel}
 
     _convert(src, dst, one, command="quantize", overwrite=overwrite, progress=progress,
              follow_symlinks=follow_symlinks)
+    return {"tensors": done["tensors"], "weights": done["weights"],
+            "bits_per_weight": 8.0 * done["bytes"] / done["weights"] if done["weights"] else None}
+
+
+def _plan(src, config, pattern, min_features, bits_per_weight, backend, progress, follow_symlinks) -> dict:
+    """Each eligible tensor's configuration for the bits budget, from memory-mapped samples."""
+    from ..budget import plan
+
+    source = scan(Path(src), follow_symlinks)
+    readers = [SafetensorsReader(source.path(s), mmap=True) for s in source.shards]
+    try:
+        weights = {}
+        for r in readers:
+            qmeta = quantized_names(r)
+            for name in entry_names(r):
+                if name in qmeta:
+                    continue
+                dtype, shape = r.info(name)
+                if should_quantize(name, dtype, shape, pattern, min_features):
+                    if name in weights:
+                        raise ValueError(f"tensor {name!r} is in two shards")
+                    weights[name] = r.get(name)
+        with tqdm(total=len(weights), unit="tensor", desc="budget", disable=not progress) as bar:
+            return plan(weights, bits_per_weight, config, backend=backend, progress=lambda name: bar.update())
+    finally:
+        for r in readers:
+            r.close()
 
 
 def dequantize_checkpoint(src, dst, dtype=None, *, backend: str = "auto", overwrite: bool = False,

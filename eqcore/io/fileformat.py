@@ -1,11 +1,14 @@
 """The eqcore file format: quantized tensors inside an ordinary safetensors file.
 
-A quantized weight ``name`` is stored as five tensors ``name.qweight`` (uint32),
-``name.scales`` (float32), ``name.outlier_rowptr`` (int32), ``name.outlier_cols``
-(uint16/int32), ``name.outlier_vals`` (weight dtype), and the metadata entry
-``eqcore.tensor.<name>``: a JSON string with shape, dtype, bits, group_size, sigma
-(and rel_error when known). ``eqcore.format_version`` marks the file. Every other
-tensor is an ordinary one, passed through unchanged.
+A quantized weight ``name`` is stored as the tensors ``name.qweight`` (uint32),
+``name.scales`` (float32; float16 / bfloat16 from version 2), ``name.outlier_rowptr`` (int32),
+``name.outlier_cols`` (uint16/int32), ``name.outlier_vals`` (weight dtype), from version 2 also
+``name.zeros``, ``name.codebook`` and ``name.col_scales`` where its grid uses them, and the
+metadata entry ``eqcore.tensor.<name>``: a JSON string with shape, dtype, bits, group_size,
+sigma, grid (version 2, when not symmetric) and rel_error when known.
+``eqcore.format_version`` is the oldest version that holds every tensor of the file, so files
+without the new features still read as version 1. Every other tensor is an ordinary one,
+passed through unchanged.
 """
 from __future__ import annotations
 
@@ -13,12 +16,17 @@ import json
 import math
 import os
 
+import numpy as np
+
 from ..interop import to_host
 from .safetensors import SafetensorsReader, SafetensorsWriter, entry_size
 from ..errors import FormatError
-from ..tensor import FIELDS, QuantizedTensor
+from ..tensor import FIELDS, OPTIONAL, QuantizedTensor
 
-FORMAT_VERSION = "1"
+PARTS = FIELDS + OPTIONAL  # every array a quantized tensor may store
+
+FORMAT_VERSION = "2"  # written only by files that need it: v1 readers keep reading v1-only files
+READABLE = ("1", "2")
 VERSION_KEY = "eqcore.format_version"
 TENSOR_KEY = "eqcore.tensor."
 OUTPUT_KEY = "eqcore.output"  # marks a file eqcore wrote (so --force may replace it)
@@ -29,12 +37,19 @@ _OWN_SUFFIXES = tuple(f".{f}" for f in FIELDS if f.startswith("outlier_"))
 def write_entry(writer: SafetensorsWriter, name: str, value, **extra) -> None:
     """Add one plain array or QuantizedTensor (with optional extra metadata) to ``writer``."""
     if isinstance(value, QuantizedTensor):
-        writer.metadata[VERSION_KEY] = FORMAT_VERSION
+        writer.metadata[VERSION_KEY] = max(writer.metadata.get(VERSION_KEY, "1"), format_version(value))
         writer.metadata[TENSOR_KEY + name] = json.dumps({**value.metadata(), **extra}, sort_keys=True)
         for field, arr in value.arrays().items():
             writer.add(f"{name}.{field}", to_host(arr))
     else:
         writer.add(name, to_host(value))
+
+
+def format_version(qt: QuantizedTensor) -> str:
+    """The oldest format that holds ``qt``: "1" (float32 scales, symmetric grid, no column scales)
+    or "2" (narrower scales, the asymmetric and codebook grids, column scales)."""
+    v1 = qt.scales.dtype == np.float32 and qt.grid == "symmetric" and qt.col_scales is None
+    return "1" if v1 else "2"
 
 
 def quantized_names(reader: SafetensorsReader) -> dict[str, dict]:
@@ -44,9 +59,9 @@ def quantized_names(reader: SafetensorsReader) -> dict[str, dict]:
     if declared and meta.get(VERSION_KEY) is None:
         raise FormatError(f"{reader.path}: quantized tensors present but no {VERSION_KEY}")
     version = meta.get(VERSION_KEY)
-    if version is not None and version != FORMAT_VERSION:
+    if version is not None and version not in READABLE:
         raise FormatError(f"{reader.path}: eqcore format version {version!r} is not supported "
-                          f"(this eqcore reads version {FORMAT_VERSION}); upgrade eqcore")
+                          f"(this eqcore reads versions {', '.join(READABLE)}); upgrade eqcore")
     out = {}
     for name, text in declared.items():
         try:
@@ -64,8 +79,8 @@ def quantized_names(reader: SafetensorsReader) -> dict[str, dict]:
         if missing:
             raise FormatError(f"{reader.path}: quantized tensor {name!r} lacks {missing}")
         out[name] = m
-    owned = {f"{n}.{f}" for n in out for f in FIELDS}
-    suffixes = tuple(f".{f}" for f in FIELDS) if version is not None else _OWN_SUFFIXES
+    owned = {f"{n}.{f}" for n in out for f in PARTS}
+    suffixes = tuple(f".{f}" for f in PARTS) if version is not None else _OWN_SUFFIXES
     orphans = [k for k in reader.keys() if k not in owned and k.endswith(suffixes)]
     if orphans:
         raise FormatError(f"{reader.path}: orphan quantized parts {orphans[:5]} without their "
@@ -76,7 +91,7 @@ def quantized_names(reader: SafetensorsReader) -> dict[str, dict]:
 def entry_names(reader: SafetensorsReader) -> list[str]:
     """Logical tensor names in file order: quantized names once, plain tensors as they are."""
     q = quantized_names(reader)
-    owned = {f"{n}.{f}": n for n in q for f in FIELDS}
+    owned = {f"{n}.{f}": n for n in q for f in PARTS}
     names, seen = [], set()
     for key in reader.keys():
         name = owned.get(key, key)
@@ -91,7 +106,7 @@ def read_entry(reader: SafetensorsReader, name: str, qmeta: dict | None = None):
     qmeta = quantized_names(reader) if qmeta is None else qmeta
     if name not in qmeta:
         return reader.get(name)
-    arrays = {f: reader.get(f"{name}.{f}") for f in FIELDS}
+    arrays = {f: reader.get(f"{name}.{f}") for f in PARTS if f"{name}.{f}" in reader}
     try:
         return QuantizedTensor.from_arrays(arrays, qmeta[name])
     except (FormatError, TypeError, ValueError) as e:
@@ -103,7 +118,7 @@ def header_bound(names, metadata: dict | None = None) -> int:
     with ``metadata``: what :class:`SafetensorsWriter` reserves so it can stream in one pass."""
     total = len(json.dumps(metadata or {})) + 256
     for name in names:
-        total += sum(entry_size(f"{name}.{f}", 2) for f in FIELDS) + entry_size(name, 8)
+        total += sum(entry_size(f"{name}.{f}", 2) for f in PARTS) + entry_size(name, 8)
         total += len(json.dumps(TENSOR_KEY + name)) + 512  # its eqcore.tensor.* entry
     return total
 

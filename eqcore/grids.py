@@ -1,0 +1,108 @@
+"""The grids beyond the symmetric one: their codebooks and the column scales that go with them.
+
+* ``nf_codebook(bits)``: normal-float levels (NF4 at 4 bits, as bitsandbytes builds them:
+  quantiles of the standard normal, 2^(k-1) positive, 2^(k-1) - 1 negative, and 0, scaled to a
+  largest magnitude of 1).
+* ``fit_codebook(y, ...)``: levels fitted to the weights that remain once outliers are removed:
+  each group is divided by its largest magnitude, and 2^k levels are fitted to the pooled values
+  by Lloyd-Max (1-D k-means from the quantiles; the weights of the column scales count), then
+  scaled to a largest magnitude of 1. One codebook per tensor (2^k float32 values).
+* ``column_scales(x, ...)``: a scale per input column that evens out the columns' spread before
+  the row / group grid is applied (in the spirit of SINQ's Sinkhorn normalisation): starting
+  from 1, each round divides the matrix by the columns' scales, normalises every row by its
+  standard deviation, and moves each column's scale by the square root of its standard
+  deviation relative to the mean (a geometric step), for ``COLUMN_ROUNDS`` rounds.
+
+All work on NumPy or CuPy arrays.
+"""
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+
+from .interop import array_module
+from .layout import SCALE_DTYPES, group_layout
+
+CODEBOOKS = ("fit", "nf")
+COLUMN_ROUNDS = 6
+FIT_ROUNDS = 30
+FIT_SAMPLE = 1 << 20  # values the codebook fit looks at (an even subsample of larger tensors)
+
+
+def nf_codebook(bits: int) -> np.ndarray:
+    """Normal-float levels for ``bits`` (bitsandbytes' recipe, offset 0.9677), float32, increasing."""
+    offset = 0.9677
+    half = 1 << (bits - 1)
+    nd = NormalDist()
+    pos = [nd.inv_cdf(p) for p in np.linspace(offset, 0.5, half + 1)[:-1]]
+    neg = [-nd.inv_cdf(p) for p in np.linspace(offset, 0.5, half)[:-1]]
+    levels = np.array(sorted(pos + neg + [0.0]))
+    return (levels / np.abs(levels).max()).astype(np.float32)
+
+
+def _normalised(y, group_size):
+    """Each group of ``y`` divided by its largest magnitude, flattened (all-zero groups dropped)."""
+    xp = array_module(y)
+    rows, cols = y.shape
+    g, n_groups = group_layout(cols, group_size)
+    parts = []
+    for j in range(n_groups):
+        part = y[:, j * g:(j + 1) * g]
+        amax = xp.abs(part).max(axis=1, keepdims=True)
+        keep = amax[:, 0] > 0
+        parts.append((part[keep] / amax[keep]).reshape(-1))
+    return xp.concatenate(parts)
+
+
+def fit_codebook(y, bits: int, group_size: int | None) -> np.ndarray:
+    """2^bits levels fitted to ``y`` (float32, outliers zeroed), float32, increasing, max |level| 1."""
+    xp = array_module(y)
+    v = _normalised(xp.asarray(y, dtype=np.float32), group_size).astype(np.float64)
+    v = v[v != 0] if int((v != 0).sum()) >= (1 << bits) else v
+    if v.size > FIT_SAMPLE:
+        v = v[:: -(-v.size // FIT_SAMPLE)]
+    v = xp.sort(v)
+    n = 1 << bits
+    if v.size < n:
+        return nf_codebook(bits)
+    lev = v[(((xp.arange(n) + 0.5) / n) * v.size).astype(np.int64)]  # start from the quantiles
+    for _ in range(FIT_ROUNDS):
+        mids = (lev[1:] + lev[:-1]) / 2
+        idx = xp.searchsorted(mids, v)
+        sums = xp.bincount(idx, weights=v, minlength=n)
+        counts = xp.bincount(idx, minlength=n)
+        lev = xp.where(counts > 0, sums / xp.maximum(counts, 1), lev)
+    lev = xp.sort(lev)
+    lev = lev / xp.abs(lev).max()
+    out = np.asarray(lev.get() if hasattr(lev, "get") else lev, dtype=np.float32)
+    for j in range(1, n):  # strictly increasing in float32, whatever the fit
+        if out[j] <= out[j - 1]:
+            out[j] = np.nextafter(out[j - 1], np.float32(np.inf))
+    return out
+
+
+def codebook_for(y, config) -> np.ndarray | None:
+    """The codebook of ``config`` for ``y`` (None unless the grid is "codebook")."""
+    if config.grid != "codebook":
+        return None
+    return nf_codebook(config.bits) if config.codebook == "nf" else fit_codebook(y, config.bits, config.group_size)
+
+
+def column_scales(x, scale_dtype: str = "float32"):
+    """The column scales of float32 ``x`` (outliers zeroed), in ``scale_dtype`` (see the module)."""
+    xp = array_module(x)
+    y0 = xp.asarray(x, dtype=np.float64)
+    c = xp.ones(x.shape[1], dtype=np.float64)
+    for _ in range(COLUMN_ROUNDS):
+        y = y0 / c
+        r = y.std(axis=1, keepdims=True)
+        y = y / xp.where(r > 0, r, 1.0)
+        cs = y.std(axis=0)
+        mean = float(cs[cs > 0].mean()) if bool((cs > 0).any()) else 1.0
+        c = c * xp.sqrt(xp.where(cs > 0, cs / mean, 1.0))
+    c = c / float(xp.exp(xp.log(c).mean()))  # geometric mean 1: the row scales carry the magnitude
+    c = xp.maximum(c, xp.abs(y0).max(axis=0) * 2.0 ** -126)  # x / c stays finite in float32
+    sd = SCALE_DTYPES[scale_dtype]
+    c = xp.clip(c, float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max)) if sd == np.float16 else c
+    return c.astype(np.float32).astype(sd)
