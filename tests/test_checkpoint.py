@@ -80,7 +80,9 @@ def test_sharded_folder_round_trip_keeps_index_and_extra_files(tmp_path):
     _sharded(tmp_path / "src", model)
     quantize_checkpoint(tmp_path / "src", tmp_path / "q", progress=False)
     index = json.loads((tmp_path / "q" / INDEX).read_text())
-    assert (tmp_path / "q" / "config.json").read_text() == '{"model_type": "llama"}'
+    # the model's config is kept and marked, so transformers says it does not know the method
+    assert json.loads((tmp_path / "q" / "config.json").read_text()) == {
+        "model_type": "llama", "quantization_config": {"quant_method": "eqcore", "load_with": "eqcore.torch.load_pretrained"}}
     assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
     assert "model.layers.0.mlp.up_proj.weight.qweight" in index["weight_map"]
     assert index["metadata"]["total_size"] == sum(
@@ -89,6 +91,7 @@ def test_sharded_folder_round_trip_keeps_index_and_extra_files(tmp_path):
     dequantize_checkpoint(tmp_path / "q", tmp_path / "d", dtype="float32", progress=False)
     index = json.loads((tmp_path / "d" / INDEX).read_text())
     assert set(index["weight_map"]) == set(model)
+    assert json.loads((tmp_path / "d" / "config.json").read_text()) == {"model_type": "llama"}
     rows = {r["name"]: r for r in inspect_checkpoint(tmp_path / "q")}
     again = {r["name"]: r for r in inspect_checkpoint(tmp_path / "q", against=tmp_path / "src")}
     for k in QUANTIZED:

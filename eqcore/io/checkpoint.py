@@ -155,7 +155,10 @@ def _convert(src, dst, convert_one, *, command: str, overwrite: bool, progress: 
                         weight_map[key] = shard
                         total_size += nbytes
                 for rel in source.others:
-                    _copy_file(source.path(rel), tmp / rel)
+                    if rel == CONFIG:
+                        _write_config(source.path(rel), tmp / rel, quantized=command == "quantize")
+                    else:
+                        _copy_file(source.path(rel), tmp / rel)
                 for rel, target in source.links:
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     os.symlink(target, tmp / rel)
@@ -177,6 +180,30 @@ def _convert(src, dst, convert_one, *, command: str, overwrite: bool, progress: 
     finally:
         for r in readers.values():
             r.close()
+
+
+CONFIG = "config.json"  # a transformers model's configuration, at the folder's top
+QUANT_CONFIG = {"quant_method": "eqcore", "load_with": "eqcore.torch.load_pretrained"}
+
+
+def _write_config(src: Path, dst: Path, quantized: bool) -> None:
+    """Copy a transformers config.json, marking a quantized output with ``quantization_config``
+    (so that transformers warns that it does not know the method instead of loading silently)
+    and removing eqcore's mark from a dequantized one. Not JSON: copied as it is."""
+    try:
+        config = json.loads(src.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        _copy_file(src, dst)
+        return
+    if quantized:
+        config["quantization_config"] = dict(QUANT_CONFIG)
+    elif isinstance(config.get("quantization_config"), dict) and \
+            config["quantization_config"].get("quant_method") == "eqcore":
+        del config["quantization_config"]
+    with create_file(dst) as f:
+        f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _commit(tmp: Path, dst: Path) -> None:

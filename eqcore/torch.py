@@ -1,0 +1,191 @@
+"""torch integration: :class:`QuantizedLinear` (an ``nn.Linear`` that keeps its weight packed),
+:func:`quantize_model` and :func:`load_quantized`.
+
+The forward pass is :func:`eqcore.matmul` on the module's buffers, shared with torch through
+DLPack (CPU: the Numba kernels; CUDA: the CuPy backend): the dense weight is never stored.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+from .api import matmul, quantize
+from .config import QuantConfig
+from .interop import as_array, to_torch
+from .tensor import FIELDS, OPTIONAL, QuantizedTensor
+
+__all__ = ["QuantizedLinear", "quantize_model", "load_quantized", "load_pretrained"]
+
+_VIEWS = {np.dtype(np.uint32): np.int32, np.dtype(np.uint16): np.int16}  # dtypes torch handles fully
+
+
+def _to_buffer(a) -> torch.Tensor:
+    a = as_array(a)
+    view = _VIEWS.get(np.dtype(a.dtype))
+    return to_torch(a.view(view) if view is not None else a)
+
+
+def _from_buffer(t: torch.Tensor, dtype) -> object:
+    a = as_array(t)
+    return a.view(dtype) if np.dtype(dtype) in _VIEWS else a
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W held as an eqcore :class:`QuantizedTensor` (packed codes, scales,
+    exact outliers); build it with :meth:`from_linear` or from a QuantizedTensor."""
+
+    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(quantized, QuantizedTensor):
+            raise TypeError(f"expected a QuantizedTensor, got {type(quantized).__name__}")
+        self.out_features, self.in_features = quantized.shape
+        self._meta = quantized.metadata()
+        self._dtypes = {f: np.dtype(a.dtype) for f, a in quantized.arrays().items()}
+        for f, a in quantized.arrays().items():
+            self.register_buffer(f, _to_buffer(a))
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig | None = None, **options) -> "QuantizedLinear":
+        """Quantize an ``nn.Linear``'s weight (``config`` or :class:`QuantConfig` keywords); the
+        bias is kept as it is."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        qt = quantize(linear.weight.detach(), config, **options)
+        return cls(qt, linear.bias)
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor (views of this module's buffers)."""
+        arrays = {f: _from_buffer(getattr(self, f), self._dtypes[f]) for f in self._dtypes}
+        return QuantizedTensor.from_arrays(arrays, self._meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.qweight.device:
+            raise ValueError(f"input on {x.device} but the quantized weight is on {self.qweight.device}; "
+                             "move one of them (module.to(device))")
+        y = to_torch(matmul(x.detach().float().contiguous(), self.quantized))
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def get_extra_state(self) -> dict:
+        return {"meta": dict(self._meta), "dtypes": {f: str(d) for f, d in self._dtypes.items()}}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._meta = dict(state["meta"])
+        self._dtypes = {f: _np_dtype(d) for f, d in state["dtypes"].items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for f in (*FIELDS, *OPTIONAL):  # buffers take the shapes of what is loaded
+            key = prefix + f
+            if key in state_dict and f in self._buffers:
+                self._buffers[f] = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        m = self._meta
+        group = "row" if m.get("group_size") is None else m["group_size"]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={m['bits']}, group_size={group}, grid={m.get('grid', 'symmetric')}")
+
+
+def _np_dtype(name: str):
+    from .dtypes import bfloat16
+
+    return bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, skip: str | None = r"lm_head|embed",
+                   progress: bool = False, **options) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` whose qualified name does not match ``skip`` (a
+    regex) by a :class:`QuantizedLinear`, in place; returns ``model``."""
+    pattern = re.compile(skip) if skip else None
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not (pattern and pattern.search(name))]
+    if progress:
+        from tqdm.auto import tqdm
+
+        targets = tqdm(targets, desc="quantize", unit="layer")
+    for name, m in targets:
+        _set(model, name, QuantizedLinear.from_linear(m, config, **options))
+    return model
+
+
+def load_quantized(model: nn.Module, path) -> nn.Module:
+    """Put the quantized weights of an eqcore file or folder (``eqcore quantize`` output) into
+    ``model``: every ``nn.Linear`` whose ``<name>.weight`` is quantized there becomes a
+    :class:`QuantizedLinear`, other tensors are loaded as they are. Refuses a checkpoint whose
+    names or shapes do not match the model."""
+    from pathlib import Path
+
+    from .io.fileformat import load_file
+
+    path = Path(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path} holds no .safetensors file")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    modules = dict(model.named_modules())
+    plain, replaced = {}, set()
+    for key, value in tensors.items():
+        owner, _, leaf = key.rpartition(".")
+        if isinstance(value, QuantizedTensor):
+            m = modules.get(owner)
+            if leaf != "weight" or not isinstance(m, (nn.Linear, QuantizedLinear)):
+                raise ValueError(f"{key} is quantized but the model has no nn.Linear {owner!r}")
+            if (m.out_features, m.in_features) != value.shape:
+                raise ValueError(f"{key}: checkpoint shape {value.shape} != model's "
+                                 f"{(m.out_features, m.in_features)}")
+            bias = m.bias.detach() if m.bias is not None else None
+            bias_key = owner + ".bias"
+            if bias_key in tensors:
+                bias = to_torch(np.array(tensors[bias_key]))
+            _set(model, owner, QuantizedLinear(value, bias))
+            replaced.add(owner)
+        else:
+            plain[key] = value
+    state = model.state_dict()
+    ptr = {key: t.data_ptr() for key, t in state.items() if isinstance(t, torch.Tensor) and t.numel()}
+    given = {ptr.get(key) for key in plain} - {None}
+    for key in state:  # every other tensor must come from the file (tied ones under any of their names)
+        if key not in plain and key.rpartition(".")[0] not in replaced and ptr.get(key, key) not in given:
+            raise ValueError(f"the checkpoint has no {key!r}")
+    for key, value in plain.items():
+        if key.endswith(".bias") and isinstance(tensors.get(key[:-5] + ".weight"), QuantizedTensor):
+            continue
+        if key not in state:
+            raise ValueError(f"{key} is in the checkpoint but not in the model")
+        t = to_torch(np.array(value))
+        if tuple(t.shape) != tuple(state[key].shape):
+            raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model's {tuple(state[key].shape)}")
+        with torch.no_grad():
+            state[key].copy_(t)
+    return model
+
+
+def load_pretrained(path, model_class=None, **config_options):
+    """A transformers model from an ``eqcore quantize`` output folder: the architecture from its
+    config.json (``model_class``, default ``AutoModelForCausalLM``), then :func:`load_quantized`.
+    transformers' own ``from_pretrained`` does not know eqcore's tensors."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path, **config_options)
+    config.__dict__.pop("quantization_config", None)
+    cls = model_class or transformers.AutoModelForCausalLM
+    model = cls.from_config(config)
+    return load_quantized(model, path).eval()
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)

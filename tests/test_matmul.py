@@ -1,0 +1,81 @@
+"""Quantized matmul: y = x W^T from the packed form equals the dense product (NumPy reference)
+up to float32 summation order, for every grid, width, group layout and batch size."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eqcore
+from eqcore.backends import numba as nb
+from eqcore.backends import numpy as ref
+
+from helpers import weights
+
+
+def close(y, x, qt):
+    """The stated tolerance: |y - y_dense| <= 1e-5 * (|x| @ |W|^T) + 1e-30."""
+    W = eqcore.dequantize(qt, np.float32).astype(np.float64)
+    x64 = x.reshape(-1, qt.shape[1]).astype(np.float64)
+    exact = x64 @ W.T
+    bound = 1e-5 * (np.abs(x64) @ np.abs(W).T) + 1e-30
+    np.testing.assert_array_less(np.abs(y.reshape(exact.shape).astype(np.float64) - exact), bound)
+
+
+@given(st.sampled_from(["symmetric", "asymmetric", "codebook"]), st.sampled_from([2, 3, 4, 8]),
+       st.sampled_from([None, 16, 40]), st.booleans(), st.sampled_from(["float32", "float16", "bfloat16"]),
+       st.sampled_from([1, 3, nb.FUSED_BATCH, nb.FUSED_BATCH + 1]), st.integers(1, 70), st.integers(0, 10))
+@settings(max_examples=60, deadline=None)
+def test_fused_matmul_matches_the_dense_product(grid, bits, group, col, scale_dtype, batch, cols, seed):
+    w = weights(23, cols, seed=seed, dtype=np.float16)
+    qt = eqcore.quantize(w, bits=bits, group_size=group, grid=grid, col_scales=col, scale_dtype=scale_dtype,
+                         sigma=2.0, steps=3)
+    x = np.random.default_rng(seed).normal(size=(batch, cols)).astype(np.float32)
+    y = eqcore.matmul(x, qt)
+    assert y.dtype == np.float32 and y.shape == (batch, 23)
+    close(y, x, qt)
+    close(ref.matmul(x, qt), x, qt)
+
+
+def test_outliers_are_part_of_the_product():
+    w = weights(8, 64, seed=1)
+    w[3, 5] = 40.0  # far outside the grid: only its exact value gives the right product
+    qt = eqcore.quantize(w, bits=3)
+    assert qt.outlier_vals.size > 0
+    x = np.zeros((1, 64), np.float32)
+    x[0, 5] = 1.0
+    y = eqcore.matmul(x, qt)
+    assert y[0, 3] == pytest.approx(40.0, rel=1e-6)
+    close(y, x, qt)
+
+
+def test_leading_dimensions_and_dtypes():
+    qt = eqcore.quantize(weights(10, 32, dtype=np.float16), bits=4)
+    x = np.random.default_rng(0).normal(size=(2, 3, 32)).astype(np.float16)
+    y = eqcore.matmul(x, qt)
+    assert y.shape == (2, 3, 10) and y.dtype == np.float32
+    close(y, x.astype(np.float32), qt)
+
+
+@pytest.mark.parametrize("x, match", [(np.zeros((2, 31), np.float32), "32 input features"),
+                                      (np.zeros((2, 32), np.int32), "float"),
+                                      (np.float32(1.0), "input features")])
+def test_bad_inputs_are_refused(x, match):
+    qt = eqcore.quantize(weights(10, 32), bits=4)
+    with pytest.raises(ValueError, match=match):
+        eqcore.matmul(x, qt)
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        eqcore.matmul(np.zeros((1, 32), np.float32), "not a tensor")
+
+
+def test_large_batches_run_in_tiles_of_rows(monkeypatch):
+    monkeypatch.setattr(nb, "TILE_ROWS", 7)  # several tiles, the last one short
+    qt = eqcore.quantize(weights(30, 48, seed=4), bits=4, group_size=16, grid="asymmetric", sigma=2.0)
+    x = np.random.default_rng(1).normal(size=(nb.FUSED_BATCH + 9, 48)).astype(np.float32)
+    close(eqcore.matmul(x, qt), x, qt)
+
+
+def test_row_block_is_those_rows():
+    qt = eqcore.quantize(weights(20, 40, seed=5), bits=3, group_size=16, grid="asymmetric", sigma=1.5)
+    full = eqcore.dequantize(qt)
+    for a, b in ((0, 20), (3, 11), (19, 20)):
+        np.testing.assert_array_equal(eqcore.dequantize(qt.row_block(a, b)), full[a:b])

@@ -1,0 +1,115 @@
+"""eqcore.torch: QuantizedLinear forward, state_dict, quantize_model and load_quantized."""
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import save_file as torch_save_file  # noqa: E402
+
+import eqcore  # noqa: E402
+from eqcore.torch import QuantizedLinear, load_quantized, quantize_model  # noqa: E402
+
+
+def dense(q: QuantizedLinear) -> torch.Tensor:
+    return torch.from_numpy(eqcore.dequantize(q.quantized, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_is_the_dense_layer_of_the_dequantized_weight(dtype):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40).to(dtype)
+    q = QuantizedLinear.from_linear(lin, bits=4, group_size=32, grid="asymmetric", sigma=1.5)
+    x = torch.randn(3, 5, 96).to(dtype)
+    y = q(x)
+    assert y.dtype == dtype and y.shape == (3, 5, 40)
+    want = torch.nn.functional.linear(x.float(), dense(q), lin.bias.detach().float())
+    torch.testing.assert_close(y.float(), want.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=1e-2 if dtype != torch.float32 else 1e-5)
+    assert q.quantized.outlier_vals.size > 0 and q.bias is not None
+
+
+def test_quantized_property_and_state_dict_round_trip():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 24, bias=False).half()
+    qt = eqcore.quantize(lin.weight, bits=3, grid="codebook", col_scales=True, scale_dtype="float16")
+    q = QuantizedLinear(qt)
+    for f, a in qt.arrays().items():
+        np.testing.assert_array_equal(np.asarray(getattr(q.quantized, f)), np.asarray(a))
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    other = QuantizedLinear(eqcore.quantize(np.full((24, 64), 0.5, np.float16), bits=3, grid="codebook",
+                                            col_scales=True, scale_dtype="float16"))
+    other.load_state_dict(torch.load(buf))
+    x = torch.randn(2, 64).half()
+    assert torch.equal(other(x), q(x))
+    np.testing.assert_array_equal(eqcore.dequantize(other.quantized), eqcore.dequantize(qt))
+
+
+def test_from_linear_refuses_what_is_not_a_linear():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QuantizedLinear.from_linear(torch.nn.Conv1d(3, 3, 1))
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        QuantizedLinear(torch.zeros(3, 3))
+
+
+def _model():
+    torch.manual_seed(2)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64),
+                               torch.nn.GELU(), torch.nn.Linear(64, 10))
+
+
+def test_quantize_model_replaces_linears_except_skipped():
+    model = _model()
+    x = torch.randn(4, 64)
+    ref = model(x).detach()
+    quantize_model(model, skip=r"^4$", bits=8)
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["QuantizedLinear", "GELU", "QuantizedLinear", "GELU", "Linear"]
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=2e-2)
+
+
+def test_load_quantized_from_a_converted_checkpoint(tmp_path):
+    model = _model()
+    torch_save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    eqcore.quantize_checkpoint(tmp_path / "model.safetensors", tmp_path / "q.safetensors", skip="", progress=False,
+                               min_features=8)
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64),
+                                torch.nn.GELU(), torch.nn.Linear(64, 10))
+    load_quantized(fresh, tmp_path / "q.safetensors")
+    assert all(isinstance(fresh[i], QuantizedLinear) for i in (0, 2, 4))
+    expect = quantize_model(_model(), skip=None)  # same weights, same default settings
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fresh(x), expect(x), rtol=0, atol=0)
+    wrong = torch.nn.Sequential(torch.nn.Linear(64, 100))
+    with pytest.raises(ValueError, match="shape"):
+        load_quantized(wrong, tmp_path / "q.safetensors")
+
+
+def test_a_transformers_model_round_trips_through_a_quantized_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from eqcore.torch import load_pretrained
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=97, tie_word_embeddings=True)
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "float")
+    eqcore.quantize_checkpoint(tmp_path / "float", tmp_path / "q", eqcore.QuantConfig(bits=8), progress=False)
+    marked = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert marked["quantization_config"]["quant_method"] == "eqcore"
+    q = load_pretrained(tmp_path / "q")
+    assert sum(isinstance(m, QuantizedLinear) for m in q.modules()) == 2 * 7
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        ref, got = model(ids).logits, q(ids).logits
+    assert torch.allclose(got, ref, atol=5e-2), float((got - ref).abs().max())
+    eqcore.dequantize_checkpoint(tmp_path / "q", tmp_path / "back", progress=False)
+    assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
+    del marked["quantization_config"]
+    (tmp_path / "q" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="holds no .safetensors"):
+        load_pretrained(tmp_path / "q")
