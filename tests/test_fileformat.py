@@ -36,14 +36,15 @@ def test_save_load_roundtrip_is_bit_exact(tmp_path, dtype, bits, group):
     assert back["layer.norm"].tobytes() == norm.tobytes() and back["layer.norm"].dtype == norm.dtype
 
 
-def test_files_are_readable_by_the_safetensors_package(tmp_path):
-    qt = _qt(np.float32)
+@pytest.mark.parametrize("scale_dtype, version", [("float32", "1"), ("float16", "2")])
+def test_files_are_readable_by_the_safetensors_package(tmp_path, scale_dtype, version):
+    qt = _qt(np.float32, scale_dtype=scale_dtype)
     save_file({"w": qt, "b": np.ones(3, np.float32)}, tmp_path / "m.safetensors")
     with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
         assert set(f.keys()) == {"w.qweight", "w.scales", "w.outlier_rowptr", "w.outlier_cols", "w.outlier_vals", "b"}
         np.testing.assert_array_equal(f.get_tensor("w.qweight"), qt.qweight)
         meta = f.metadata()
-    assert meta["eqcore.format_version"] == "1"
+    assert meta["eqcore.format_version"] == version  # the oldest version that holds the tensor
     assert json.loads(meta["eqcore.tensor.w"])["bits"] == 4
 
 

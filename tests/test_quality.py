@@ -43,8 +43,13 @@ def small():
 
 def test_parse_method():
     s = quality.parse_method("easyquant:sigma=2.5,steps=20")
-    assert s.kind == "eqcore" and s.options == {"sigma": 2.5, "steps": 20}
-    assert quality.parse_method("rtn").options == {"sigma": None, "steps": 0}
+    paper = {"outlier_stats": "tensor", "scale_dtype": "float32"}  # pinned, whatever eqcore's defaults
+    assert s.kind == "eqcore" and s.options == {**paper, "sigma": 2.5, "steps": 20}
+    assert quality.parse_method("rtn").options == {"scale_dtype": "float32", "sigma": None, "steps": 0}
+    s = quality.parse_method("eqcore-cb-g64:bpw=4.25,col_scales=true")
+    assert s.options["bpw"] == 4.25 and s.options["col_scales"] is True and s.options["grid"] == "codebook"
+    with pytest.raises(ValueError, match="true or false"):
+        quality.parse_method("easyquant:col_scales=maybe")
     assert quality.parse_method("easyquant-g128").group == 128
     with pytest.raises(ValueError):
         quality.parse_method("nope")

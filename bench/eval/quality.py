@@ -61,17 +61,26 @@ class MethodSpec:
         return dict(self.kwargs)
 
 
+_PAPER = (("outlier_stats", "tensor"), ("scale_dtype", "float32"))  # the paper's settings, whatever eqcore's defaults
+
 METHODS: dict[str, MethodSpec] = {
     "fp": MethodSpec("fp", "fp", "float (fp32)"),
-    "rtn": MethodSpec("rtn", "eqcore", "RTN per-channel", None, (("sigma", None), ("steps", 0))),
-    "outliers": MethodSpec("outliers", "eqcore", "outliers only (3σ)", None, (("steps", 0),)),
-    "easyquant": MethodSpec("easyquant", "eqcore", "EasyQuant (paper defaults)", None, ()),
-    "easyquant-g128": MethodSpec("easyquant-g128", "eqcore", "EasyQuant g128", 128, (("group_size", 128),)),
+    "rtn": MethodSpec("rtn", "eqcore", "RTN per-channel", None, (("scale_dtype", "float32"), ("sigma", None), ("steps", 0))),
+    "outliers": MethodSpec("outliers", "eqcore", "outliers only (3σ)", None, _PAPER + (("steps", 0),)),
+    "easyquant": MethodSpec("easyquant", "eqcore", "EasyQuant (paper defaults)", None, _PAPER),
+    "easyquant-g128": MethodSpec("easyquant-g128", "eqcore", "EasyQuant g128", 128, _PAPER + (("group_size", 128),)),
+    # the tune split's choices: per-row outlier statistics, fp16 scales (exact solver); a fitted codebook g64
+    "eqcore-row": MethodSpec("eqcore-row", "eqcore", "eqcore row σ=3, fp16 scales, exact", None,
+                             (("outlier_stats", "row"), ("scale_dtype", "float16"), ("solver", "exact"))),
+    "eqcore-cb-g64": MethodSpec("eqcore-cb-g64", "eqcore", "eqcore fitted codebook g64, row σ=3, fp16", 64,
+                                (("grid", "codebook"), ("group_size", 64), ("outlier_stats", "row"),
+                                 ("scale_dtype", "float16"))),
     # chosen on the tune split only (bench/results/quality_tune.md): per-row outlier statistics, sigma 2.75,
     # which lands at HQQ g64's bits/weight (4.47 vs 4.50 at 4 bits)
     "easyquant-tuned": MethodSpec("easyquant-tuned", "eqcore", "EasyQuant tuned (row σ=2.75)", None,
-                                  (("outlier_stats", "row"), ("sigma", 2.75))),
-    "rtn-g128": MethodSpec("rtn-g128", "eqcore", "RTN g128", 128, (("group_size", 128), ("sigma", None), ("steps", 0))),
+                                  (("outlier_stats", "row"), ("scale_dtype", "float32"), ("sigma", 2.75))),
+    "rtn-g128": MethodSpec("rtn-g128", "eqcore", "RTN g128", 128, (("group_size", 128), ("scale_dtype", "float32"),
+                                                                   ("sigma", None), ("steps", 0))),
     "hqq-pc": MethodSpec("hqq-pc", "hqq", "HQQ per-channel", None),
     "hqq-g128": MethodSpec("hqq-g128", "hqq", "HQQ g128", 128),
     "hqq-g64": MethodSpec("hqq-g64", "hqq", "HQQ g64", 64),
