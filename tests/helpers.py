@@ -9,3 +9,18 @@ def weights(rows, cols, seed=0, dtype=np.float32, scale=0.02, zero_rows=0):
     w = (rng.standard_t(4, size=(rows, cols)) * scale).astype(dtype)
     w[:zero_rows] = 0
     return w
+
+
+def run_ptxas(exe, cc, text, name, timeout=300):
+    """Assemble PTX ``text`` for compute capability ``cc`` with ``ptxas -v``; the CompletedProcess."""
+    import os
+    import subprocess
+
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{name}_{os.getpid()}.ptx")
+    with open(path, "w") as f:
+        f.write(text)
+    try:
+        return subprocess.run([exe, f"-arch=sm_{cc[0]}{cc[1]}", "-v", path, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    finally:
+        os.unlink(path)

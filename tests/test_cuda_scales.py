@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import weights
+from helpers import run_ptxas, weights
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,14 +67,7 @@ def test_ptxas_no_spills(ptx):
     if exe is None:
         pytest.skip("no ptxas")
     for (cc, sh), text in ptx.items():
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"eq_cuda_scales_{os.getpid()}.ptx")
-        with open(path, "w") as f:
-            f.write(text)
-        try:
-            res = subprocess.run([exe, f"-arch=sm_{cc[0]}{cc[1]}", "-v", path, "-o", os.devnull],
-                                 capture_output=True, text=True, timeout=120, check=False)
-        finally:
-            os.unlink(path)
+        res = run_ptxas(exe, cc, text, "eq_cuda_scales", timeout=120)
         assert res.returncode == 0, res.stderr
         stack, stores, loads = map(int, re.search(
             r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr).groups())

@@ -10,7 +10,7 @@ from eqcore.layout import max_scale
 from eqcore.solvers import adam, exact, exact_numba
 from eqcore.solvers.objective import group_view, loss_and_grad, reconstruction_loss
 
-from helpers import weights
+from helpers import run_ptxas, weights
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 BITS = st.sampled_from([2, 3, 4, 8])
@@ -173,14 +173,7 @@ def test_cuda_kernel_has_no_spills(exact_ptx):
     if exe is None:
         pytest.skip("no ptxas")
     for cc, text in exact_ptx.items():
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"eq_exact_{os.getpid()}.ptx")
-        with open(path, "w") as f:
-            f.write(text)
-        try:
-            res = subprocess.run([exe, f"-arch=sm_{cc[0]}{cc[1]}", "-v", path, "-o", os.devnull],
-                                 capture_output=True, text=True, timeout=300, check=False)
-        finally:
-            os.unlink(path)
+        res = run_ptxas(exe, cc, text, "eq_exact", timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         (stack, stores, loads, regs), = ptxas_stats(res.stderr).values()
         print(f"exact kernel sm_{cc[0]}{cc[1]}: {regs} registers")
