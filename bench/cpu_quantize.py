@@ -14,7 +14,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("EQCORE_CACHE_DIR", tempfile.mkdtemp(prefix="eqcore-bench-cache-"))
@@ -31,19 +30,10 @@ from eqcore.config import QuantConfig  # noqa: E402
 from eqcore.backends.numpy import dequantize as dequantize_reference  # noqa: E402
 from eqcore.backends.numpy import encode as encode_reference  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
+from bench.timing import best_time  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
 from eqcore.solvers.adam import optimize_scales as optimize_scales_reference  # noqa: E402
 from eqcore.tensor import QuantizedTensor  # noqa: E402
-
-
-def timed(fn, repeat=1):
-    """(best wall time in seconds, last result)."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def machine() -> dict:
@@ -78,15 +68,15 @@ def main(argv=None):
 
     # compile every kernel once on a small matrix (fresh cache dir: a real compile)
     small = x[:4, :96]
-    t_compile, _ = timed(lambda: (adam_numba.optimize_scales(small, cfg.replace(steps=2)),
+    t_compile, _ = best_time(lambda: (adam_numba.optimize_scales(small, cfg.replace(steps=2)),
                                   cpu.encode(small, np.ones((4, -(-96 // (cfg.group_size or 96))), np.float32),
                                              cfg.bits, cfg.group_size)))
     info["threading layer"] = numba.threading_layer()
     rows_out = []  # (what, numba, reference, speed-up)
 
-    t_nb, s_nb = timed(lambda: adam_numba.optimize_scales(x, cfg))
+    t_nb, s_nb = best_time(lambda: adam_numba.optimize_scales(x, cfg))
     cfg_ref = cfg.replace(steps=args.ref_steps)
-    t_ref, s_ref = timed(lambda: optimize_scales_reference(x, cfg_ref))
+    t_ref, s_ref = best_time(lambda: optimize_scales_reference(x, cfg_ref))
     same = np.mean(adam_numba.optimize_scales(x, cfg_ref) == s_ref)
     thr_nb, thr_ref = n * args.steps / t_nb, n * args.ref_steps / t_ref
     rows_out.append((f"optimize_scales ({args.steps} / {args.ref_steps} steps)", f"{t_nb:.2f} s", f"{t_ref:.2f} s", ""))
@@ -94,8 +84,8 @@ def main(argv=None):
     print(f"optimize_scales: numba {thr_nb / 1e9:.3f} G elem*step/s, numpy {thr_ref / 1e9:.4f}, x{thr_nb / thr_ref:.1f};"
           f" scales equal to reference at {args.ref_steps} steps: {same:.4%}")
 
-    t_enc, q_nb = timed(lambda: cpu.encode(x, s_nb, cfg.bits, cfg.group_size), repeat=3)
-    t_enc_ref, q_ref = timed(lambda: encode_reference(x, s_nb, cfg.bits, cfg.group_size))
+    t_enc, q_nb = best_time(lambda: cpu.encode(x, s_nb, cfg.bits, cfg.group_size), repeat=3)
+    t_enc_ref, q_ref = best_time(lambda: encode_reference(x, s_nb, cfg.bits, cfg.group_size))
     assert np.array_equal(q_nb, q_ref), "encode differs from the reference"
     gb = q_nb.nbytes / 1e9
     rows_out.append(("encode (codes + pack), GB/s of qweight", f"{gb / t_enc:.3f}", f"{gb / t_enc_ref:.4f}",
@@ -107,15 +97,15 @@ def main(argv=None):
                          bits=cfg.bits, group_size=cfg.group_size, sigma=cfg.sigma)
     for dt in ("float16", "bfloat16", "float32"):
         cpu.dequantize(qt, eqcore.dtypes.WEIGHT_DTYPES[dt])  # compile this output dtype
-        t_dq, d_nb = timed(lambda: cpu.dequantize(qt, eqcore.dtypes.WEIGHT_DTYPES[dt]), repeat=3)
-        t_dq_ref, d_ref = timed(lambda: dequantize_reference(qt, dt))
+        t_dq, d_nb = best_time(lambda: cpu.dequantize(qt, eqcore.dtypes.WEIGHT_DTYPES[dt]), repeat=3)
+        t_dq_ref, d_ref = best_time(lambda: dequantize_reference(qt, dt))
         assert np.array_equal(d_nb.view(np.uint8), d_ref.view(np.uint8)), f"dequantize {dt} differs"
         gb = d_nb.nbytes / 1e9
         rows_out.append((f"dequantize -> {dt}, GB/s of output", f"{gb / t_dq:.2f}", f"{gb / t_dq_ref:.3f}",
                          f"{t_dq_ref / t_dq:.1f}x"))
         print(f"dequantize {dt}: numba {t_dq * 1e3:.1f} ms, numpy {t_dq_ref * 1e3:.0f} ms (bit-identical)")
 
-    t_q, _ = timed(lambda: eqcore.quantize(w, cfg, backend="numba"))
+    t_q, _ = best_time(lambda: eqcore.quantize(w, cfg, backend="numba"))
     print(f"eqcore.quantize(backend='numba') end to end: {t_q:.2f} s")
 
     lines = [f"# CPU path: Numba vs NumPy reference ({args.rows} x {args.cols}, {args.bits}-bit, sigma {args.sigma}, "

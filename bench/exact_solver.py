@@ -13,7 +13,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,17 +26,9 @@ from eqcore.machine import cpu_name  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
 from eqcore.solvers import adam_numba, exact_numba  # noqa: E402
 from eqcore.solvers.objective import group_view, loss_and_grad  # noqa: E402
+from bench.timing import best_time  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-
-
-def best_time(fn, repeat):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def group_losses(x, s, cfg):

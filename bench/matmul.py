@@ -14,7 +14,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,16 +23,13 @@ import numpy as np  # noqa: E402
 
 import eqcore  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
+from bench.timing import best_time  # noqa: E402
 
 
 def best(fn, repeat):
-    fn()  # warm-up (compilation, page faults)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    """Best of ``repeat`` timed calls after one untimed warm-up call (compilation, page faults)."""
+    fn()
+    return best_time(fn, repeat)[0]
 
 
 def main(argv=None) -> int:

@@ -161,8 +161,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         if key not in plain and key.rpartition(".")[0] not in replaced and ptr.get(key, key) not in given:
             raise ValueError(f"the checkpoint has no {key!r}")
     for key, value in plain.items():
-        if key.endswith(".bias") and isinstance(tensors.get(key[:-5] + ".weight"), QuantizedTensor):
-            continue
+        if key.rpartition(".")[0] in replaced:
+            continue  # a quantized layer's bias: it went into the QuantizedLinear
         if key not in state:
             raise ValueError(f"{key} is in the checkpoint but not in the model")
         t = to_torch(np.array(value))

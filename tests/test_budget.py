@@ -148,3 +148,17 @@ def test_checkpoint_under_a_budget_reports_what_it_stored(tmp_path):
                         "--bits-per-weight", "1", "--no-progress", "--skip", ""], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and "below the smallest layout" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_existing_output_is_refused_before_the_budget_is_planned(tmp_path, monkeypatch):
+    src = tmp_path / "model.safetensors"
+    st_save({"layers.0.weight": _model()["a"]}, str(src))
+    (tmp_path / "taken.safetensors").write_bytes(b"not ours")
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned before checking the output")
+
+    monkeypatch.setattr("eqcore.budget.plan", no_planning)
+    with pytest.raises(eqcore.io.folders.OutputExistsError):
+        eqcore.quantize_checkpoint(src, tmp_path / "taken.safetensors", bits_per_weight=4.5, progress=False, skip="")
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"not ours"

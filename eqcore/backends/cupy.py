@@ -81,6 +81,4 @@ def dequantize(qt, dtype=None):
 def matmul(x, qt):
     """y = x @ W^T (float32): W dequantized by the fused kernel, then cuBLAS (the baseline path
     of :func:`eqcore.backends.numpy.matmul`'s contract)."""
-    import cupy
-
-    return cupy.matmul(x.astype(cupy.float32), dequantize(qt, np.float32).T)
+    return _cp().matmul(x.astype(np.float32), dequantize(qt, np.float32).T)

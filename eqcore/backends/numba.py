@@ -281,24 +281,30 @@ def unpack(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
     return out
 
 
+def _tensor_args(qt) -> tuple:
+    """What the dequant and matmul kernels take of ``qt``, in their order: qweight, float32 scales,
+    columns per group, bits, qmin, then :func:`_grid_args`' grid, zeros, codebook and column
+    scales, then the int64 row pointers and column indices of the outliers."""
+    rows, cols = qt.shape
+    g, n_groups = group_layout(cols, qt.group_size)
+    grid, z, cb, col = _grid_args(qt.grid, rows, n_groups, cols, qt.zeros, qt.codebook, qt.col_scales)
+    return (np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.scales.astype(np.float32)), g, int(qt.bits),
+            np.float32(qrange(qt.bits)[0]), grid, z, cb, col, qt.outlier_rowptr.astype(np.int64),
+            qt.outlier_cols.astype(np.int64))
+
+
 def dequantize(qt, dtype=None) -> np.ndarray:
     """Dense (rows, cols) in ``dtype``, outliers scattered per row, in one parallel pass."""
     dtype = weight_dtype(dtype or qt.dtype)
-    rows, cols = qt.shape
-    g, _ = group_layout(cols, qt.group_size)
     vals = saturate(qt.outlier_vals, dtype)  # small; cast exactly like the reference
     if dtype.itemsize == 2:
         mode = _BF16 if dtype == bfloat16 else _F16
-        out = np.empty((rows, cols), dtype=np.uint16)
+        out = np.empty(qt.shape, dtype=np.uint16)
         vals = vals.view(np.uint16)
     else:
         mode = _F32
-        out = np.empty((rows, cols), dtype=dtype)
-    n_groups = qt.scales.shape[1]
-    grid, z, cb, col = _grid_args(qt.grid, rows, n_groups, cols, qt.zeros, qt.codebook, qt.col_scales)
-    _dequant_kernel(np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.scales.astype(np.float32)), g,
-                    int(qt.bits), np.float32(qrange(qt.bits)[0]), grid, z, cb, col, qt.outlier_rowptr.astype(np.int64), qt.outlier_cols.astype(np.int64), vals, mode,
-                    np.float32(finite_max(dtype)), out)
+        out = np.empty(qt.shape, dtype=dtype)
+    _dequant_kernel(*_tensor_args(qt), vals, mode, np.float32(finite_max(dtype)), out)
     return out.view(dtype) if mode != _F32 else out
 
 
@@ -317,13 +323,7 @@ def matmul(x, qt) -> np.ndarray:
             block = qt.row_block(r, min(r + TILE_ROWS, qt.shape[0]))
             np.matmul(x, dequantize(block, np.float32).T, out=out[:, r:r + block.shape[0]])
         return out
-    rows, cols = qt.shape
-    g, n_groups = group_layout(cols, qt.group_size)
-    grid, z, cb, col = _grid_args(qt.grid, rows, n_groups, cols, qt.zeros, qt.codebook, qt.col_scales)
-    xc = x * col if col.shape[0] else x
-    out = np.empty((x.shape[0], rows), dtype=np.float32)
-    _matmul_kernel(x, np.ascontiguousarray(xc), np.ascontiguousarray(qt.qweight),
-                   np.ascontiguousarray(qt.scales.astype(np.float32)), g, int(qt.bits),
-                   np.float32(qrange(qt.bits)[0]), grid, z, cb, col, qt.outlier_rowptr.astype(np.int64),
-                   qt.outlier_cols.astype(np.int64), qt.outlier_vals.astype(np.float32), out)
+    xc = x if qt.col_scales is None else np.ascontiguousarray(x * np.asarray(qt.col_scales).astype(np.float32))
+    out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
+    _matmul_kernel(x, xc, *_tensor_args(qt), qt.outlier_vals.astype(np.float32), out)
     return out

@@ -236,6 +236,7 @@ def quantize_checkpoint(src, dst, config: QuantConfig | None = None, *, skip: st
     pattern = compile_skip(skip)
     configs = None
     if bits_per_weight is not None:
+        check_output(Path(src), Path(dst), overwrite)  # before minutes of planning, not after
         configs = _plan(src, config, pattern, min_features, bits_per_weight, backend, progress, follow_symlinks)
     done = {"tensors": 0, "weights": 0, "bytes": 0}
 
