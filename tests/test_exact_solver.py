@@ -99,6 +99,22 @@ def test_the_scale_cap_binds():
     assert np.all(s <= smax) and np.any(s == smax)
 
 
+def test_a_bracket_reaching_subnormal_scales_ends():
+    """Entries near float32's max under an fp16 scale cap: every scale clips, the loss is flat
+    and the bracket shrinks to the subnormals, where 0.9 * s rounds back to s. The shared sweep
+    used to loop there forever (Numba and CUDA); run in a subprocess so a relapse fails."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from eqcore.config import QuantConfig; from eqcore.solvers import exact, exact_numba\n"
+            "x = (np.linspace(-0.5, 0.5, 40) * np.finfo(np.float32).max).astype(np.float32)[None]\n"
+            "x[0, 0] = np.finfo(np.float32).max; cfg = QuantConfig(bits=2); smax = np.float32(65504 / 2)\n"
+            "a, b = exact_numba.optimize_scales(x, cfg, smax), exact.optimize_scales(x, cfg, smax)\n"
+            "assert np.array_equal(a, b), (a, b); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
 def test_all_zero_groups_take_the_max_abs_convention():
     x = np.zeros((2, 8), np.float32)
     np.testing.assert_array_equal(exact.optimize_scales(x, QuantConfig()), np.ones((2, 1), np.float32))

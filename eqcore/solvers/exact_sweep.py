@@ -330,10 +330,11 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         # 2. the bracket
         s_lo = best_s
         while True:
-            s_lo = float32(float64(s_lo) * SHRINK)
-            if s_lo <= TINY:
+            shrunk = float32(float64(s_lo) * SHRINK)
+            if shrunk <= TINY or shrunk >= s_lo:  # subnormals: 0.9 * s may round back to s
                 s_lo = float32(TINY)
                 break
+            s_lo = shrunk
             if clamp_bound(wa, wtop, n, s_lo) > best:
                 break
         s_hi = best_s
