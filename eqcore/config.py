@@ -12,6 +12,9 @@ from .solvers import GRIDS as SOLVER_GRIDS
 from .solvers import SOLVERS
 
 
+PAPER = {"outlier_stats": "tensor", "scale_dtype": "float32", "solver": "adam"}  # EasyQuant as published
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """Settings for :func:`eqcore.quantize`.
@@ -21,20 +24,25 @@ class QuantConfig:
                 paper's), "adpq" (robust per-group threshold) or "budget" (error-driven).
     sigma       threshold n of "sigma" (|W - mean| >= n * std) and "adpq" (in robust std units).
                 ``None`` disables outlier isolation.
-    outlier_stats  "tensor" (mean/std of the whole matrix, the paper) or "row", for "sigma".
+    outlier_stats  "row" (mean/std of each row, the default) or "tensor" (of the whole matrix,
+                the paper's), for "sigma".
     outlier_fraction  the share of entries "budget" keeps exact (e.g. 0.005).
     group_size  scales per group of this many input columns; ``None`` = one per row.
-    scale_dtype "float32", "float16" or "bfloat16": how scales (and zeros, column scales) are
-                stored. Narrower ones are the float32 result rounded to nearest (codes follow).
+    scale_dtype "float16" (the default), "bfloat16" or "float32" (the paper's): how scales (and
+                zeros, column scales) are stored. Narrower ones are the float32 result rounded to
+                nearest (codes follow).
     grid        the levels a code stands for: "symmetric" (integers around 0, the paper's),
                 "asymmetric" (integers minus a zero-point per group) or "codebook" (2^bits
                 fitted or normal-float levels), see :mod:`eqcore.grids`.
     codebook    for the codebook grid: "fit" (levels fitted to the tensor) or "nf" (normal-float).
     col_scales  also a scale per input column, before the row / group grid (SINQ-like balancing).
     solver      how the grid's parameters are chosen: a name in :data:`eqcore.solvers.SOLVERS`;
-                None = the grid's default (:attr:`solver_name`: "adam", the paper's, for the
-                symmetric grid; "lloyd" for the others).
-    steps       Adam iterations on each scale (0 = keep the max-abs initial scale).
+                None = the grid's default (:attr:`solver_name`: "exact" for the symmetric grid,
+                or "adam" when steps=0, i.e. max-abs scales; "lloyd" for the others).
+    steps       Adam iterations on each scale (0 = keep the max-abs initial scale: RTN).
+
+    Defaults (chosen on the tune split, bench/results/frontier_tune.md): per-row outlier
+    statistics, fp16 scales and the exact solver; :meth:`paper` gives the paper's settings.
     lr          Adam learning rate on the *relative* scale u = s / s0 (magnitude-free).
     betas, eps  Adam hyper-parameters (eps acts on the normalized gradient).
     """
@@ -42,10 +50,10 @@ class QuantConfig:
     bits: int = 4
     outliers: str = "sigma"
     sigma: float | None = 3.0
-    outlier_stats: str = "tensor"
+    outlier_stats: str = "row"
     outlier_fraction: float = 0.005
     group_size: int | None = None
-    scale_dtype: str = "float32"
+    scale_dtype: str = "float16"
     grid: str = "symmetric"
     codebook: str = "fit"
     col_scales: bool = False
@@ -105,10 +113,18 @@ class QuantConfig:
         scales = "" if self.scale_dtype == "float32" else f", {self.scale_dtype} scales"
         return f"{self.bits}-bit {grid}, {out}, {groups}, {solver}{scales}"
 
+    @classmethod
+    def paper(cls, **options) -> "QuantConfig":
+        """The paper's settings (per-tensor outlier statistics, fp32 scales, Adam), plus ``options``."""
+        return cls(**{**PAPER, **options})
+
     @property
     def solver_name(self) -> str:
-        """The solver that runs: ``solver``, or the grid's default when it is None."""
-        return DEFAULT_SOLVER[self.grid] if self.solver is None else self.solver
+        """The solver that runs: ``solver``, or the grid's default when it is None (with steps=0,
+        the symmetric grid keeps its max-abs scales: Adam for no steps)."""
+        if self.solver is not None:
+            return self.solver
+        return "adam" if self.grid == "symmetric" and self.steps == 0 else DEFAULT_SOLVER[self.grid]
 
     @property
     def qmin(self) -> int:

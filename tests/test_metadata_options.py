@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import eqcore
+from eqcore.config import QuantConfig
 from eqcore.backends.numpy import dequantize as dequantize_reference
 from eqcore.io.fileformat import load_file, save_file
 from eqcore.io.safetensors import SafetensorsReader
@@ -47,8 +48,9 @@ def test_float16_scales_of_tiny_or_huge_weights():
 
 def test_files_say_version_2_only_when_they_need_it(tmp_path):
     w = weights(8, 96, seed=4, dtype=np.float16)
-    save_file({"a": eqcore.quantize(w, steps=2)}, tmp_path / "v1.safetensors")
-    save_file({"a": eqcore.quantize(w, steps=2), "b": eqcore.quantize(w, steps=2, scale_dtype="float16")},
+    v1 = dict(steps=2, scale_dtype="float32")  # what version 1 holds (the default fp16 scales need version 2)
+    save_file({"a": eqcore.quantize(w, **v1)}, tmp_path / "v1.safetensors")
+    save_file({"a": eqcore.quantize(w, **v1), "b": eqcore.quantize(w, steps=2, scale_dtype="float16")},
               tmp_path / "v2.safetensors")
     for name, version in (("v1", "1"), ("v2", "2")):
         with SafetensorsReader(tmp_path / f"{name}.safetensors") as r:
@@ -102,3 +104,16 @@ def test_budget_selector_beats_the_sigma_rule_at_the_same_count():
 def test_bad_options_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         eqcore.QuantConfig(**kw)
+
+
+def test_defaults_are_the_tune_splits_choice_and_paper_is_the_paper():
+    d, p = QuantConfig(), QuantConfig.paper(bits=3)
+    assert (d.outlier_stats, d.scale_dtype, d.solver_name) == ("row", "float16", "exact")
+    assert (p.bits, p.outlier_stats, p.scale_dtype, p.solver_name) == (3, "tensor", "float32", "adam")
+    assert QuantConfig(steps=0).solver_name == "adam" and QuantConfig(steps=0, solver="exact").solver_name == "exact"
+    w = weights(8, 96, seed=6)
+    rtn = eqcore.quantize(w, sigma=None, steps=0)  # steps=0 keeps the max-abs scales: RTN
+    want = (np.abs(w).max(axis=1, keepdims=True) / 7).astype(np.float16)
+    np.testing.assert_array_equal(rtn.scales, want)
+    ex = eqcore.quantize(w, sigma=None)
+    assert not np.array_equal(ex.scales, rtn.scales)

@@ -43,7 +43,7 @@ def small():
 
 def test_parse_method():
     s = quality.parse_method("easyquant:sigma=2.5,steps=20")
-    paper = {"outlier_stats": "tensor", "scale_dtype": "float32"}  # pinned, whatever eqcore's defaults
+    paper = {"outlier_stats": "tensor", "scale_dtype": "float32", "solver": "adam"}  # pinned, whatever the defaults
     assert s.kind == "eqcore" and s.options == {**paper, "sigma": 2.5, "steps": 20}
     assert quality.parse_method("rtn").options == {"scale_dtype": "float32", "sigma": None, "steps": 0}
     s = quality.parse_method("eqcore-cb-g64:bpw=4.25,col_scales=true")

@@ -77,7 +77,7 @@ def test_row_statistics_option_uses_each_rows_mean_and_std():
 @pytest.mark.parametrize("group_size", [None, 32, 50])
 def test_dequant_restores_outliers_exactly_and_bounds_the_rest(dtype, group_size):
     w = weights(16, 130, seed=3, dtype=dtype)
-    qt = eqcore.quantize(w, bits=4, group_size=group_size, steps=20, backend="numpy")
+    qt = eqcore.quantize(w, bits=4, group_size=group_size, steps=20, outlier_stats="tensor", backend="numpy")
     w_hat = dequantize_reference(qt)
     assert w_hat.dtype == np.dtype(dtype)
     _, mask = find_outliers(w, 3.0)
@@ -199,11 +199,12 @@ def test_array_like_input_is_accepted():
     assert qt.dtype == "float64" and qt.shape == (1, 4)
 
 
-def test_bits_per_weight_counts_codes_scales_and_outliers():
+@pytest.mark.parametrize("scale_dtype, scale_bits", [("float32", 32), ("float16", 16), ("bfloat16", 16)])
+def test_bits_per_weight_counts_codes_scales_and_outliers(scale_dtype, scale_bits):
     w = weights(64, 256, seed=10)
-    qt = eqcore.quantize(w, bits=4, steps=0, backend="numpy")
+    qt = eqcore.quantize(w, bits=4, steps=0, scale_dtype=scale_dtype, backend="numpy")
     nnz = qt.outlier_vals.size
-    expected = (64 * 256 * 4 + 64 * 32 + 65 * 32 + nnz * (16 + 32)) / (64 * 256)
+    expected = (64 * 256 * 4 + 64 * scale_bits + 65 * 32 + nnz * (16 + 32)) / (64 * 256)
     assert qt.bits_per_weight == pytest.approx(expected)
     assert qt.outlier_fraction == nnz / (64 * 256)
 

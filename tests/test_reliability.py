@@ -515,7 +515,7 @@ def _leftovers(folder, keep):
 def test_sigterm_and_ctrl_c_clean_up_and_say_so(tmp_path, sig, code):
     m = _slow_model(tmp_path / "m")
     proc = subprocess.Popen([sys.executable, "-m", "eqcore.cli", "quantize", str(m), str(tmp_path / "q"),
-                             "--steps", "100000", "--no-progress"], stderr=subprocess.PIPE, text=True)
+                             "--solver", "adam", "--steps", "100000", "--no-progress"], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(".eqcore" in n for n in os.listdir(tmp_path)):
         time.sleep(0.05)
@@ -531,7 +531,7 @@ def test_sigterm_and_ctrl_c_clean_up_and_say_so(tmp_path, sig, code):
 def test_stale_temporary_files_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
     m = _slow_model(tmp_path / "m")
     proc = subprocess.Popen([sys.executable, "-m", "eqcore.cli", "quantize", str(m), str(tmp_path / "q"),
-                             "--steps", "100000", "--no-progress"], stderr=subprocess.DEVNULL)
+                             "--solver", "adam", "--steps", "100000", "--no-progress"], stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not any(".eqcore" in n for n in os.listdir(tmp_path)):
         time.sleep(0.05)

@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from eqcore.config import PAPER
+
 __all__ = ["METHODS", "MethodSpec", "parse_method", "quantize_weights", "run_quality", "format_markdown",
            "write_results", "plot_results", "environment_info", "target_check", "lm_table", "encoder_table",
            "DEFAULT_METHODS", "DEFAULT_BITS"]
@@ -61,7 +63,7 @@ class MethodSpec:
         return dict(self.kwargs)
 
 
-_PAPER = (("outlier_stats", "tensor"), ("scale_dtype", "float32"))  # the paper's settings, whatever eqcore's defaults
+_PAPER = tuple(sorted(PAPER.items()))  # the paper's settings (QuantConfig.paper), whatever eqcore's defaults
 
 METHODS: dict[str, MethodSpec] = {
     "fp": MethodSpec("fp", "fp", "float (fp32)"),

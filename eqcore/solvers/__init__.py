@@ -36,7 +36,7 @@ SOLVERS = {
     },
 }
 GRIDS = {"adam": ("symmetric",), "exact": ("symmetric",), "lloyd": ("symmetric", "asymmetric", "codebook")}
-DEFAULT = {"symmetric": "adam", "asymmetric": "lloyd", "codebook": "lloyd"}  # when config.solver is None
+DEFAULT = {"symmetric": "exact", "asymmetric": "lloyd", "codebook": "lloyd"}  # when config.solver is None
 
 
 def get(name: str, backend: str):
