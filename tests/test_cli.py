@@ -28,7 +28,7 @@ def test_every_option_has_help_text():
     missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not missing, missing
-    assert set(sub.choices) == {"quantize", "dequantize", "inspect", "demo"}
+    assert set(sub.choices) == {"quantize", "dequantize", "inspect", "generate", "demo"}
 
 
 def test_output_exists_message_speaks_cli(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """eqcore.torch: QuantizedLinear forward, state_dict, quantize_model and load_quantized."""
+import importlib
 import io
 
 import numpy as np
@@ -107,9 +108,55 @@ def test_a_transformers_model_round_trips_through_a_quantized_folder(tmp_path):
     with torch.no_grad():
         ref, got = model(ids).logits, q(ids).logits
     assert torch.allclose(got, ref, atol=5e-2), float((got - ref).abs().max())
+    importlib.import_module("eqcore.hf")  # registers quant_method "eqcore" with transformers
+
+    auto = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert sum(isinstance(m, QuantizedLinear) for m in auto.modules()) == 2 * 7
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, got)
     eqcore.dequantize_checkpoint(tmp_path / "q", tmp_path / "back", progress=False)
     assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
     del marked["quantization_config"]
     (tmp_path / "q" / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="holds no .safetensors"):
         load_pretrained(tmp_path / "q")
+
+
+def _tiny_lm_folder(path):
+    """A 2-layer Llama with a word-level tokenizer, saved as a transformers folder."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(95)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(words), tie_word_embeddings=True,
+                                   eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(5)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return model, fast
+
+
+def test_generate_cli_continues_a_prompt_like_the_dequantized_model(tmp_path, capsys):
+    from eqcore.cli import main
+    from eqcore.generate import generate
+
+    model, tok = _tiny_lm_folder(tmp_path / "float")
+    eqcore.quantize_checkpoint(tmp_path / "float", tmp_path / "q", eqcore.QuantConfig(bits=8), progress=False)
+    r = generate(tmp_path / "q", "w3 w7 w11", max_new_tokens=12)
+    ids = tok("w3 w7 w11", return_tensors="pt").input_ids
+    ref = eqcore.torch.load_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                            pad_token_id=1)[0, ids.shape[1]:].tolist()
+    assert r["tokens"] == want and len(want) >= 1
+    assert 0 < r["linear_bytes"] < 0.6 * r["linear_fp16_bytes"]  # 8-bit codes + fp16 scales
+    assert main(["generate", str(tmp_path / "q"), "w3 w7 w11", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("w3 w7 w11") and "tokens/s" in err and "of fp16" in err
+    assert main(["generate", str(tmp_path / "nowhere"), "w1"]) == 2
+    assert "no config.json" in capsys.readouterr().err

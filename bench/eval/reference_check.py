@@ -36,7 +36,8 @@ def ppl_from_logits(logits, toks):
     return math.exp(float(np.mean(log_softmax_nll(logits[:-1], toks[1:]))))
 
 
-def transformers_ref(weights, cfg, toks):
+def transformers_model(weights, cfg):
+    """A transformers ``LlamaForCausalLM`` (fp32, eager attention) holding ``weights``."""
     import torch
     import transformers
 
@@ -60,6 +61,14 @@ def transformers_ref(weights, cfg, toks):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if "rotary" not in m]
     assert not missing and not unexpected, (missing, unexpected)
+    return model
+
+
+def transformers_ref(weights, cfg, toks):
+    import torch
+    import transformers
+
+    model = transformers_model(weights, cfg)
     with torch.no_grad():
         out = model(torch.from_numpy(np.asarray(toks, np.int64))[None]).logits[0]
     return out.numpy(), transformers.__version__
