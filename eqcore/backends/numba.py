@@ -7,6 +7,7 @@ reference's rounding). Compiled kernels are cached on disk outside the package (
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -84,18 +85,36 @@ def _pack_row(codes, bits, out):
             nb -= 32
 
 
+@njit(inline="always")
+def _unpack_pow2(words, bits, lg, out):
+    """Codes of width ``bits`` = 32 >> lg: code c at bits (c % per) * bits of word c >> lg, one
+    branch-free loop (vectorised when bits and lg are constants)."""
+    low = (1 << lg) - 1
+    m32 = np.uint32((1 << bits) - 1)
+    for c in range(out.shape[0]):
+        out[c] = np.uint8((words[c >> lg] >> np.uint32((c & low) * bits)) & m32)
+
+
 @njit
 def _unpack_row(words, bits, out):
-    """Codes of one packed row into ``out`` (uint8, length cols)."""
-    mask = np.uint64((1 << bits) - 1)
-    for c in range(out.shape[0]):
-        b = c * bits
-        w = b >> 5
-        sh = b & 31
-        v = np.uint64(words[w]) >> np.uint64(sh)
-        if sh + bits > 32:
-            v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
-        out[c] = np.uint8(v & mask)
+    """Codes of one packed row into ``out`` (uint8, length cols). 2/4/8-bit codes take a
+    constant-width loop; 3-bit codes may straddle two words."""
+    if bits == 4:
+        _unpack_pow2(words, 4, 3, out)
+    elif bits == 2:
+        _unpack_pow2(words, 2, 4, out)
+    elif bits == 8:
+        _unpack_pow2(words, 8, 2, out)
+    else:
+        mask = np.uint64((1 << bits) - 1)
+        for c in range(out.shape[0]):
+            b = c * bits
+            w = b >> 5
+            sh = b & 31
+            v = np.uint64(words[w]) >> np.uint64(sh)
+            if sh + bits > 32:
+                v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
+            out[c] = np.uint8(v & mask)
 
 
 @njit
@@ -189,42 +208,55 @@ def _dequant_kernel(qweight, scales, g, bits, qmin, grid, zeros, codebook, col, 
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _matmul_kernel(x, xc, qweight, scales, g, bits, qmin, grid, zeros, codebook, col, rowptr, ocols, ovals, out):
-    """out[:, r] = x @ W[r] for every row r, W never formed: the row's codes are unpacked once,
-    each group's levels times its scale come from a 2^bits table, dotted with xc = x * col
-    (x when there are no column scales); then the row's outliers replace their dense value."""
+def _matmul_kernel(x, xc, qweight, scales, g, bits, qmin, grid, zeros, codebook, col, rowptr, ocols, ovals, chunks,
+                   out):
+    """out[:, r] = x @ W[r] for every row r, W never formed: the row's codes are unpacked once and
+    each group's sum of level * xc (xc = x * col, x when there are no column scales) is taken
+    times its scale; levels are u + qmin or u - z (vectorised), or a 2^bits codebook table; then
+    the row's outliers replace their dense value. Rows go in ``chunks`` (one workspace each)."""
     batch, cols = x.shape
     rows = qweight.shape[0]
     n_groups = scales.shape[1]
     has_col = col.shape[0] > 0
     n_levels = 1 << bits
-    for r in prange(rows):
+    per = (rows + chunks - 1) // chunks
+    for k in prange(chunks):
         codes = np.empty(cols, np.uint8)
-        _unpack_row(qweight[r], bits, codes)
         lut = np.empty(n_levels, np.float32)
-        acc = np.zeros(batch, np.float32)
-        for j in range(n_groups):
-            s = scales[r, j]
-            z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
-            for u in range(n_levels):
-                lut[u] = np.float32(grid_level(u, grid, qmin, z, codebook) * s)
-            c1 = min(j * g + g, cols)
+        acc = np.empty(batch, np.float32)
+        for r in range(k * per, min(rows, k * per + per)):
+            _unpack_row(qweight[r], bits, codes)
+            acc[:] = 0
+            for j in range(n_groups):
+                s = scales[r, j]
+                c0 = j * g
+                c1 = min(c0 + g, cols)
+                if grid == GRID_CODEBOOK:
+                    for u in range(n_levels):
+                        lut[u] = codebook[u]
+                    for b in range(batch):
+                        t = np.float32(0)
+                        for c in range(c0, c1):
+                            t += lut[codes[c]] * xc[b, c]
+                        acc[b] += t * s
+                else:
+                    off = -zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(qmin)
+                    for b in range(batch):
+                        t = np.float32(0)
+                        for c in range(c0, c1):
+                            t += (np.float32(codes[c]) + off) * xc[b, c]
+                        acc[b] += t * s
+            for p in range(rowptr[r], rowptr[r + 1]):
+                c = ocols[p]
+                j = c // g
+                z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
+                v = np.float32(grid_level(codes[c], grid, qmin, z, codebook) * scales[r, j])
+                if has_col:
+                    v = np.float32(v * col[c])
+                for b in range(batch):
+                    acc[b] += (ovals[p] - v) * x[b, c]
             for b in range(batch):
-                t = np.float32(0)
-                for c in range(j * g, c1):
-                    t += lut[codes[c]] * xc[b, c]
-                acc[b] += t
-        for p in range(rowptr[r], rowptr[r + 1]):
-            c = ocols[p]
-            j = c // g
-            z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
-            v = np.float32(grid_level(codes[c], grid, qmin, z, codebook) * scales[r, j])
-            if has_col:
-                v = np.float32(v * col[c])
-            for b in range(batch):
-                acc[b] += (ovals[p] - v) * x[b, c]
-        for b in range(batch):
-            out[b, r] = acc[b]
+                out[b, r] = acc[b]
 
 
 # -- the backend's operations (signatures of eqcore.backends.numpy) ------------------
@@ -325,5 +357,6 @@ def matmul(x, qt) -> np.ndarray:
         return out
     xc = x if qt.col_scales is None else np.ascontiguousarray(x * np.asarray(qt.col_scales).astype(np.float32))
     out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
-    _matmul_kernel(x, xc, *_tensor_args(qt), qt.outlier_vals.astype(np.float32), out)
+    chunks = max(1, min(qt.shape[0], 4 * numba.get_num_threads()))
+    _matmul_kernel(x, xc, *_tensor_args(qt), qt.outlier_vals.astype(np.float32), chunks, out)
     return out
