@@ -40,11 +40,11 @@ class QuantConfig:
                 None = the grid's default (:attr:`solver_name`: "exact" for the symmetric grid,
                 or "adam" when steps=0, i.e. max-abs scales; "lloyd" for the others).
     steps       Adam iterations on each scale (0 = keep the max-abs initial scale: RTN).
+    lr          Adam learning rate on the *relative* scale u = s / s0 (magnitude-free).
+    betas, eps  Adam hyper-parameters (eps acts on the normalized gradient).
 
     Defaults (chosen on the tune split, bench/results/frontier_tune.md): per-row outlier
     statistics, fp16 scales and the exact solver; :meth:`paper` gives the paper's settings.
-    lr          Adam learning rate on the *relative* scale u = s / s0 (magnitude-free).
-    betas, eps  Adam hyper-parameters (eps acts on the normalized gradient).
     """
 
     bits: int = 4

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["generate"]
+__all__ = ["generate", "linear_bytes"]
 
 
 def generate(path, prompt: str, max_new_tokens: int = 32) -> dict:
@@ -17,7 +17,7 @@ def generate(path, prompt: str, max_new_tokens: int = 32) -> dict:
     import torch
     import transformers
 
-    from .torch import QuantizedLinear, load_pretrained
+    from .torch import load_pretrained
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -38,14 +38,18 @@ def generate(path, prompt: str, max_new_tokens: int = 32) -> dict:
                              do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
         seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
-    stored = fp16 = 0
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            stored += m.quantized.nbytes
-            fp16 += 2 * m.in_features * m.out_features
+    stored, fp16 = linear_bytes(model)
     return {"text": tok.decode(new, skip_special_tokens=True), "tokens": new, "seconds": seconds,
             "tokens_per_s": len(new) / seconds if seconds > 0 else float("inf"), "peak_rss": _peak_rss(),
             "linear_bytes": stored, "linear_fp16_bytes": fp16}
+
+
+def linear_bytes(model) -> tuple[int, int]:
+    """(bytes stored, bytes in fp16) of the :class:`eqcore.torch.QuantizedLinear` weights of ``model``."""
+    from .torch import QuantizedLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return sum(m.quantized.nbytes for m in layers), sum(2 * m.in_features * m.out_features for m in layers)
 
 
 def _peak_rss() -> int:

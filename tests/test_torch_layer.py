@@ -94,11 +94,7 @@ def test_a_transformers_model_round_trips_through_a_quantized_folder(tmp_path):
 
     from eqcore.torch import load_pretrained
 
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=97, tie_word_embeddings=True)
-    torch.manual_seed(3)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(tmp_path / "float")
+    model, _ = _tiny_lm_folder(tmp_path / "float")
     eqcore.quantize_checkpoint(tmp_path / "float", tmp_path / "q", eqcore.QuantConfig(bits=8), progress=False)
     marked = json.loads((tmp_path / "q" / "config.json").read_text())
     assert marked["quantization_config"]["quant_method"] == "eqcore"

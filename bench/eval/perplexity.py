@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from .model import LlamaConfig, forward, infer_config
 
-__all__ = ["PROTOCOL", "Protocol", "split_tokens", "perplexity", "nll_windows",
+__all__ = ["PROTOCOL", "Protocol", "split_tokens", "perplexity", "nll_windows", "score_windows",
            "log_softmax_nll"]
 
 
@@ -87,12 +87,21 @@ def nll_windows(weights: Mapping[str, np.ndarray], tokens, ctx: int = PROTOCOL.c
     ``stride == ctx`` the first token of each later window has no context in
     its window and is skipped (``len(tokens) - 1 - (n_windows - 1)`` targets).
     """
+    cfg = config or infer_config(weights)
+    return score_windows(tokens, lambda window, first: forward(weights, window, cfg, n_layers=n_layers,
+                                                               logits_from=first),
+                         ctx=ctx, stride=stride, progress=progress)
+
+
+def score_windows(tokens, logits_of: Callable, ctx: int = PROTOCOL.ctx, stride: int = PROTOCOL.stride,
+                  progress=None) -> np.ndarray:
+    """The window plan of :func:`nll_windows` for any model: ``logits_of(window, first)`` returns
+    the logits of the window's positions from ``first`` on (row j predicts window[first + j + 1])."""
     toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if not (0 < stride <= ctx):
         raise ValueError("need 0 < stride <= ctx")
     if toks.size < 2:
         raise ValueError("need at least 2 tokens")
-    cfg = config or infer_config(weights)
     out = []
     prev_end = 1          # targets [1, prev_end) already scored
     begin = 0
@@ -105,8 +114,7 @@ def nll_windows(weights: Mapping[str, np.ndarray], tokens, ctx: int = PROTOCOL.c
         first = start - begin - 1
         if start >= end:      # only possible for a 1-token tail window
             break
-        logits = forward(weights, toks[begin:end - 1], cfg, n_layers=n_layers,
-                         logits_from=first)
+        logits = logits_of(toks[begin:end - 1], first)
         out.append(log_softmax_nll(logits, toks[start:end]))
         if progress is not None:
             progress(end, n)

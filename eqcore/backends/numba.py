@@ -212,17 +212,15 @@ def _matmul_kernel(x, xc, qweight, scales, g, bits, qmin, grid, zeros, codebook,
                    out):
     """out[:, r] = x @ W[r] for every row r, W never formed: the row's codes are unpacked once and
     each group's sum of level * xc (xc = x * col, x when there are no column scales) is taken
-    times its scale; levels are u + qmin or u - z (vectorised), or a 2^bits codebook table; then
+    times its scale; levels are u + qmin or u - z (vectorised), or codebook[u]; then
     the row's outliers replace their dense value. Rows go in ``chunks`` (one workspace each)."""
     batch, cols = x.shape
     rows = qweight.shape[0]
     n_groups = scales.shape[1]
     has_col = col.shape[0] > 0
-    n_levels = 1 << bits
     per = (rows + chunks - 1) // chunks
     for k in prange(chunks):
         codes = np.empty(cols, np.uint8)
-        lut = np.empty(n_levels, np.float32)
         acc = np.empty(batch, np.float32)
         for r in range(k * per, min(rows, k * per + per)):
             _unpack_row(qweight[r], bits, codes)
@@ -232,12 +230,10 @@ def _matmul_kernel(x, xc, qweight, scales, g, bits, qmin, grid, zeros, codebook,
                 c0 = j * g
                 c1 = min(c0 + g, cols)
                 if grid == GRID_CODEBOOK:
-                    for u in range(n_levels):
-                        lut[u] = codebook[u]
                     for b in range(batch):
                         t = np.float32(0)
                         for c in range(c0, c1):
-                            t += lut[codes[c]] * xc[b, c]
+                            t += codebook[codes[c]] * xc[b, c]
                         acc[b] += t * s
                 else:
                     off = -zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(qmin)
