@@ -10,6 +10,7 @@ import sys
 from .backends import CHOICES
 from .io.folders import OutputExistsError
 from .config import QuantConfig
+from .errors import ClusterError
 from .grids import CODEBOOKS
 from .layout import GRIDS, SCALE_DTYPES, SUPPORTED_BITS
 from .outliers import SELECTORS
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a budget over the quantized weights: each one's group size and outlier budget are chosen "
                         "to fit it (overrides --group-size and --outliers; e.g. 4.25)")
     q.add_argument("--min-features", type=int, default=16, help="leave matrices with a side smaller than this")
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                       help="quantize on the running Dask cluster at ADDRESS (e.g. tcp://host:8786); its workers "
+                            "must see INPUT at the same path (pip install eqcore[dask])")
+    where.add_argument("--workers", type=int, metavar="N", default=None,
+                       help="quantize on a new Dask cluster of N worker processes on this machine (one per GPU "
+                            "with dask-cuda and GPUs) (pip install eqcore[dask])")
     _conversion_options(q)
 
     d = sub.add_parser("dequantize", parents=[debug], help="write a plain safetensors checkpoint any runtime can load")
@@ -149,7 +157,7 @@ def main(argv=None) -> int:
             raise
         print(f"eqcore {a.command}: error: out of memory ({e or 'allocation failed'})", file=sys.stderr)
         return 2
-    except (ValueError, OSError, TypeError) as e:  # FormatError, FileExistsError, disk full, ...
+    except (ValueError, OSError, TypeError, ImportError, ClusterError) as e:  # FormatError, disk full, no dask, ...
         if debug:
             raise
         msg = str(e) or type(e).__name__
@@ -174,11 +182,19 @@ def _run(a) -> int:
             re.compile(skip)
         except re.error as e:
             raise ValueError(f"--skip {skip!r} is not a valid regular expression ({e})") from None
-        done = quantize_checkpoint(a.input, a.output, _config(a), skip=skip, min_features=a.min_features,
-                                   backend=a.backend, overwrite=a.force, progress=not a.no_progress,
-                                   follow_symlinks=a.follow_symlinks, bits_per_weight=a.bits_per_weight)
+        if a.workers is not None and a.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {a.workers}")
+        from .io.distributed import cluster_client
+
+        with cluster_client(a.scheduler, a.workers) as client:
+            done = quantize_checkpoint(a.input, a.output, _config(a), skip=skip, min_features=a.min_features,
+                                       backend=a.backend, overwrite=a.force, progress=not a.no_progress,
+                                       follow_symlinks=a.follow_symlinks, bits_per_weight=a.bits_per_weight,
+                                       client=client)
         bpw = "" if done["bits_per_weight"] is None else f", {done['bits_per_weight']:.4f} bits/weight"
         print(f"wrote {a.output} ({done['tensors']} tensors quantized{bpw})")
+        for address, w in done.get("workers", {}).items():
+            print(f"  worker {address}: {w['tasks']} tasks, {w['seconds']:.1f} s", file=sys.stderr)
     elif a.command == "dequantize":
         from .io.checkpoint import dequantize_checkpoint
 

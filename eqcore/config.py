@@ -127,6 +127,14 @@ class QuantConfig:
         return "adam" if self.grid == "symmetric" and self.steps == 0 else DEFAULT_SOLVER[self.grid]
 
     @property
+    def rows_independent(self) -> bool:
+        """True when each row's result depends on that row alone, so blocks of rows may be
+        quantized apart and stacked: no tensor-wide outlier statistics or budget, no fitted
+        codebook, no column scales."""
+        tensor_outliers = self.outliers == "budget" or (self.outliers == "sigma" and self.outlier_stats == "tensor")
+        return not (tensor_outliers or self.col_scales or (self.grid == "codebook" and self.codebook == "fit"))
+
+    @property
     def qmin(self) -> int:
         return qrange(self.bits)[0]
 

@@ -3,3 +3,7 @@
 
 class FormatError(ValueError):
     """A quantized tensor or file is malformed."""
+
+
+class ClusterError(RuntimeError):
+    """A Dask cluster failed under a conversion (workers lost too often, scheduler gone)."""

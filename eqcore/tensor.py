@@ -93,6 +93,32 @@ class QuantizedTensor:
             outlier_rowptr=self.outlier_rowptr[start:stop + 1] - self.outlier_rowptr[start],
             outlier_cols=self.outlier_cols[a:b], outlier_vals=self.outlier_vals[a:b], shape=(stop - start, self.shape[1]))
 
+    @classmethod
+    def stack_rows(cls, blocks) -> "QuantizedTensor":
+        """The inverse of :meth:`row_block`: NumPy blocks of consecutive rows (same columns,
+        settings, codebook and column scales) as one tensor."""
+        blocks = list(blocks)
+        first = blocks[0]
+        if len(blocks) == 1:
+            return first
+        for b in blocks[1:]:
+            same = (b.shape[1], b.dtype, b.bits, b.group_size, b.sigma, b.grid) == \
+                (first.shape[1], first.dtype, first.bits, first.group_size, first.sigma, first.grid)
+            for f in ("codebook", "col_scales"):
+                x, y = getattr(b, f), getattr(first, f)
+                same = same and (x is None) == (y is None) and (x is None or np.array_equal(x, y))
+            if not same:
+                raise ValueError("row blocks of different tensors or settings cannot be stacked")
+        nnz = np.cumsum([0] + [len(b.outlier_vals) for b in blocks])
+        if nnz[-1] > np.iinfo(np.int32).max:
+            raise ValueError(f"too many outliers ({nnz[-1]}) for int32 row pointers")
+        rowptr = np.concatenate([blocks[0].outlier_rowptr[:1]] +
+                                [b.outlier_rowptr[1:] + np.int32(n) for b, n in zip(blocks, nnz)])
+        stack = {f: np.concatenate([getattr(b, f) for b in blocks])
+                 for f in ("qweight", "scales", "zeros", "outlier_cols", "outlier_vals") if getattr(first, f) is not None}
+        return dataclasses.replace(first, **stack, outlier_rowptr=rowptr,
+                                   shape=(sum(b.shape[0] for b in blocks), first.shape[1]))
+
     # -- (de)serialisation --------------------------------------------------
     def metadata(self) -> dict:
         meta = {"shape": list(self.shape), "dtype": self.dtype, "bits": self.bits,

@@ -20,30 +20,17 @@ from tqdm.auto import tqdm
 
 from .atomic import create_file, fsync_dir, partial_path, remove, remove_stale
 from .. import backends
-from ..api import dequantize, quantize
+from ..api import dequantize
 from ..config import QuantConfig
 from ..dtypes import WEIGHT_DTYPES, saturate, weight_dtype
 from .fileformat import (OUTPUT_KEY, VERSION_KEY, entry_names, header_bound, quantized_names, read_entry,
                          write_entry)
 from .folders import INDEX, Source, check_output, check_replaceable, scan, write_manifest
-from ..interop import to_host
-from ..outliers import row_chunks
 from ..tensor import QuantizedTensor
 from .safetensors import SafetensorsReader, SafetensorsWriter
+from .compute import combine_errors, quantize_rows, relative_error
 
 DEFAULT_SKIP = r"embed|wte|wpe|lm_head"
-
-
-def relative_error(w_hat: np.ndarray, w: np.ndarray) -> float:
-    """||w_hat - w||_F / ||w||_F in float64 (0 for an all-zero w reproduced exactly)."""
-    if tuple(w_hat.shape) != tuple(w.shape):
-        raise ValueError(f"shapes differ: {tuple(w_hat.shape)} against {tuple(w.shape)}")
-    err = ref = 0.0
-    for rows in row_chunks(w.shape):
-        w64 = w[rows].astype(np.float64)
-        err += float(np.sum((w_hat[rows].astype(np.float64) - w64) ** 2))
-        ref += float(np.sum(w64 ** 2))
-    return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
 
 
 def compile_skip(skip: str | None):
@@ -122,8 +109,11 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _convert(src, dst, convert_one, *, command: str, overwrite: bool, progress: bool,
-             follow_symlinks: bool = False, need_quantized: bool = False) -> None:
-    """Shared driver: check the paths, convert every shard, copy the rest, commit atomically."""
+             follow_symlinks: bool = False, need_quantized: bool = False, on_start=None, mmap: bool = False) -> None:
+    """Shared driver: check the paths, convert every shard, copy the rest, commit atomically.
+    ``on_start(readers, bar)``, if given, sees the checked shards (in writing order) and the
+    progress bar before the first tensor is written; ``mmap`` reads tensors as views of the
+    memory-mapped input (for drivers whose ``convert_one`` does not touch most of them)."""
     src, dst = Path(src), Path(dst)
     source = scan(src, follow_symlinks)
     check_output(src, dst, overwrite)
@@ -131,7 +121,7 @@ def _convert(src, dst, convert_one, *, command: str, overwrite: bool, progress: 
     readers = {}
     try:
         for shard in source.shards:
-            readers[shard] = SafetensorsReader(source.path(shard))
+            readers[shard] = SafetensorsReader(source.path(shard), mmap=mmap)
         if source.index is not None:
             _check_against_index(source, readers)
         if need_quantized and not any(quantized_names(r) for r in readers.values()):
@@ -139,6 +129,8 @@ def _convert(src, dst, convert_one, *, command: str, overwrite: bool, progress: 
                              "(pass --allow-none / allow_none=True to copy it anyway)")
         total = sum(_numel(r, n, quantized_names(r)) for r in readers.values() for n in entry_names(r))
         with tqdm(total=total, unit="w", unit_scale=True, desc=command, disable=not progress) as bar:
+            if on_start is not None:
+                on_start(readers, bar)
             if source.is_file:
                 if dst.is_dir() and not dst.is_symlink():
                     os.rmdir(dst)  # an empty folder (check_output refused any other)
@@ -222,40 +214,67 @@ def _commit(tmp: Path, dst: Path) -> None:
 def quantize_checkpoint(src, dst, config: QuantConfig | None = None, *, skip: str | None = DEFAULT_SKIP,
                         min_features: int = 16, backend: str = "auto", overwrite: bool = False,
                         progress: bool = True, follow_symlinks: bool = False,
-                        bits_per_weight: float | None = None) -> dict:
+                        bits_per_weight: float | None = None, client=None) -> dict:
     """Quantize every eligible 2-D weight of a checkpoint (see :func:`should_quantize`);
     copy the rest unchanged. Peak memory is a few times the largest tensor.
 
     ``bits_per_weight``: a budget over the quantized weights; each one's group size and outlier
     budget are then chosen for it (:mod:`eqcore.budget`; ``config`` gives everything else).
-    Returns ``{"tensors": n, "weights": count, "bits_per_weight": achieved, exactly as stored}``.
+    ``client``: a ``dask.distributed.Client``; its workers then quantize the tensors (read from
+    the input by memory map, so they must see the same files) and this process writes the
+    output, bit-identical to a run without it (:mod:`eqcore.io.distributed`; ``backend``
+    "auto" is resolved on each worker).
+    Returns ``{"tensors": n, "weights": count, "bits_per_weight": achieved, exactly as stored}``,
+    and with a client ``"workers": {address: {"tasks", "seconds"}}`` too.
     """
     config = config or QuantConfig()
-    backend = backends.for_files(backend)
-    be = backends.get(backend)
+    if client is None:
+        backend = backends.for_files(backend)
+    elif backend not in backends.CHOICES:
+        raise ValueError(f"backend must be one of {backends.CHOICES}, got {backend!r}")
     pattern = compile_skip(skip)
     configs = None
     if bits_per_weight is not None:
         check_output(Path(src), Path(dst), overwrite)  # before minutes of planning, not after
-        configs = _plan(src, config, pattern, min_features, bits_per_weight, backend, progress, follow_symlinks)
+        configs = _plan(src, config, pattern, min_features, bits_per_weight, backends.for_files(backend),
+                        progress, follow_symlinks)
     done = {"tensors": 0, "weights": 0, "bytes": 0}
+
+    def config_for(name):
+        return config if configs is None else configs[name]
+
+    def wanted(name, dtype, shape):
+        return should_quantize(name, dtype, shape, pattern, min_features)
+
+    remote = None
+    if client is not None:
+        from .distributed import RemoteQuantizer
+
+        remote = RemoteQuantizer(client, backend, config_for, wanted)
 
     def one(name, value):
         if isinstance(value, QuantizedTensor):
             raise ValueError("is already quantized; quantize the original checkpoint")
-        if not should_quantize(name, value.dtype, value.shape, pattern, min_features):
+        if not wanted(name, value.dtype, value.shape):
             return value, {}
-        qt = quantize(be.asarray(value), config if configs is None else configs[name], backend=backend)
-        rel = relative_error(to_host(dequantize(qt, np.float32, backend=backend)), value)
+        qt, sums = quantize_rows(value, config_for(name), backend) if remote is None else remote.take(name)
         done["tensors"] += 1
         done["weights"] += value.size
         done["bytes"] += qt.nbytes
-        return qt, {"rel_error": rel}
+        return qt, {"rel_error": combine_errors(sums)}
 
-    _convert(src, dst, one, command="quantize", overwrite=overwrite, progress=progress,
-             follow_symlinks=follow_symlinks)
-    return {"tensors": done["tensors"], "weights": done["weights"],
-            "bits_per_weight": 8.0 * done["bytes"] / done["weights"] if done["weights"] else None}
+    try:
+        _convert(src, dst, one, command="quantize", overwrite=overwrite, progress=progress,
+                 follow_symlinks=follow_symlinks, on_start=None if remote is None else remote.start,
+                 mmap=remote is not None)
+    finally:
+        if remote is not None:
+            remote.close()
+    out = {"tensors": done["tensors"], "weights": done["weights"],
+           "bits_per_weight": 8.0 * done["bytes"] / done["weights"] if done["weights"] else None}
+    if remote is not None:
+        out["workers"] = remote.summary()
+    return out
 
 
 def _plan(src, config, pattern, min_features, bits_per_weight, backend, progress, follow_symlinks) -> dict:
