@@ -255,6 +255,105 @@ def _matmul_kernel(x, xc, qweight, scales, g, bits, qmin, grid, zeros, codebook,
                 out[b, r] = acc[b]
 
 
+@njit(fastmath=True)
+def _slot_dot(q, xt, bits, off):
+    """sum over code slots k and words w of (code k of q[w] + off) * xt[k, w]: a constant-shift
+    unpack fused with a multiply-add, vectorised by LLVM (loops start at 0 over views: a runtime
+    start offset keeps LLVM from vectorising the reduction)."""
+    m = np.uint32((1 << bits) - 1)
+    t = np.float32(0)
+    for k in range(xt.shape[0]):
+        sh = np.uint32(k * bits)
+        xk = xt[k]
+        for w in range(xk.shape[0]):
+            t += (np.float32((q[w] >> sh) & m) + off) * xk[w]
+    return t
+
+
+@njit(fastmath=True)
+def _slot_levels(q, sw, offw, bits, lev):
+    """lev[k, w] = (code k of q[w] + offw[w]) * sw[w]: a row's scaled levels in slot-major order."""
+    m = np.uint32((1 << bits) - 1)
+    for k in range(lev.shape[0]):
+        sh = np.uint32(k * bits)
+        lk = lev[k]
+        for w in range(lk.shape[0]):
+            lk[w] = (np.float32((q[w] >> sh) & m) + offw[w]) * sw[w]
+
+
+@njit(fastmath=True)
+def _flat_dot(a, b):
+    t = np.float32(0)
+    for i in range(a.shape[0]):
+        t += a[i] * b[i]
+    return t
+
+
+@njit(fastmath=True)
+def _outlier_terms(q, r, p0, p1, ocols, ovals, x, scales, zeros, col, asym, qmin, bits, lg, gcols, acc):
+    """acc[b] += (outlier - dense value) * x[b, c] over row r's outliers p0..p1 (codes of 2/4/8 bits,
+    ``1 << lg`` per word, groups of ``gcols`` columns). Its own function: inlined into the matmul
+    kernel's loop nest, LLVM compiled this loop several times slower. ``col`` is empty without column
+    scales; ``zeros`` is read only when ``asym``."""
+    m = np.uint32((1 << bits) - 1)
+    n_groups = scales.shape[1]
+    batch = x.shape[0]
+    for p in range(p0, p1):
+        c = np.int64(ocols[p])
+        j = 0 if n_groups == 1 else c // gcols
+        off = -zeros[r, j] if asym else qmin
+        v = np.float32((np.float32((q[c >> lg] >> np.uint32((c & ((1 << lg) - 1)) * bits)) & m) + off) * scales[r, j])
+        if col.shape[0] > 0:
+            v = np.float32(v * col[c])
+        d = ovals[p] - v
+        for b in range(batch):
+            acc[b] += d * x[b, c]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _word_matmul_kernel(xt, x, qweight, scales, gw, bits, qmin, grid, zeros, col, rowptr, ocols, ovals, chunks,
+                        out):
+    """:func:`_matmul_kernel` for 2/4/8-bit codes on the symmetric or asymmetric grid with groups of
+    whole words (``gw`` words each): ``xt[b, k, w]`` is (column-scaled) x at column w * per + k (0
+    past the last column; w only over the words the groups cover), so code slot k of every word
+    meets a contiguous run of x. One scale per row at batch 1: :func:`_slot_dot`; otherwise the
+    row's scaled levels are formed once (:func:`_slot_levels`), then one contiguous dot per row of
+    x. The outliers' terms come in a second pass over the chunk's rows."""
+    batch, per, nwu = xt.shape
+    rows = qweight.shape[0]
+    n_groups = scales.shape[1]
+    asym = grid == GRID_ASYMMETRIC
+    lg = 3 if bits == 4 else (4 if bits == 2 else 2)  # per = 32 // bits = 1 << lg
+    gcols = gw * per
+    rows_per = (rows + chunks - 1) // chunks
+    for ch in prange(chunks):
+        lev = np.empty((per, nwu), np.float32)
+        levf = lev.reshape(per * nwu)
+        sw = np.empty(nwu, np.float32)
+        offw = np.empty(nwu, np.float32)
+        acc = np.empty(batch, np.float32)
+        for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
+            q = qweight[r]
+            if batch == 1 and n_groups == 1:
+                acc[0] = _slot_dot(q, xt[0], bits, -zeros[r, 0] if asym else qmin) * scales[r, 0]
+            else:
+                for j in range(n_groups):
+                    w1 = min(nwu, j * gw + gw)
+                    sw[j * gw:w1] = scales[r, j]
+                    offw[j * gw:w1] = -zeros[r, j] if asym else qmin
+                _slot_levels(q, sw, offw, bits, lev)
+                for b in range(batch):
+                    acc[b] = _flat_dot(levf, xt[b].reshape(per * nwu))
+            for b in range(batch):
+                out[b, r] = acc[b]
+        for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
+            acc[:] = 0
+            _outlier_terms(qweight[r], r, rowptr[r], rowptr[r + 1], ocols, ovals, x, scales, zeros, col, asym, qmin,
+                           bits, lg, gcols, acc)
+            for b in range(batch):
+                out[b, r] += acc[b]
+
+
 # -- the backend's operations (signatures of eqcore.backends.numpy) ------------------
 def _grid_args(grid: str, rows: int, n_groups: int, cols: int, zeros, codebook, col_scales):
     """(grid index, zeros, codebook, col scales) as the kernels take them: float32 C arrays, empty
@@ -354,5 +453,17 @@ def matmul(x, qt) -> np.ndarray:
     xc = x if qt.col_scales is None else np.ascontiguousarray(x * np.asarray(qt.col_scales).astype(np.float32))
     out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
     chunks = max(1, min(qt.shape[0], 4 * numba.get_num_threads()))
-    _matmul_kernel(x, xc, *_tensor_args(qt), qt.outlier_vals.astype(np.float32), chunks, out)
+    args = _tensor_args(qt)
+    per = 32 // qt.bits
+    g = args[2]
+    if qt.bits != 3 and qt.grid != "codebook" and (g % per == 0 or g == qt.shape[1]):
+        nwu = min(qt.qweight.shape[1], -(-qt.shape[1] // g) * -(-g // per))  # words the groups cover
+        xt = np.zeros((x.shape[0], nwu * per), np.float32)
+        xt[:, :x.shape[1]] = xc
+        xt = np.ascontiguousarray(xt.reshape(x.shape[0], nwu, per).transpose(0, 2, 1))
+        qw, scales, _, bits, qmin, grid, zeros, _, col, _, _ = args
+        _word_matmul_kernel(xt, x, qw, scales, -(-g // per), bits, qmin, grid, zeros, col, qt.outlier_rowptr,
+                            qt.outlier_cols, qt.outlier_vals.astype(np.float32), chunks, out)
+        return out
+    _matmul_kernel(x, xc, *args, qt.outlier_vals.astype(np.float32), chunks, out)
     return out
