@@ -3,6 +3,7 @@ bit-identical to one process, sharded in and out, a failing tensor, a worker kil
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -124,6 +125,11 @@ def test_a_file_is_bit_identical_to_one_process(client, small_blocks, tmp_path):
     tasks = sum(w["tasks"] for w in many["workers"].values())
     assert tasks == 1 + 2 + 3  # the two large tensors went out in row blocks
     assert all(address.startswith("tcp://") and w["seconds"] > 0 for address, w in many["workers"].items())
+    import numba  # each worker's task thread ran Numba on its share of the cores
+
+    for address in many["workers"]:
+        threads = client.submit(numba.get_num_threads, workers=[address], pure=False).result()
+        assert threads == max(1, (os.cpu_count() or 1) // 2)
 
 
 def test_sharded_folder_is_bit_identical_with_progress(client, small_blocks, tmp_path, capsys):
@@ -160,6 +166,24 @@ def test_backpressure_bounds_the_tasks_not_yet_written(client, monkeypatch, tmp_
     assert len(submitted) == len(seen) == 12 and max(seen) == 2
 
 
+def test_client_memory_does_not_grow_with_the_model(client, tmp_path):
+    import tracemalloc
+
+    def peak(n_tensors):
+        src = tmp_path / f"m{n_tensors}.safetensors"
+        _write(src, {f"layers.{i}.proj.weight": weights(512, 1024, seed=i) for i in range(n_tensors)})
+        tracemalloc.start()
+        quantize_checkpoint(src, tmp_path / f"q{n_tensors}.safetensors", progress=False, client=client)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    one_tensor = 512 * 1024 * 4
+    small, large = peak(2), peak(12)
+    assert large < 1.25 * small + one_tensor / 4  # not with the number of tensors
+    assert large < one_tensor                     # the client never reads an input tensor, only packed results
+
+
 def test_a_failing_tensor_fails_cleanly_and_names_it(client, tmp_path):
     model = _model()
     bad = weights(64, 64, seed=9)
@@ -192,6 +216,17 @@ def test_cli_scheduler_and_workers(client, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "a", "b", "--workers", "2", "--scheduler", "tcp://x:1"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_workers_starts_a_local_cluster(tmp_path):
+    """As a user runs it, end to end in a new process."""
+    _write(tmp_path / "m.safetensors", _model())
+    r = subprocess.run([sys.executable, "-m", "eqcore.cli", "quantize", str(tmp_path / "m.safetensors"),
+                        str(tmp_path / "many.safetensors"), "--workers", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "quantize 3/3 tensors" in r.stderr and r.stderr.count("  worker tcp://") >= 1
+    quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "one.safetensors", progress=False)
+    assert _files(tmp_path / "many.safetensors") == _files(tmp_path / "one.safetensors")
 
 
 def test_without_dask_the_error_says_what_to_install(monkeypatch, tmp_path, capsys):

@@ -35,6 +35,7 @@ from .safetensors import SafetensorsReader
 SPLIT_ELEMENTS = 1 << 26  # tensors larger than this go out in row blocks of at most this (if rows are independent)
 IN_FLIGHT_PER_THREAD = 4  # tasks submitted and not yet written, per worker thread
 WAIT_FOR_WORKERS_S = 60
+NUMBA_THREADS_VAR = "EQCORE_NUMBA_THREADS"  # a worker's Numba threads (set on `dask worker` processes too)
 
 
 def require_dask():
@@ -78,7 +79,10 @@ def quantize_part(path: str, name: str, rows, config, backend: str):
         w = reader.get(name)
         if rows is not None:
             w = w[rows[0]:rows[1]]
-        qt, sums = quantize_rows(w, config, backends.for_files(backend))
+        backend = backends.for_files(backend)
+        if backend == "numba" and os.environ.get(NUMBA_THREADS_VAR):
+            _numba_threads(int(os.environ[NUMBA_THREADS_VAR]))
+        qt, sums = quantize_rows(w, config, backend)
     return qt.map_arrays(to_host), sums, where, time.perf_counter() - t0
 
 
@@ -216,8 +220,17 @@ def local_cluster(workers: int, numba_threads: int | None = None):
             return
     threads = numba_threads or max(1, (os.cpu_count() or 1) // workers)
     with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  silence_logs=logging.ERROR, env={"NUMBA_NUM_THREADS": str(threads)}) as cluster:
+                                  silence_logs=logging.ERROR, env={NUMBA_THREADS_VAR: str(threads)}) as cluster:
         yield cluster
+
+
+def _numba_threads(n: int) -> None:
+    """Numba threads of the calling thread (a worker's task thread), within what Numba launched.
+    (NUMBA_NUM_THREADS itself cannot be given to spawned workers: they may import Numba before
+    the nanny sets their environment, and Numba refuses a changed value after that.)"""
+    import numba
+
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 def _gpu_count() -> int:
