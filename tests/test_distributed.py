@@ -130,6 +130,7 @@ def test_a_file_is_bit_identical_to_one_process(client, small_blocks, tmp_path):
     for address in many["workers"]:
         threads = client.submit(numba.get_num_threads, workers=[address], pure=False).result()
         assert threads == max(1, (os.cpu_count() or 1) // 2)
+    assert set(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {None}  # glibc keeps freed blocks
 
 
 def test_sharded_folder_is_bit_identical_with_progress(client, small_blocks, tmp_path, capsys):
