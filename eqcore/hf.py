@@ -8,8 +8,7 @@ what it knows (the unquantized tensors); then every tensor of the checkpoint is 
 """
 from __future__ import annotations
 
-import re
-
+import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -51,13 +50,19 @@ class EqcoreHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise ValueError("eqcore checkpoints load from local safetensors files only")
         self.checkpoint_files = list(checkpoint_files)
-        # the packed entries (<name>.qweight, .scales, ...) are eqcore's, not unexpected; the
-        # quantized layers' .weight comes from them after loading
-        names = [re.escape(n) + "$" for f in self.checkpoint_files for n in _quantized_names(f)]
+        # the packed entries (<name>.qweight, .scales, ...) are eqcore's, not unexpected
         parts = "|".join(PARTS)
-        for attr, extra in (("_keys_to_ignore_on_load_unexpected", [rf"\.({parts})$"]),
-                            ("_keys_to_ignore_on_load_missing", names)):
-            setattr(model, attr, set(getattr(model, attr, None) or ()) | set(extra))
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+            rf"\.({parts})$"}
+        # a quantized layer's <name>.weight is stored as an empty guard (eqcore.io.fileformat): its
+        # parameter becomes empty too, so transformers takes the guard for it; the layer itself
+        # comes from the packed tensors after loading
+        for f in self.checkpoint_files:
+            for name in _quantized_names(f):
+                owner, _, leaf = name.rpartition(".")
+                m = model.get_submodule(owner) if leaf == "weight" else None
+                if isinstance(m, torch.nn.Linear):
+                    m.weight = torch.nn.Parameter(m.weight.new_empty(0), requires_grad=False)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return load_quantized(model, self.checkpoint_files).eval()

@@ -41,8 +41,11 @@ def test_files_are_readable_by_the_safetensors_package(tmp_path, scale_dtype, ve
     qt = _qt(np.float32, scale_dtype=scale_dtype)
     save_file({"w": qt, "b": np.ones(3, np.float32)}, tmp_path / "m.safetensors")
     with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
-        assert set(f.keys()) == {"w.qweight", "w.scales", "w.outlier_rowptr", "w.outlier_cols", "w.outlier_vals", "b"}
+        assert set(f.keys()) == {"w", "w.qweight", "w.scales", "w.outlier_rowptr", "w.outlier_cols", "w.outlier_vals",
+                                 "b"}
         np.testing.assert_array_equal(f.get_tensor("w.qweight"), qt.qweight)
+        guard = f.get_tensor("w")  # the weight's own name: an empty guard, never the weight
+        assert guard.shape == (0,) and guard.dtype == np.uint8
         meta = f.metadata()
     assert meta["eqcore.format_version"] == version  # the oldest version that holds the tensor
     assert json.loads(meta["eqcore.tensor.w"])["bits"] == 4
@@ -105,6 +108,15 @@ def _rewrite(src, dst, change_meta=None, change_array=None, drop=None):
                 w.add(k, change_array(k, a) if change_array else a)
 
 
+def test_files_without_the_guard_read_the_same(tmp_path):
+    qt = _qt(np.float16, cols=300)
+    save_file({"w": qt}, tmp_path / "ok.safetensors")
+    _rewrite(tmp_path / "ok.safetensors", tmp_path / "old.safetensors", drop="w")  # as written before guards
+    for f in ("ok", "old"):
+        back = load_file(tmp_path / f"{f}.safetensors")
+        assert list(back) == ["w"] and back["w"].qweight.tobytes() == qt.qweight.tobytes()
+
+
 @pytest.mark.parametrize("tamper, match", [
     (dict(change_meta=lambda m: m.update({"eqcore.format_version": "99"})), "version '99' is not supported"),
     (dict(change_meta=lambda m: m.update({"eqcore.tensor.w": "{not json"})), "not JSON"),
@@ -117,6 +129,7 @@ def _rewrite(src, dst, change_meta=None, change_array=None, drop=None):
     (dict(change_array=lambda k, a: np.full_like(a, 299 + 1) if k == "w.outlier_cols" else a), "out of range"),
     (dict(change_array=lambda k, a: -a if k == "w.scales" else a), "positive"),
     (dict(change_array=lambda k, a: a.astype(np.float32) if k == "w.outlier_vals" else a), "outlier_vals"),
+    (dict(change_array=lambda k, a: np.ones((2, 2), np.float32) if k == "w" else a), "both a plain tensor"),
 ])
 def test_malformed_quantized_files_are_refused_with_a_clear_error(tmp_path, tamper, match):
     save_file({"w": _qt(np.float16, cols=300)}, tmp_path / "ok.safetensors")

@@ -118,6 +118,24 @@ def test_a_transformers_model_round_trips_through_a_quantized_folder(tmp_path):
         load_pretrained(tmp_path / "q")
 
 
+def test_a_quantized_folder_fails_loudly_in_transformers_without_eqcore(tmp_path):
+    """Without ``import eqcore.hf`` transformers skips the unknown quant_method; the empty guard
+    under each quantized weight's name then makes it refuse the folder instead of loading random
+    weights (a subprocess, so no earlier test's registration of "eqcore" is in effect)."""
+    import subprocess
+    import sys
+
+    _tiny_lm_folder(tmp_path / "float")
+    eqcore.quantize_checkpoint(tmp_path / "float", tmp_path / "q", eqcore.QuantConfig(bits=4), progress=False)
+    code = ("import sys, transformers\n"
+            "try:\n    transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n    sys.exit(3)\n"
+            "assert 'eqcore' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "ignore_mismatched_sizes" in r.stdout and "q_proj.weight" in r.stdout + r.stderr
+
+
 def _tiny_lm_folder(path):
     """A 2-layer Llama with a word-level tokenizer, saved as a transformers folder."""
     transformers = pytest.importorskip("transformers")

@@ -5,7 +5,10 @@ A quantized weight ``name`` is stored as the tensors ``name.qweight`` (uint32),
 ``name.outlier_cols`` (uint16/int32), ``name.outlier_vals`` (weight dtype), from version 2 also
 ``name.zeros``, ``name.codebook`` and ``name.col_scales`` where its grid uses them, and the
 metadata entry ``eqcore.tensor.<name>``: a JSON string with shape, dtype, bits, group_size,
-sigma, grid (version 2, when not symmetric) and rel_error when known.
+sigma, grid (version 2, when not symmetric) and rel_error when known. ``name`` itself is stored
+as an empty uint8 tensor, a guard: a loader that does not know eqcore finds the weight's name
+with the wrong shape and refuses it (transformers raises a size mismatch) instead of leaving the
+weight uninitialised. Readers skip it; files without it (written before it) read the same.
 ``eqcore.format_version`` is the oldest version that holds every tensor of the file, so files
 without the new features still read as version 1. Every other tensor is an ordinary one,
 passed through unchanged.
@@ -30,6 +33,7 @@ READABLE = ("1", "2")
 VERSION_KEY = "eqcore.format_version"
 TENSOR_KEY = "eqcore.tensor."
 OUTPUT_KEY = "eqcore.output"  # marks a file eqcore wrote (so --force may replace it)
+GUARD = np.zeros(0, np.uint8)  # stored under a quantized tensor's own name (see above)
 # array suffixes that only eqcore uses; a tensor with one of them and no metadata is an orphan
 _OWN_SUFFIXES = tuple(f".{f}" for f in FIELDS if f.startswith("outlier_"))
 
@@ -39,6 +43,7 @@ def write_entry(writer: SafetensorsWriter, name: str, value, **extra) -> None:
     if isinstance(value, QuantizedTensor):
         writer.metadata[VERSION_KEY] = max(writer.metadata.get(VERSION_KEY, "1"), format_version(value))
         writer.metadata[TENSOR_KEY + name] = json.dumps({**value.metadata(), **extra}, sort_keys=True)
+        writer.add(name, GUARD)
         for field, arr in value.arrays().items():
             writer.add(f"{name}.{field}", to_host(arr))
     else:
@@ -78,6 +83,8 @@ def quantized_names(reader: SafetensorsReader) -> dict[str, dict]:
         missing = [f"{name}.{f}" for f in FIELDS if f"{name}.{f}" not in reader]
         if missing:
             raise FormatError(f"{reader.path}: quantized tensor {name!r} lacks {missing}")
+        if name in reader and reader.info(name) != (GUARD.dtype, GUARD.shape):
+            raise FormatError(f"{reader.path}: {name!r} is both a plain tensor and a quantized one")
         out[name] = m
     owned = {f"{n}.{f}" for n in out for f in PARTS}
     suffixes = tuple(f".{f}" for f in PARTS) if version is not None else _OWN_SUFFIXES
