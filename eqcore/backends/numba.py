@@ -289,25 +289,31 @@ def _flat_dot(a, b):
     return t
 
 
-@njit(fastmath=True)
+@njit
 def _outlier_terms(q, r, p0, p1, ocols, ovals, x, scales, zeros, col, asym, qmin, bits, lg, gcols, acc):
     """acc[b] += (outlier - dense value) * x[b, c] over row r's outliers p0..p1 (codes of 2/4/8 bits,
-    ``1 << lg`` per word, groups of ``gcols`` columns). Its own function: inlined into the matmul
-    kernel's loop nest, LLVM compiled this loop several times slower. ``col`` is empty without column
-    scales; ``zeros`` is read only when ``asym``."""
+    ``1 << lg`` per word, groups of ``gcols`` columns). Its own function, without fastmath: inlined
+    into the matmul kernel's loop nest, or vectorised with gathers, this loop ran 2-4x slower.
+    ``col`` is empty without column scales; ``zeros`` is read only when ``asym``."""
     m = np.uint32((1 << bits) - 1)
+    low = (1 << lg) - 1
     n_groups = scales.shape[1]
     batch = x.shape[0]
+    a0 = np.float32(0)
     for p in range(p0, p1):
         c = np.int64(ocols[p])
         j = 0 if n_groups == 1 else c // gcols
         off = -zeros[r, j] if asym else qmin
-        v = np.float32((np.float32((q[c >> lg] >> np.uint32((c & ((1 << lg) - 1)) * bits)) & m) + off) * scales[r, j])
+        v = np.float32((np.float32((q[c >> lg] >> np.uint32((c & low) * bits)) & m) + off) * scales[r, j])
         if col.shape[0] > 0:
             v = np.float32(v * col[c])
         d = ovals[p] - v
-        for b in range(batch):
-            acc[b] += d * x[b, c]
+        if batch == 1:
+            a0 += d * x[0, c]
+        else:
+            for b in range(batch):
+                acc[b] += d * x[b, c]
+    acc[0] += a0
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -318,7 +324,7 @@ def _word_matmul_kernel(xt, x, qweight, scales, gw, bits, qmin, grid, zeros, col
     past the last column; w only over the words the groups cover), so code slot k of every word
     meets a contiguous run of x. One scale per row at batch 1: :func:`_slot_dot`; otherwise the
     row's scaled levels are formed once (:func:`_slot_levels`), then one contiguous dot per row of
-    x. The outliers' terms come in a second pass over the chunk's rows."""
+    x; then the row's outlier terms."""
     batch, per, nwu = xt.shape
     rows = qweight.shape[0]
     n_groups = scales.shape[1]
@@ -344,14 +350,10 @@ def _word_matmul_kernel(xt, x, qweight, scales, gw, bits, qmin, grid, zeros, col
                 _slot_levels(q, sw, offw, bits, lev)
                 for b in range(batch):
                     acc[b] = _flat_dot(levf, xt[b].reshape(per * nwu))
+            _outlier_terms(q, r, rowptr[r], rowptr[r + 1], ocols, ovals, x, scales, zeros, col, asym, qmin, bits, lg,
+                           gcols, acc)
             for b in range(batch):
                 out[b, r] = acc[b]
-        for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
-            acc[:] = 0
-            _outlier_terms(qweight[r], r, rowptr[r], rowptr[r + 1], ocols, ovals, x, scales, zeros, col, asym, qmin,
-                           bits, lg, gcols, acc)
-            for b in range(batch):
-                out[b, r] += acc[b]
 
 
 # -- the backend's operations (signatures of eqcore.backends.numpy) ------------------
