@@ -94,12 +94,19 @@ template <int BITS> __device__ __forceinline__ constexpr int qoffset() { return 
 // The grids' ids (eqcore.layout.GRIDS).
 constexpr int SYMMETRIC = 0, ASYMMETRIC = 1, CODEBOOK = 2;
 
+// Exact float32 of u - off for codes u < 2^23 and 0 <= off <= u_max: 2^23 + u has u in its low
+// mantissa bits, and the difference of two floats in [2^23, 2^24) is exact. One FADD instead of an
+// integer-to-float conversion (a quarter-rate instruction on sm_80 / sm_90).
+__device__ __forceinline__ float code_minus(u32 u, int off) {
+    return __fsub_rn(__uint_as_float(0x4B000000u | u), (float)(0x800000 + off));
+}
+
 // The float32 level of code u on grid GRID (z: the group's zero-point; cb: the codebook).
 template <int BITS, int GRID>
 __device__ __forceinline__ float grid_level(u32 u, float z, const float* cb) {
     if constexpr (GRID == CODEBOOK) return cb[u];
-    else if constexpr (GRID == ASYMMETRIC) return __fsub_rn((float)u, z);
-    else return (float)((int)u - qoffset<BITS>());
+    else if constexpr (GRID == ASYMMETRIC) return __fsub_rn(code_minus(u, 0), z);
+    else return code_minus(u, qoffset<BITS>());
 }
 
 // The unsigned code of float32 quotient t on grid GRID (mids: the codebook's 2^BITS - 1
@@ -120,9 +127,10 @@ __device__ __forceinline__ u32 grid_code(float t, float z, const float* mids) {
     }
 }
 
-// ---- the bit layout of one 32-code block (j is a compile-time constant once unrolled) ----
-template <int BITS>
-__device__ __forceinline__ u32 get_code(const u32 (&w)[BITS], int j) {
+// ---- the bit layout: code j of a row's (or block's) little-endian bit stream of words w, an
+// array (j a compile-time constant once unrolled: registers) or a pointer ----
+template <int BITS, class Words>
+__device__ __forceinline__ u32 get_code(const Words& w, int j) {
     const int bit = j * BITS, wi = bit >> 5, off = bit & 31;
     u32 v = w[wi] >> off;
     if (off + BITS > 32) v |= w[wi + 1] << (32 - off);

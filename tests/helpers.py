@@ -1,4 +1,4 @@
-"""Test data: realistic heavy-tailed weight matrices."""
+"""Test data: realistic heavy-tailed weight matrices; the matmul tolerance."""
 import numpy as np
 
 
@@ -9,6 +9,18 @@ def weights(rows, cols, seed=0, dtype=np.float32, scale=0.02, zero_rows=0):
     w = (rng.standard_t(4, size=(rows, cols)) * scale).astype(dtype)
     w[:zero_rows] = 0
     return w
+
+
+def assert_matmul_close(y, x, qt):
+    """The matmul contract against the NumPy reference's W = dequantize(qt, float32), in float64:
+    |y - x @ W^T| <= 1e-5 * (|x| @ |W|^T) + 1e-30 (float32 sums in another order)."""
+    from eqcore.backends.numpy import dequantize
+
+    W = dequantize(qt, np.float32).astype(np.float64)
+    x64 = np.asarray(x).reshape(-1, qt.shape[1]).astype(np.float64)
+    exact = x64 @ W.T
+    bound = 1e-5 * (np.abs(x64) @ np.abs(W).T) + 1e-30
+    np.testing.assert_array_less(np.abs(np.asarray(y).reshape(exact.shape).astype(np.float64) - exact), bound)
 
 
 def run_ptxas(exe, cc, text, name, timeout=300):

@@ -2,7 +2,9 @@
 //
 // Every CUDA thread of a block runs as a fiber (ucontext); __syncthreads switches back
 // to the scheduler, which resumes each thread of the block in turn, so phases separated
-// by barriers run exactly as on the device. __shared__ variables become function
+// by barriers run exactly as on the device. Warp shuffles (__shfl_xor_sync, full warps
+// only) are two such switches: every thread posts its value, then reads its partner's;
+// like the device's, they need all 32 lanes of a warp to reach them together. __shared__ variables become function
 // statics (blocks run one after another). Arithmetic is IEEE float32 with round to
 // nearest even and subnormals kept (MXCSR is set so during a launch); half conversions
 // use GCC's _Float16, bfloat16 ones are explicit round-to-nearest-even on the bits.
@@ -12,6 +14,7 @@
 #include <cfenv>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <utility>
@@ -32,6 +35,8 @@
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 struct __half { unsigned short x; };
 struct __nv_bfloat16 { unsigned short x; };
 
@@ -42,6 +47,7 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }  // one rounding
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline long long __double_as_longlong(double d) { long long u; std::memcpy(&u, &d, 8); return u; }
@@ -128,6 +134,22 @@ void launch(void (*k)(A...), dim3 grid, dim3 block, void** args) {
 }  // namespace eqshim
 
 inline void __syncthreads() { eqshim::sync(); }
+
+namespace eqshim {
+inline unsigned lanes[1024];  // one 32-bit slot per thread of the block, for shuffles
+}
+
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    static_assert(sizeof(T) == 4, "32-bit shuffles only");
+    if (mask != 0xffffffffu || blockDim.x % 32 != 0 || blockDim.y * blockDim.z != 1) std::abort();
+    const unsigned t = threadIdx.x, src = (t & ~31u) | ((t & 31u) ^ ((unsigned)lane_mask & 31u));
+    std::memcpy(&eqshim::lanes[t], &v, 4);
+    eqshim::sync();  // every lane has posted its value
+    std::memcpy(&v, &eqshim::lanes[src], 4);
+    eqshim::sync();  // every lane has read before the next shuffle overwrites the slots
+    return v;
+}
 
 using std::fmax;
 using std::fmaxf;

@@ -68,7 +68,8 @@ def test_no_spills(compiled):
 def test_names_are_unique_instantiations(compiled):
     _, by_source = compiled
     lowered = [m for c in by_source.values() for m in c.lowered.values()]
-    assert len(set(lowered)) == len(launch.all_names()) == 4 * 3 + 4 * 2 + 1 + 4 * 3 * 4 * 2
+    gemv = 4 * 3 * len(launch.GEMV_BATCHES)
+    assert len(set(lowered)) == len(launch.all_names()) == 4 * 3 + 4 * 2 + 1 + 4 * 3 * 4 * 2 + gemv
 
 
 def test_options_keep_ieee_and_carry_the_contract():
@@ -76,6 +77,7 @@ def test_options_keep_ieee_and_carry_the_contract():
     assert "-ftz=false" in opts and "-prec-div=true" in opts and "-fmad=false" in opts
     assert not any("fast-math" in o or o == "-ftz=true" for o in opts)
     assert "-DEQ_BLOCK=32" in opts and f"-DEQ_DQ_THREADS={launch.DQ_THREADS}" in opts
+    assert f"-DEQ_GV_WARPS={launch.GV_WARPS}" in opts and f"-DEQ_GV_ROWS={launch.GV_ROWS}" in opts
 
 
 def test_kernels_refuse_to_compile_without_the_contract_defines(monkeypatch):
@@ -102,3 +104,14 @@ def test_ptx_keeps_ieee_division_and_subnormals():
     assert re.search(r"div\.rn\.f32", ptx) and re.search(r"mul\.rn\.f32", ptx)
     assert re.search(r"cvt\.rni\.f32\.f32", ptx)
     assert ".ftz" not in ptx and "div.approx" not in ptx and "div.full" not in ptx
+
+
+def test_gemv_ptx_is_vectorised_and_exact():
+    """The GEMV reads packed words and x with 128-bit loads, reduces with warp shuffles, accumulates
+    with explicit fused multiply-adds, turns codes into floats without int-to-float conversions
+    (quarter-rate), and keeps subnormals."""
+    _nvrtc()
+    ptx = nvrtc.nvrtc_compile([launch.gemv_name(3, 1), launch.gemv_name(4, 8, "codebook")], "compute_90").image.decode()
+    for pattern in (r"ld\.global\.nc\.v4\.u32", r"ld\.global\.nc\.v4\.f32", r"shfl\.sync\.bfly", r"fma\.rn\.f32"):
+        assert re.search(pattern, ptx), pattern
+    assert not re.search(r"cvt\.rn\.f32\.[us]32", ptx) and ".ftz" not in ptx and ".local" not in ptx

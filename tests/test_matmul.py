@@ -9,16 +9,8 @@ import eqcore
 from eqcore.backends import numba as nb
 from eqcore.backends import numpy as ref
 
+from helpers import assert_matmul_close as close
 from helpers import weights
-
-
-def close(y, x, qt):
-    """The stated tolerance: |y - y_dense| <= 1e-5 * (|x| @ |W|^T) + 1e-30."""
-    W = eqcore.dequantize(qt, np.float32).astype(np.float64)
-    x64 = x.reshape(-1, qt.shape[1]).astype(np.float64)
-    exact = x64 @ W.T
-    bound = 1e-5 * (np.abs(x64) @ np.abs(W).T) + 1e-30
-    np.testing.assert_array_less(np.abs(y.reshape(exact.shape).astype(np.float64) - exact), bound)
 
 
 @given(st.sampled_from(["symmetric", "asymmetric", "codebook"]), st.sampled_from([2, 3, 4, 8]),

@@ -1,8 +1,11 @@
 """raw_kernels/*.cu compiled with g++ (tests/host_shim.h) and run on the CPU through the
 same launch plans as the GPU (eqcore.launch.*_launch): bit-exact against the NumPy
-reference for encode, pack, unpack and dequant (with the fused outlier scatter). The files are
-built with the same -D defines (the layout and launch geometry) as on the device."""
+reference for encode, pack, unpack and dequant (with the fused outlier scatter); the matmul GEMV
+within the matmul contract's tolerance of the reference (its float32 sums run in another order:
+helpers.assert_matmul_close). The files are built with the same -D defines (the layout and launch
+geometry) as on the device."""
 import ctypes
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +24,8 @@ from eqcore.backends.numpy import pack, unpack
 from eqcore.backends.numpy import encode as encode_reference
 from eqcore.layout import group_layout
 from eqcore.tensor import QuantizedTensor
+
+from helpers import assert_matmul_close
 
 HERE = Path(__file__).resolve().parent
 BITS = st.sampled_from([2, 3, 4, 8])
@@ -251,6 +256,54 @@ def test_float64_outliers_round_like_the_reference(lib):
         same_bits(dequant_host(lib, qt, out_dtype), dequantize_reference(qt, out_dtype))
 
 
+def gemv_host(lib, x, qt: QuantizedTensor, misalign=False) -> np.ndarray:
+    """x @ W^T by the GEMV kernel on the host (x and qweight 16-byte aligned unless ``misalign``)."""
+    out = np.full((x.shape[0], qt.shape[0]), np.nan, np.float32)
+    run(lib, launch.gemv_launch(place(x, misalign), place(qt.qweight, misalign), f32(qt.scales), qt.outlier_rowptr,
+                                qt.outlier_cols, qt.outlier_vals, out, qt.bits, qt.group_size, f32(qt.zeros),
+                                f32(qt.codebook), f32(qt.col_scales)))
+    return out
+
+
+# whole blocks (the fast path) as often as ragged ones; groups whole blocks or not
+gemv_cols = st.one_of(st.integers(1, 300), st.integers(1, 9).map(lambda k: 32 * k))
+gemv_groups = st.one_of(st.none(), st.sampled_from([32, 64]), st.integers(1, 80))
+
+
+@SETTINGS
+@given(st.tuples(st.integers(1, 19), gemv_cols), BITS, gemv_groups, st.integers(1, launch.GEMV_BATCHES[-1]),
+       st.sampled_from(DTYPES), st.sampled_from([None, 1.5, 3.0]), st.integers(0, 2**32 - 1), st.booleans(),
+       GRID_OPTIONS)
+def test_gemv_matches_the_reference(lib, shape, bits, g, batch, dtype, sigma, seed, misalign, grid):
+    rng = np.random.default_rng(seed)
+    qt = quantized(rng, *shape, dtype, bits, sigma, g, **grid)
+    x = rng.standard_normal((batch, shape[1])).astype(np.float32)
+    assert_matmul_close(gemv_host(lib, x, qt, misalign), x, qt)
+
+
+@pytest.mark.parametrize("bits, cols, batch", [(2, 2048 + 64, 1), (3, 4096 + 128, 5), (4, 1024 + 96, 8),
+                                               (8, 1024 + 36, 2), (3, 65536 + 77, 3)])
+def test_gemv_long_rows(lib, bits, cols, batch):
+    """Lanes that take several units of a row; 65536+ columns: int32 outlier columns."""
+    rng = np.random.default_rng(bits)
+    qt = quantized(rng, 3, cols, "bfloat16", bits, 2.5, 128, steps=1, grid="asymmetric")
+    x = rng.standard_normal((batch, cols)).astype(np.float32)
+    assert_matmul_close(gemv_host(lib, x, qt), x, qt)
+
+
+def test_gemv_outliers_are_part_of_the_product(lib):
+    """Guards against a tautology: without the outlier terms the product misses the tolerance."""
+    rng = np.random.default_rng(2)
+    qt = quantized(rng, 9, 96, "float32", 4, 1.0, 32, grid="asymmetric")
+    assert qt.outliers.nnz > 0
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    assert_matmul_close(gemv_host(lib, x, qt), x, qt)
+    empty = dataclasses.replace(qt, outlier_rowptr=np.zeros(10, np.int32), outlier_cols=qt.outlier_cols[:0],
+                                outlier_vals=qt.outlier_vals[:0])
+    with pytest.raises(AssertionError):
+        assert_matmul_close(gemv_host(lib, x, empty), x, qt)
+
+
 def test_launch_plans_refuse_bad_arrays():
     x = np.zeros((2, 40), np.float32)
     with pytest.raises(ValueError, match="scales"):
@@ -268,3 +321,6 @@ def test_launch_plans_refuse_bad_arrays():
         launch.dequant_launch(np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32),
                                np.array([0, 3, 1], np.int32), np.zeros(1, np.uint16), np.ones(1, np.float32),
                                np.zeros((2, 4), np.float32), 4, None)
+    with pytest.raises(ValueError, match="GEMV takes 1 to"):
+        launch.gemv_launch(np.zeros((9, 32), np.float32), np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32),
+                           *empty, np.zeros((9, 2), np.float32), 4, None)

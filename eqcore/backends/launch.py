@@ -18,6 +18,9 @@ from ..outliers import check_csr
 THREADS = 256      # threads per block: encode, pack, unpack (one packing block per thread)
 DQ_THREADS = 128   # threads per block: dequant (one packing block per thread)
 DQ_TILE = DQ_THREADS * BLOCK  # codes of one row per dequant block
+GV_WARPS = 4       # warps per block: matmul GEMV
+GV_ROWS = 2        # output rows per GEMV warp
+GEMV_BATCHES = (1, 4, 8)  # GEMV instantiations (NB); a batch runs on the smallest NB >= batch
 
 # weight dtype -> CUDA type; the index is the `vtype` code of load_val() in eqcore.cuh
 CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
@@ -26,7 +29,8 @@ INDEX_TYPES = dict(zip(INDEX_DTYPES, ("unsigned short", "int")))
 
 
 def cuda_defines() -> list[str]:
-    return [f"-DEQ_THREADS={THREADS}", f"-DEQ_DQ_THREADS={DQ_THREADS}"]
+    return [f"-DEQ_THREADS={THREADS}", f"-DEQ_DQ_THREADS={DQ_THREADS}", f"-DEQ_GV_WARPS={GV_WARPS}",
+            f"-DEQ_GV_ROWS={GV_ROWS}"]
 
 
 # -- kernel names (NVRTC name expressions) and the file that defines each ------------------
@@ -49,9 +53,13 @@ def dequant_name(bits: int, out: str, index: str, grid: str = "symmetric") -> st
     return f"eq::dequant<{bits}, {GRIDS.index(grid)}, {CUDA_TYPES[out]}, {INDEX_TYPES[index]}>"
 
 
+def gemv_name(bits: int, nb: int, grid: str = "symmetric") -> str:
+    return f"eq::gemv<{bits}, {GRIDS.index(grid)}, {nb}>"
+
+
 def source_of(name: str) -> str:
     """The raw_kernels/ file that defines kernel ``name``."""
-    return "dequant.cu" if name.startswith("eq::dequant<") else "codec.cu"
+    return {"eq::dequant<": "dequant.cu", "eq::gemv<": "matmul.cu"}.get(name[:name.find("<") + 1], "codec.cu")
 
 
 def all_names() -> list[str]:
@@ -59,6 +67,7 @@ def all_names() -> list[str]:
     names = [encode_name(b, g) for b in SUPPORTED_BITS for g in GRIDS]
     names += [f(b) for b in SUPPORTED_BITS for f in (pack_name, unpack_name)] + [DIVIDE_COLS]
     names += [dequant_name(b, o, i, g) for b in SUPPORTED_BITS for g in GRIDS for o in CUDA_TYPES for i in INDEX_TYPES]
+    names += [gemv_name(b, n, g) for b in SUPPORTED_BITS for g in GRIDS for n in GEMV_BATCHES]
     return names
 
 
@@ -156,19 +165,15 @@ def _out_name(out) -> str:
     return name
 
 
-def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_size: int | None, zeros=None,
-                   codebook=None, col=None) -> Launch:
-    """Dense ``out`` (rows, cols) = level(codes) * scales (* col) with the CSR outliers written in,
-    one launch; grid parameters as in :func:`encode_launch`. The CSR is checked to stay inside
-    ``out`` first (O(nnz))."""
-    bits = check_bits(bits)
-    rows, cols = out.shape
+def _tensor_params(rows: int, cols: int, qweight, scales, rowptr, ocols, ovals, bits: int, group_size: int | None,
+                   zeros, codebook, col) -> tuple:
+    """A quantized (rows, cols) tensor's arrays checked as the kernels take them (the CSR checked to
+    stay inside the matrix, O(nnz)): (grid name, g, n_groups, (qweight, scales, zeros, codebook, col,
+    has_col), (rowptr, ocols), (ovals, vtype))."""
     g, ng = group_layout(cols, group_size)
     _check(qweight, "qweight", np.uint32, (rows, packed_cols(cols, bits)))
     _check(scales, "scales", np.float32, (rows, ng))
     grid, z, cb, c, has_col = _grid_params(qweight, rows, ng, cols, bits, zeros, codebook, col)
-    oname = _out_name(out)
-    _check(out, "out", out.dtype, (rows, cols))
     _check(rowptr, "outlier_rowptr", np.int32, (rows + 1,))
     check_csr(rowptr, ocols, ovals, (rows, cols))
     _check(ocols, "outlier_cols", ocols.dtype, ocols.shape)
@@ -176,8 +181,40 @@ def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_
     if vname not in VTYPE:
         raise ValueError(f"outlier_vals dtype {ovals.dtype} is not a weight dtype")
     _check(ovals, "outlier_vals", ovals.dtype, ovals.shape)
+    return grid, g, ng, (qweight, scales, z, cb, c, has_col), (rowptr, ocols), (ovals, np.int32(VTYPE[vname]))
+
+
+def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_size: int | None, zeros=None,
+                   codebook=None, col=None) -> Launch:
+    """Dense ``out`` (rows, cols) = level(codes) * scales (* col) with the CSR outliers written in,
+    one launch; grid parameters as in :func:`encode_launch`. The CSR is checked to stay inside
+    ``out`` first (O(nnz))."""
+    bits = check_bits(bits)
+    rows, cols = out.shape
+    oname = _out_name(out)
+    _check(out, "out", out.dtype, (rows, cols))
+    grid, g, ng, dense, csr, vals = _tensor_params(rows, cols, qweight, scales, rowptr, ocols, ovals, bits, group_size,
+                                                   zeros, codebook, col)
     if rows > 2**31 - 1 or -(-cols // DQ_TILE) > 65535:
         raise ValueError(f"shape {(rows, cols)} is too large for the dequant grid")
     return Launch(dequant_name(bits, oname, ocols.dtype.name, grid), (rows, -(-cols // DQ_TILE), 1),
-                  (DQ_THREADS, 1, 1), (qweight, scales, z, cb, c, has_col, rowptr, ocols, ovals,
-                                       np.int32(VTYPE[vname]), out, _i32(rows), _i32(cols), _i32(g), _i32(ng)))
+                  (DQ_THREADS, 1, 1), (*dense, *csr, *vals, out, _i32(rows), _i32(cols), _i32(g), _i32(ng)))
+
+
+def gemv_launch(x, qweight, scales, rowptr, ocols, ovals, out, bits: int, group_size: int | None, zeros=None,
+                codebook=None, col=None) -> Launch:
+    """float32 ``out`` (batch, rows) = ``x`` (batch, cols) float32 @ W^T for 1 <= batch <= max(GEMV_BATCHES),
+    from the packed W (arrays as in :func:`dequant_launch`) with its outliers, one launch."""
+    bits = check_bits(bits)
+    batch, rows = out.shape
+    cols = x.shape[1] if x.ndim == 2 else -1
+    if not 1 <= batch <= GEMV_BATCHES[-1]:
+        raise ValueError(f"the GEMV takes 1 to {GEMV_BATCHES[-1]} rows of x, got {batch}")
+    _check(x, "x", np.float32, (batch, cols))
+    _check(out, "out", np.float32, (batch, rows))
+    grid, g, ng, dense, (rp, oc), vals = _tensor_params(rows, cols, qweight, scales, rowptr, ocols, ovals, bits,
+                                                        group_size, zeros, codebook, col)
+    nb = next(n for n in GEMV_BATCHES if n >= batch)
+    return Launch(gemv_name(bits, nb, grid), _grid1(rows, GV_WARPS * GV_ROWS), (32 * GV_WARPS, 1, 1),
+                  (x, _i32(batch), *dense, rp, oc, np.int32(oc.dtype == np.int32), *vals, out, _i32(rows),
+                   _i32(cols), _i32(g), _i32(ng)))

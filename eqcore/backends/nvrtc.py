@@ -21,7 +21,7 @@ from ..layout import cuda_defines
 from . import launch
 
 HEADER = "eqcore.cuh"
-SOURCES = ("codec.cu", "dequant.cu")
+SOURCES = ("codec.cu", "dequant.cu", "matmul.cu")
 
 # IEEE float32 division/multiplication and subnormals kept: never fast-math or ftz.
 NVRTC_OPTIONS = ("-std=c++17", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=false")
