@@ -1,9 +1,11 @@
-"""Real CUDA kernels (eqcore.backends.cupy) against the NumPy reference, bit for bit. Needs a GPU."""
+"""Real CUDA kernels (eqcore.backends.cupy) against the NumPy reference: bit for bit, matmul within
+its contract's tolerance (helpers.assert_matmul_close). Needs a GPU."""
 import numpy as np
 import pytest
 
 import eqcore
 from eqcore.backends import cupy as gpu
+from eqcore.backends import launch, nvrtc
 from eqcore.backends.numpy import dequantize as dequantize_reference
 from eqcore.dtypes import weight_dtype
 from eqcore.outliers import find_outliers
@@ -11,6 +13,8 @@ from eqcore.backends.numpy import pack, unpack
 from eqcore.backends.numpy import encode as encode_reference
 from eqcore.layout import group_layout
 from eqcore.tensor import QuantizedTensor
+
+from helpers import assert_matmul_close
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -112,3 +116,52 @@ def test_jax_dlpack_input():
         qt = eqcore.quantize(a, bits=3, steps=5)
         assert isinstance(qt.qweight, cp.ndarray)
         same_bits(gpu.dequantize(qt), dequantize_reference(host(qt)))
+
+
+MATMUL_GRIDS = [dict(group_size=None), dict(group_size=128, grid="asymmetric", scale_dtype="float16"),
+                dict(group_size=64, grid="codebook", col_scales=True), dict(group_size=40, col_scales=True)]
+
+
+def on_device(a, misalign: bool):
+    """A C-contiguous CuPy copy of ``a``, 4 bytes past a 16-byte boundary if asked."""
+    buf = cp.empty(a.size + 4, a.dtype)
+    out = buf[1 if misalign else 0:][:a.size].reshape(a.shape)
+    out[...] = cp.asarray(a)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(3, 33), (37, 4096), (5, 4099), (2, 65536 + 77), (130, 11008)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_matmul_matches_reference(shape, bits, monkeypatch):
+    """Batches 1-8 run the GEMV kernel (checked), 9 and 17 the dequantize + cuBLAS baseline; x aligned
+    or not."""
+    rng = np.random.default_rng(hash((shape, bits)) % 2**32)
+    w = (rng.standard_normal(shape) * 0.02).astype(np.float16)
+    launched, run = [], nvrtc.run
+
+    def spy(plan):
+        launched.append(plan.name)
+        run(plan)
+
+    monkeypatch.setattr(nvrtc, "run", spy)
+    for opts in MATMUL_GRIDS:
+        qt = eqcore.quantize(w, bits=bits, sigma=2.5, steps=1, backend="numpy", **opts)
+        for batch in (1, 2, 3, 4, 8, 9, 17):
+            x = rng.standard_normal((batch, shape[1])).astype(np.float32)
+            for misalign in (False, True):
+                launched.clear()
+                y = gpu.matmul(on_device(x, misalign), qt)
+                assert isinstance(y, cp.ndarray) and y.dtype == np.float32 and y.shape == (batch, shape[0])
+                assert any(n.startswith("eq::gemv<") for n in launched) == (batch <= launch.GEMV_BATCHES[-1])
+                assert_matmul_close(cp.asnumpy(y), x, qt)
+
+
+def test_matmul_outliers_are_part_of_the_product():
+    w = (np.random.default_rng(2).standard_normal((8, 64)) * 0.02).astype(np.float32)
+    w[3, 5] = 40.0  # far outside the grid: only its exact value gives the right product
+    qt = eqcore.quantize(w, bits=3, grid="asymmetric", group_size=32, backend="numpy")
+    x = np.zeros((1, 64), np.float32)
+    x[0, 5] = 1.0
+    y = cp.asnumpy(gpu.matmul(cp.asarray(x), qt))
+    assert y[0, 3] == pytest.approx(40.0, rel=1e-6)
+    assert_matmul_close(y, x, qt)

@@ -68,17 +68,31 @@ def unpack(packed, bits: int, cols: int):
     return out
 
 
+def _tensor(qt):
+    """``qt``'s arrays as the kernels take them, on the device: (qweight, scales, rowptr, cols, vals)
+    and the grid's zeros / codebook / col keywords (float32, or None)."""
+    return ((asarray(qt.qweight), _f32(qt.scales), asarray(qt.outlier_rowptr), asarray(qt.outlier_cols),
+             asarray(qt.outlier_vals)), dict(zeros=_f32(qt.zeros), codebook=_f32(qt.codebook), col=_f32(qt.col_scales)))
+
+
 def dequantize(qt, dtype=None):
     """Dense CuPy (rows, cols) matrix of ``qt`` in ``dtype`` (default: its own), one kernel launch."""
     dtype = weight_dtype(dtype or qt.dtype)
     out = _cp().empty(qt.shape, dtype=dtype)
-    nvrtc.run(launch.dequant_launch(asarray(qt.qweight), _f32(qt.scales), asarray(qt.outlier_rowptr),
-                                    asarray(qt.outlier_cols), asarray(qt.outlier_vals), out, qt.bits, qt.group_size,
-                                    _f32(qt.zeros), _f32(qt.codebook), _f32(qt.col_scales)))
+    arrays, grid = _tensor(qt)
+    nvrtc.run(launch.dequant_launch(*arrays, out, qt.bits, qt.group_size, **grid))
     return out
 
 
 def matmul(x, qt):
-    """y = x @ W^T (float32): W dequantized by the fused kernel, then cuBLAS (the baseline path
-    of :func:`eqcore.backends.numpy.matmul`'s contract)."""
-    return _cp().matmul(x.astype(np.float32), dequantize(qt, np.float32).T)
+    """y = x @ W^T (float32), :func:`eqcore.backends.numpy.matmul`'s contract. Up to
+    ``launch.GEMV_BATCHES[-1]`` rows of x: the GEMV kernel on the packed codes, outliers fused (one
+    launch); more: the baseline, W dequantized by the fused kernel, then cuBLAS."""
+    cp = _cp()
+    x = cp.ascontiguousarray(asarray(x), dtype=np.float32)
+    if not 1 <= x.shape[0] <= launch.GEMV_BATCHES[-1]:
+        return cp.matmul(x, dequantize(qt, np.float32).T)
+    out = cp.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
+    arrays, grid = _tensor(qt)
+    nvrtc.run(launch.gemv_launch(x, *arrays, out, qt.bits, qt.group_size, **grid))
+    return out
