@@ -55,10 +55,17 @@ def gpu_or_exit():
     else:
         err = None
     if n < 1:
-        print(f"gpu_kernels.py: no CUDA device available ({err or 'device count is 0'}); "
+        print(f"{Path(sys.argv[0]).name}: no CUDA device available ({err or 'device count is 0'}); "
               "this benchmark needs a GPU.", file=sys.stderr)
         sys.exit(2)
     return cupy
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a benchmark's Markdown report to ``path`` (creating its folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"\nwrote {path}")
 
 
 def timed(cp, fn, repeats: int, warmup: int = 3) -> float:
@@ -185,10 +192,7 @@ def main(argv=None) -> int:
     cp = gpu_or_exit()
     deq = bench_dequant(cp, args)
     qnt = bench_quantize(cp, args)
-    text = report(cp, args, deq, qnt)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report(cp, args, deq, qnt))
     return 0
 
 
