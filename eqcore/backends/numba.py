@@ -38,31 +38,36 @@ def quant_code(x, s, qmin, qmax):
     return min(max(np.rint(x / s), qmin), qmax)
 
 
-@njit
+@njit(inline="always")
 def f32_to_bf16_bits(f):
-    """bfloat16 bits of float32 ``f``, round to nearest even (NaN stays a quiet NaN)."""
-    b = np.int64(np.float32(f).view(np.uint32))
-    if (b & 0x7FFFFFFF) > 0x7F800000:
-        return np.uint16((b >> 16) | 0x40)
-    return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+    """bfloat16 bits of float32 ``f``, round to nearest even (NaN stays a quiet NaN). In int32
+    arithmetic, selects only, so loops of it vectorise 16 lanes wide."""
+    i32 = np.int32
+    b = np.float32(f).view(np.int32)
+    hi = i32(i32(b >> 16) & i32(0xFFFF))
+    r = i32(i32(i32(i32(b + i32(0x7FFF)) + i32(hi & i32(1))) >> 16) & i32(0xFFFF))
+    r = i32(hi | i32(0x40)) if i32(b & i32(0x7FFFFFFF)) > i32(0x7F800000) else r
+    return np.uint16(r)
 
 
-@njit
+@njit(inline="always")
 def f32_to_f16_bits(f):
     """IEEE float16 bits of float32 ``f``, round to nearest even, subnormals and overflow included.
 
-    Branch-free (selects only): normal halves re-bias the exponent and round 13 bits
-    away; half subnormals let the FPU round |f| + 0.5 to a multiple of 2**-24.
+    In int32 arithmetic with selects only (loops of it vectorise 16 lanes wide): normal halves
+    re-bias the exponent and round 13 bits away; half subnormals let the FPU round |f| + 0.5 to a
+    multiple of 2**-24.
     """
-    a = np.int64(np.float32(f).view(np.uint32))
-    sign = (a >> 16) & 0x8000
-    a &= 0x7FFFFFFF
+    i32 = np.int32
+    b = np.float32(f).view(np.int32)
+    sign = i32(i32(b >> 16) & i32(0x8000))
+    a = i32(b & i32(0x7FFFFFFF))
     t = np.float32(abs(np.float32(f)) + np.float32(0.5))
-    sub = np.int64(np.float32(t).view(np.uint32)) - 0x3F000000
-    h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
-    h = sub if a < 0x38800000 else h  # below 2**-14
-    h = 0x7C00 if a >= 0x477FF000 else h  # >= 65520 rounds to inf
-    h = (0x7E00 | ((a >> 13) & 0x3FF)) if a > 0x7F800000 else h  # NaN stays NaN
+    sub = i32(np.float32(t).view(np.int32) - i32(0x3F000000))
+    h = i32(i32(i32(a - i32(0x37FFF001)) + i32(i32(a >> 13) & i32(1))) >> 13)  # a - 0x38000000 + 0xFFF
+    h = sub if a < i32(0x38800000) else h  # below 2**-14
+    h = i32(0x7C00) if a >= i32(0x477FF000) else h  # >= 65520 rounds to inf
+    h = i32(i32(0x7E00) | i32(i32(a >> 13) & i32(0x3FF))) if a > i32(0x7F800000) else h  # NaN stays NaN
     return np.uint16(sign | h)
 
 
@@ -174,37 +179,60 @@ def _unpack_kernel(packed, bits, out):
 _F32, _BF16, _F16 = 0, 1, 2  # how _dequant_kernel writes its float32 values
 
 
+@njit
+def _group_values(codes, grid, off, s, codebook, col, top, vals):
+    """vals[i] = level(codes[i]) * s (times col[i] when ``col`` is not empty), float32, clamped
+    to [-top, top]; the level is codes[i] + off (off = qmin, or -z: float32 u - z) or
+    codebook[codes[i]]. Loops over whole views from 0, one per case, so LLVM vectorises them."""
+    low = -top
+    if grid == GRID_CODEBOOK:
+        for i in range(codes.shape[0]):
+            v = np.float32(codebook[codes[i]] * s)
+            v = np.float32(v * col[i]) if col.shape[0] > 0 else v
+            vals[i] = min(max(v, low), top)
+    elif col.shape[0] > 0:
+        for i in range(codes.shape[0]):
+            vals[i] = min(max(np.float32(np.float32((np.float32(codes[i]) + off) * s) * col[i]), low), top)
+    else:
+        for i in range(codes.shape[0]):
+            vals[i] = min(max(np.float32((np.float32(codes[i]) + off) * s), low), top)
+
+
+@njit
+def _store_row(vals, mode, orow):
+    """orow = vals as float32 (or the output's wider float), bfloat16 or float16 bits."""
+    if mode == _BF16:
+        for c in range(orow.shape[0]):
+            orow[c] = f32_to_bf16_bits(vals[c])
+    elif mode == _F16:
+        for c in range(orow.shape[0]):
+            orow[c] = f32_to_f16_bits(vals[c])
+    else:
+        for c in range(orow.shape[0]):
+            orow[c] = vals[c]
+
+
 @njit(parallel=True, cache=True)
 def _dequant_kernel(qweight, scales, g, bits, qmin, grid, zeros, codebook, col, rowptr, ocols, ovals, mode, top,
-                    out):
+                    chunks, out):
     rows, cols = out.shape
     n_groups = scales.shape[1]
     has_col = col.shape[0] > 0
-    low = -top
-    for r in prange(rows):
+    per = (rows + chunks - 1) // chunks
+    for k in prange(chunks):  # one workspace per chunk of rows
         codes = np.empty(cols, np.uint8)
-        _unpack_row(qweight[r], bits, codes)
         vals = np.empty(cols, np.float32)
-        for j in range(n_groups):
-            s = scales[r, j]
-            z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
-            for c in range(j * g, min(j * g + g, cols)):
-                v = np.float32(grid_level(codes[c], grid, qmin, z, codebook) * s)
-                if has_col:
-                    v = np.float32(v * col[c])
-                vals[c] = min(max(v, low), top)
-        orow = out[r]
-        if mode == _BF16:
-            for c in range(cols):
-                orow[c] = f32_to_bf16_bits(vals[c])
-        elif mode == _F16:
-            for c in range(cols):
-                orow[c] = f32_to_f16_bits(vals[c])
-        else:
-            for c in range(cols):
-                orow[c] = vals[c]
-        for p in range(rowptr[r], rowptr[r + 1]):
-            orow[ocols[p]] = ovals[p]
+        for r in range(k * per, min(rows, k * per + per)):
+            _unpack_row(qweight[r], bits, codes)
+            for j in range(n_groups):
+                c0, c1 = j * g, min(j * g + g, cols)
+                off = -zeros[r, j] if grid == GRID_ASYMMETRIC else qmin
+                _group_values(codes[c0:c1], grid, off, scales[r, j], codebook, col[c0:c1] if has_col else col, top,
+                              vals[c0:c1])
+            orow = out[r]
+            _store_row(vals, mode, orow)
+            for p in range(rowptr[r], rowptr[r + 1]):
+                orow[ocols[p]] = ovals[p]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -433,8 +461,13 @@ def dequantize(qt, dtype=None) -> np.ndarray:
     else:
         mode = _F32
         out = np.empty(qt.shape, dtype=dtype)
-    _dequant_kernel(*_tensor_args(qt), vals, mode, np.float32(finite_max(dtype)), out)
+    _dequant_kernel(*_tensor_args(qt), vals, mode, np.float32(finite_max(dtype)), _chunks(qt.shape[0]), out)
     return out.view(dtype) if mode != _F32 else out
+
+
+def _chunks(rows: int) -> int:
+    """How many chunks of rows a parallel kernel splits ``rows`` into: four per thread."""
+    return max(1, min(rows, 4 * numba.get_num_threads()))
 
 
 FUSED_BATCH = 16  # up to this many rows of x: the fused kernel; beyond, dequantized tiles and BLAS
@@ -454,7 +487,7 @@ def matmul(x, qt) -> np.ndarray:
         return out
     xc = x if qt.col_scales is None else np.ascontiguousarray(x * np.asarray(qt.col_scales).astype(np.float32))
     out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
-    chunks = max(1, min(qt.shape[0], 4 * numba.get_num_threads()))
+    chunks = _chunks(qt.shape[0])
     args = _tensor_args(qt)
     per = 32 // qt.bits
     g = args[2]
