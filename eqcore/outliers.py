@@ -70,8 +70,12 @@ def check_csr(rowptr, cols, vals, shape) -> None:
     ok[starts - 1] = True  # a new row may start anywhere
     if not bool(ok.all()):
         raise ValueError("outlier_cols must be strictly increasing within each row")
-    v = vals.astype(np.float32) if vals.dtype.itemsize == 2 else vals
-    if not bool(xp.isfinite(v).all()):
+    if vals.dtype.itemsize == 2:  # float16 / bfloat16: finite unless the exponent bits are all set
+        exp = 0x7C00 if vals.dtype == np.float16 else 0x7F80
+        finite = bool(((vals.view(np.uint16) & exp) != exp).all())
+    else:
+        finite = bool(xp.isfinite(vals).all())
+    if not finite:
         raise ValueError("outlier_vals must be finite")
 
 
