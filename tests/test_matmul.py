@@ -60,7 +60,7 @@ def test_bad_inputs_are_refused(x, match):
 
 
 def test_large_batches_run_in_tiles_of_rows(monkeypatch):
-    monkeypatch.setattr(nb, "TILE_ROWS", 7)  # several tiles, the last one short
+    monkeypatch.setattr(nb, "TILE_ELEMENTS", 7 * 48)  # tiles of 7 rows: several, the last one short
     qt = eqcore.quantize(weights(30, 48, seed=4), bits=4, group_size=16, grid="asymmetric", sigma=2.0)
     x = np.random.default_rng(1).normal(size=(nb.FUSED_BATCH + 9, 48)).astype(np.float32)
     close(eqcore.matmul(x, qt), x, qt)

@@ -471,20 +471,24 @@ def _chunks(rows: int) -> int:
 
 
 FUSED_BATCH = 16  # up to this many rows of x: the fused kernel; beyond, dequantized tiles and BLAS
-TILE_ROWS = 512
+TILE_ELEMENTS = 1 << 24  # weights per dequantized tile (64 MiB of float32): few tiles, because switching
+# between Numba's OpenMP threads and BLAS's costs about a millisecond each way on a loaded core
 
 
 def matmul(x, qt) -> np.ndarray:
     """y = x @ W^T (float32) for (batch, cols) ``x``, from the packed form (see
     :func:`eqcore.backends.numpy.matmul`; equal up to float summation order). Small batches run
-    the fused kernel; larger ones dequantize TILE_ROWS rows of W at a time for a BLAS product."""
+    the fused kernel; larger ones dequantize TILE_ELEMENTS weights (whole rows) of W at a time for
+    a BLAS product."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] > FUSED_BATCH:
-        out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
-        for r in range(0, qt.shape[0], TILE_ROWS):
-            block = qt.row_block(r, min(r + TILE_ROWS, qt.shape[0]))
-            np.matmul(x, dequantize(block, np.float32).T, out=out[:, r:r + block.shape[0]])
-        return out
+        rows, cols = qt.shape
+        step = max(1, TILE_ELEMENTS // cols)
+        out_t = np.empty((rows, x.shape[0]), dtype=np.float32)  # W x^T: each tile fills whole rows
+        for r in range(0, rows, step):
+            block = qt.row_block(r, min(r + step, rows))
+            np.matmul(dequantize(block, np.float32), x.T, out=out_t[r:r + block.shape[0]])
+        return np.ascontiguousarray(out_t.T)
     xc = x if qt.col_scales is None else np.ascontiguousarray(x * np.asarray(qt.col_scales).astype(np.float32))
     out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
     chunks = _chunks(qt.shape[0])
