@@ -63,9 +63,16 @@ class QuantizedLinear(nn.Module):
 
     @property
     def quantized(self) -> QuantizedTensor:
-        """The weight as a QuantizedTensor (views of this module's buffers)."""
-        arrays = {f: _from_buffer(getattr(self, f), self._dtypes[f]) for f in self._dtypes}
-        return QuantizedTensor.from_arrays(arrays, self._meta)
+        """The weight as a QuantizedTensor (views of this module's buffers). Built once and kept
+        while the buffers stay the same tensors (``.to()`` or loading replaces them); their
+        contents are validated by every :func:`eqcore.matmul` / dequantize anyway."""
+        buffers = [getattr(self, f) for f in self._dtypes]
+        key = (id(self._meta), *((b.data_ptr(), b.device, b.dtype, tuple(b.shape)) for b in buffers))
+        cached = self.__dict__.get("_quantized_cache")
+        if cached is None or cached[0] != key:
+            arrays = {f: _from_buffer(b, self._dtypes[f]) for f, b in zip(self._dtypes, buffers)}
+            cached = self.__dict__["_quantized_cache"] = (key, QuantizedTensor.from_arrays(arrays, self._meta))
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device != self.qweight.device:

@@ -42,9 +42,11 @@ def test_quantized_property_and_state_dict_round_trip():
     buf.seek(0)
     other = QuantizedLinear(eqcore.quantize(np.full((24, 64), 0.5, np.float16), bits=3, grid="codebook",
                                             col_scales=True, scale_dtype="float16"))
-    other.load_state_dict(torch.load(buf))
     x = torch.randn(2, 64).half()
-    assert torch.equal(other(x), q(x))
+    before = other(x)  # builds (and keeps) the QuantizedTensor of the old buffers
+    assert other.quantized is other.quantized
+    other.load_state_dict(torch.load(buf))
+    assert torch.equal(other(x), q(x)) and not torch.equal(before, q(x))
     np.testing.assert_array_equal(eqcore.dequantize(other.quantized), eqcore.dequantize(qt))
 
 
