@@ -375,16 +375,17 @@ def _word_matmul_kernel(xt, x, qweight, scales, gw, bits, qmin, grid, zeros, col
         sw = np.empty(nwu, np.float32)
         offw = np.empty(nwu, np.float32)
         acc = np.empty(batch, np.float32)
+        x0 = xt[0]
         for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
             q = qweight[r]
             if batch == 1 and n_groups == 1:
                 off = -zeros[r, 0] if asym else qmin
                 if bits == 4:
-                    t = _slot_dot4(q, xt[0], off)
+                    t = _slot_dot4(q, x0, off)
                 elif bits == 2:
-                    t = _slot_dot2(q, xt[0], off)
+                    t = _slot_dot2(q, x0, off)
                 else:
-                    t = _slot_dot8(q, xt[0], off)
+                    t = _slot_dot8(q, x0, off)
                 acc[0] = t * scales[r, 0]
             else:
                 for j in range(n_groups):
@@ -399,8 +400,9 @@ def _word_matmul_kernel(xt, x, qweight, scales, gw, bits, qmin, grid, zeros, col
                     _slot_levels8(q, sw, offw, lev)
                 for b in range(batch):
                     acc[b] = _flat_dot(levf, xt[b].reshape(per * nwu))
-            _outlier_terms(q, r, rowptr[r], rowptr[r + 1], ocols, ovals, x, scales, zeros, col, asym, qmin, bits, lg,
-                           gcols, acc)
+            if rowptr[r + 1] > rowptr[r]:
+                _outlier_terms(q, r, rowptr[r], rowptr[r + 1], ocols, ovals, x, scales, zeros, col, asym, qmin, bits,
+                               lg, gcols, acc)
             for b in range(batch):
                 out[b, r] = acc[b]
 
