@@ -8,7 +8,7 @@ import numpy as np
 
 from . import backends, solvers
 from .config import QuantConfig
-from .dtypes import FLOAT32_MAX, dtype_name, finite_max, weight_dtype
+from .dtypes import FLOAT32_MAX, all_finite, dtype_name, finite_max, weight_dtype
 from .grids import codebook_for, column_scales
 from .interop import array_module, as_array
 from .layout import max_scale, round_scales, round_zeros
@@ -28,7 +28,7 @@ def check_weight(w):
         raise ValueError(f"cannot quantize an empty matrix of shape {tuple(shape)}")
     weight_dtype(w.dtype)
     xp = array_module(w)
-    if not bool(xp.isfinite(w.astype(np.float32) if w.dtype.itemsize == 2 else w).all()):
+    if not all_finite(w):
         raise ValueError("weight contains NaN or Inf; refusing to quantize it")
     if w.dtype == np.float64:
         big = float(xp.abs(w).max())

@@ -48,3 +48,14 @@ def saturate(a, dtype):
     :func:`finite_max`: how outlier values enter a dequantized matrix (NumPy or CuPy)."""
     top = finite_max(dtype)
     return a.astype(np.float64).clip(-top, top).astype(weight_dtype(dtype))
+
+
+def all_finite(a) -> bool:
+    """Whether every value of a float array (NumPy or CuPy) is finite. float16 / bfloat16 are read
+    from their exponent bits (all set: inf or NaN), without a float32 copy; wider floats by
+    a - a == 0 (inf - inf and NaN give NaN)."""
+    if a.dtype.itemsize == 2:
+        exp = 0x7C00 if a.dtype == np.float16 else 0x7F80
+        return bool(((a.view(np.uint16) & exp) != exp).all())
+    with np.errstate(invalid="ignore"):  # inf - inf: no warning, the answer is the point
+        return bool(((a - a) == 0).all())

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .dtypes import all_finite
 from .interop import array_module
 from .layout import col_index_dtype
 
@@ -70,12 +71,7 @@ def check_csr(rowptr, cols, vals, shape) -> None:
     ok[starts - 1] = True  # a new row may start anywhere
     if not bool(ok.all()):
         raise ValueError("outlier_cols must be strictly increasing within each row")
-    if vals.dtype.itemsize == 2:  # float16 / bfloat16: finite unless the exponent bits are all set
-        exp = 0x7C00 if vals.dtype == np.float16 else 0x7F80
-        finite = bool(((vals.view(np.uint16) & exp) != exp).all())
-    else:
-        finite = bool(xp.isfinite(vals).all())
-    if not finite:
+    if not all_finite(vals):
         raise ValueError("outlier_vals must be finite")
 
 
