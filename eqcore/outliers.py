@@ -175,27 +175,34 @@ def outlier_mask(w: np.ndarray, sigma: float | None, stats: str = "tensor") -> n
     mask = xp.zeros(w.shape, dtype=bool)
     if sigma is None:
         return mask
-    mean, std = _mean_std(w, per_row=stats == "row")
+    if stats == "row":  # each slice of rows holds its own statistics: one float64 copy of it
+        for rows in row_chunks(w.shape):
+            dev = w[rows].astype(np.float64)
+            dev -= dev.sum(axis=1, keepdims=True) / w.shape[1]
+            std = xp.sqrt((dev * dev).sum(axis=1, keepdims=True) / w.shape[1])
+            mask[rows] = (xp.abs(dev) >= sigma * std) & (std > 0)
+        return mask
+    mean, std = _tensor_mean_std(w)
+    if std == 0:
+        return mask
     for rows in row_chunks(w.shape):  # float64 work in slices: memory stays ~ one tensor
-        dev = xp.abs(w[rows].astype(np.float64) - mean[rows])
-        mask[rows] = (dev >= sigma * std[rows]) & (std[rows] > 0)
+        mask[rows] = xp.abs(w[rows].astype(np.float64) - mean) >= sigma * std
     return mask
 
 
-def _mean_std(w: np.ndarray, per_row: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Two-pass float64 mean and (population) std, per row or of the whole matrix, as (rows, 1)."""
+def _tensor_mean_std(w: np.ndarray) -> tuple[float, float]:
+    """Two-pass float64 mean and (population) std of the whole matrix: per-row sums in row
+    slices, then their sum."""
     xp = array_module(w)
-    rows, cols = w.shape
-    row_sum = xp.zeros((rows, 1))
+    row_sum = xp.zeros((w.shape[0], 1))
     for r in row_chunks(w.shape):
         row_sum[r] = w[r].sum(axis=1, dtype=np.float64, keepdims=True)
-    mean = row_sum / cols if per_row else xp.broadcast_to(row_sum.sum() / w.size, (rows, 1))
-    row_sq = xp.zeros((rows, 1))
+    mean = float(row_sum.sum()) / w.size
+    row_sq = xp.zeros((w.shape[0], 1))
     for r in row_chunks(w.shape):
-        d = w[r].astype(np.float64) - mean[r]
+        d = w[r].astype(np.float64) - mean
         row_sq[r] = xp.sum(d * d, axis=1, keepdims=True)
-    var = row_sq / cols if per_row else xp.broadcast_to(row_sq.sum() / w.size, (rows, 1))
-    return mean, xp.sqrt(var)
+    return mean, float(xp.sqrt(row_sq.sum() / w.size))
 
 
 def row_chunks(shape, elements: int = 1 << 18):
