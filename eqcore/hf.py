@@ -56,11 +56,13 @@ class EqcoreHfQuantizer(HfQuantizer):
             rf"\.({parts})$"}
         # a quantized layer's <name>.weight is stored as an empty guard (eqcore.io.fileformat): its
         # parameter becomes empty too, so transformers takes the guard for it; the layer itself
-        # comes from the packed tensors after loading
+        # comes from the packed tensors after loading; names the model lacks are left to
+        # load_quantized, which refuses the checkpoint with a clear error
+        modules = dict(model.named_modules())
         for f in self.checkpoint_files:
             for name in _quantized_names(f):
                 owner, _, leaf = name.rpartition(".")
-                m = model.get_submodule(owner) if leaf == "weight" else None
+                m = modules.get(owner) if leaf == "weight" else None
                 if isinstance(m, torch.nn.Linear):
                     m.weight = torch.nn.Parameter(m.weight.new_empty(0), requires_grad=False)
 

@@ -138,6 +138,21 @@ def test_a_quantized_folder_fails_loudly_in_transformers_without_eqcore(tmp_path
     assert "ignore_mismatched_sizes" in r.stdout and "q_proj.weight" in r.stdout + r.stderr
 
 
+def test_from_pretrained_refuses_a_checkpoint_that_does_not_match_the_model(tmp_path):
+    """A quantized layer the model lacks is a clear ValueError from load_quantized, not an
+    AttributeError from inside the quantizer."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    _tiny_lm_folder(tmp_path / "float")
+    eqcore.quantize_checkpoint(tmp_path / "float", tmp_path / "q", eqcore.QuantConfig(bits=4), progress=False)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    importlib.import_module("eqcore.hf")
+    with pytest.raises(ValueError, match=r"layers\.1\..* is quantized but the model has no nn.Linear"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
 def _tiny_lm_folder(path):
     """A 2-layer Llama with a word-level tokenizer, saved as a transformers folder."""
     transformers = pytest.importorskip("transformers")
