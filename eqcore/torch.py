@@ -160,7 +160,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             bias_key = owner + ".bias"
             if bias_key in tensors:
                 bias = to_torch(np.array(tensors[bias_key]))
-            _set(model, owner, QuantizedLinear(value, bias))
+            _set(model, owner, QuantizedLinear(value, bias).to(_device_of(model, m)))
             replaced.add(owner)
         else:
             plain[key] = value
@@ -194,6 +194,15 @@ def load_pretrained(path, model_class=None, **config_options):
     cls = model_class or transformers.AutoModelForCausalLM
     model = cls.from_config(config)
     return load_quantized(model, path).eval()
+
+
+def _device_of(model: nn.Module, m: nn.Module) -> torch.device:
+    """Where a replacement for ``m`` belongs: its weight's device, or (a weight still on the meta
+    device, as while transformers loads) that of the model's first real parameter, else the CPU."""
+    for p in (*m.parameters(), *model.parameters()):
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

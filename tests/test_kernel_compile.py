@@ -115,3 +115,16 @@ def test_gemv_ptx_is_vectorised_and_exact():
     for pattern in (r"ld\.global\.nc\.v4\.u32", r"ld\.global\.nc\.v4\.f32", r"shfl\.sync\.bfly", r"fma\.rn\.f32"):
         assert re.search(pattern, ptx), pattern
     assert not re.search(r"cvt\.rn\.f32\.[us]32", ptx) and ".ftz" not in ptx and ".local" not in ptx
+
+
+def test_precompile_fills_the_cache(tmp_path, monkeypatch):
+    """precompile() leaves a cubin per kernel in the cache (two processes), and a second call
+    finds them there (compiles nothing)."""
+    _nvrtc()
+    monkeypatch.setenv("EQCORE_CACHE_DIR", str(tmp_path))
+    names = [launch.pack_name(4), launch.gemv_name(3, 1)]
+    assert nvrtc.precompile("sm_90", names, jobs=2) == 2
+    cubins = sorted((tmp_path / "kernels").glob("*.cubin"))
+    assert len(cubins) == 2 and all(c.stat().st_size > 0 for c in cubins)
+    monkeypatch.setattr(nvrtc, "nvrtc_compile", lambda *a: pytest.fail("compiled again"))
+    assert nvrtc.precompile("sm_90", names, jobs=1) == 2

@@ -168,6 +168,25 @@ def compiled_file(names, arch: str) -> tuple[Path, dict]:
     return image, json.loads(meta.read_text())
 
 
+def precompile(arch: str, names=None, jobs: int | None = None) -> int:
+    """Compile ``names`` (default: every instantiation the library can launch) for ``arch`` into
+    the cache, ``jobs`` processes at a time (default: one per CPU); returns how many. Run once on a
+    new machine so that the first calls do not wait for NVRTC (about 0.5 s per kernel)."""
+    import concurrent.futures
+    import multiprocessing
+
+    names = list(launch.all_names() if names is None else names)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(names)))
+    if jobs == 1:
+        for n in names:
+            compiled_file([n], arch)
+        return len(names)
+    ctx = multiprocessing.get_context("spawn")  # no CUDA context is inherited by a fork
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        list(pool.map(compiled_file, [[n] for n in names], [arch] * len(names)))
+    return len(names)
+
+
 @functools.lru_cache(maxsize=None)
 def device_arch(device_id: int) -> str:
     """sm_XX of CuPy device ``device_id`` (compute_XX if NVRTC cannot emit its cubin)."""
