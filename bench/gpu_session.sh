@@ -117,7 +117,7 @@ stage env 30 env_info
 stage warm 90 warm
 stage test 200 gpu_tests
 stage bench 180 benches
-stage auto 120 auto_tests
+stage auto 150 auto_tests
 stage profile 60 profile
 echo "== summary"
 for k in "${!SUMMARY[@]}"; do echo "$k: ${SUMMARY[$k]}"; done

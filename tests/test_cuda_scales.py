@@ -105,6 +105,17 @@ def test_simulator_matches_reference():
     assert n >= 10 and m >= 4 and res.stdout.count(": exact") == n + m
 
 
+def test_kernels_compile_under_a_numpy_without_row_stack():
+    """NumPy 2.5 removed np.row_stack, which numba-cuda 0.30 overloads on its first compile: every
+    CUDA solver failed on a GPU machine with NumPy 2.5.2. Here NumPy's alias is deleted first."""
+    code = ("import numpy as np\n"
+            "if hasattr(np, 'row_stack'): del np.row_stack\n"
+            "from eqcore.solvers import adam_cuda\n"
+            "assert 'div.rn.f32' in adam_cuda.compile_ptx_for((9, 0), True)\n")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- GPU
 
 def _check_against_reference(x, cfg):

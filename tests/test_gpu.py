@@ -32,7 +32,7 @@ def same_bits(a, b):
 
 
 def host(qt):
-    return QuantizedTensor(*(cp.asnumpy(a) for a in qt.arrays().values()), **qt.metadata())
+    return QuantizedTensor.from_arrays({f: cp.asnumpy(a) for f, a in qt.arrays().items()}, qt.metadata())
 
 
 @pytest.mark.parametrize("shape", SHAPES)

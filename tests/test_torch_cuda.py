@@ -7,6 +7,7 @@ torch = pytest.importorskip("torch")
 cp = pytest.importorskip("cupy")
 
 import eqcore  # noqa: E402
+from eqcore.tensor import QuantizedTensor  # noqa: E402
 from eqcore.torch import QuantizedLinear, load_pretrained  # noqa: E402
 
 from helpers import assert_matmul_close  # noqa: E402
@@ -18,7 +19,7 @@ GRIDS = [dict(bits=4), dict(bits=3, group_size=64, grid="asymmetric"),
 
 
 def host(qt):
-    return eqcore.QuantizedTensor(*(cp.asnumpy(a) for a in qt.arrays().values()), **qt.metadata())
+    return QuantizedTensor.from_arrays({f: cp.asnumpy(a) for f, a in qt.arrays().items()}, qt.metadata())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -29,7 +29,8 @@ def _cp():
 
 def asarray(a):
     """``a`` as a C-contiguous CuPy array (NumPy input is copied to the device)."""
-    return _cp().ascontiguousarray(a)
+    cp = _cp()
+    return cp.ascontiguousarray(cp.asarray(a))  # cupy.ascontiguousarray takes CuPy arrays only
 
 
 def _f32(a):

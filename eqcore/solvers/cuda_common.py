@@ -7,6 +7,11 @@ import contextlib
 import numpy as np
 from numba import cuda
 
+if not hasattr(np, "row_stack"):
+    # numba-cuda (0.30) registers an overload of np.row_stack when it first compiles; NumPy 2.5
+    # removed that name (an alias of vstack since 1.0), which made every CUDA compile fail
+    np.row_stack = np.vstack
+
 
 @contextlib.contextmanager
 def no_fma_contraction():
