@@ -4,8 +4,9 @@
 #     bash bench/gpu_session.sh [STAGE ...]      # from the repo root; default: every stage
 #
 # Stages, in order: env (versions), warm (NVRTC-compile every kernel in parallel), test (pytest -m gpu),
-# bench (bench/gpu_kernels.py, bench/matmul_gpu.py), auto (the CPU suite's checkpoint/CLI/torch tests,
-# where backend "auto" now picks the GPU), profile (Nsight Compute on the GEMV and dequant kernels).
+# bench (bench/gpu_kernels.py, bench/matmul_gpu.py, bench/gpu_geometry.py), auto (the CPU suite's
+# checkpoint/CLI/torch tests, where backend "auto" now picks the GPU), profile (Nsight Compute on the
+# GEMV and dequant kernels; not in the default list).
 # Each stage has a time cap and the whole run a deadline ($BUDGET seconds, default 450), so that
 # what ran comes back. Logs and reports go to $OUT (default /tmp/eqcore_gpu). Uses the machine's
 # python3 and packages, eqcore from this checkout (PYTHONPATH), nothing installed.
@@ -17,8 +18,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX would take 75% of the card fro
 export EQCORE_CACHE_DIR=${EQCORE_CACHE_DIR:-/tmp/eqcore_cache}
 export PY=${PYTHON:-python3} OUT
 DEADLINE=$((SECONDS + ${BUDGET:-450}))
-STAGES=${*:-env warm test bench auto profile}
-JOBS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
+STAGES=${*:-env warm test bench auto}
+JOBS=$(( $(nproc) > 12 ? 12 : $(nproc) ))
 declare -A SUMMARY
 
 stage() {  # stage NAME CAP_SECONDS COMMAND...: run with min(cap, time to the deadline)
@@ -97,6 +98,7 @@ benches() {
     $PY bench/gpu_kernels.py --out "$OUT/gpu_kernels.md" >"$OUT/bench.log" 2>&1
     local rc=$?
     $PY bench/matmul_gpu.py --out "$OUT/matmul_gpu.md" >>"$OUT/bench.log" 2>&1 || rc=$?
+    $PY bench/gpu_geometry.py --out "$OUT/gpu_geometry.md" >>"$OUT/bench.log" 2>&1 || rc=$?
     tail -n 40 "$OUT/bench.log"
     return $rc
 }
@@ -115,9 +117,9 @@ export -f env_info warm profile gpu_tests benches auto_tests
 {
 stage env 30 env_info
 stage warm 90 warm
-stage test 200 gpu_tests
-stage bench 180 benches
-stage auto 150 auto_tests
+stage test 150 gpu_tests
+stage bench 150 benches
+stage auto 90 auto_tests
 stage profile 60 profile
 echo "== summary"
 for k in "${!SUMMARY[@]}"; do echo "$k: ${SUMMARY[$k]}"; done

@@ -141,11 +141,14 @@ def dequantize(qt: QuantizedTensor, dtype=None, *, backend: str = "auto"):
     return backends.get(backends.select(backend, qt.qweight)).dequantize(qt, dtype)
 
 
-def matmul(x, qt: QuantizedTensor, *, backend: str = "auto"):
+def matmul(x, qt: QuantizedTensor, *, backend: str = "auto", check: bool = True):
     """``x @ W.T`` for W = ``dequantize(qt, float32)``, outliers included: float32, shape
     ``x.shape[:-1] + (rows,)``. Up to 16 rows of x on the CPU (8 on the GPU) it runs from the
     packed form without forming W; larger batches dequantize W in tiles for BLAS (cuBLAS). Equal
     to the dense product up to float32 summation order: |y - y_dense| <= 1e-5 * (|x| @ |W|.T) + 1e-30.
+    ``check=False`` skips ``qt.validate()`` (O(scales + nnz); on a GPU a few milliseconds of small
+    launches and synchronisations) for a tensor validated since it last changed, as
+    :class:`eqcore.torch.QuantizedLinear` does.
     """
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"expected a QuantizedTensor, got {type(qt).__name__}")
@@ -154,7 +157,8 @@ def matmul(x, qt: QuantizedTensor, *, backend: str = "auto"):
         raise ValueError(f"x must end in the weight's {qt.shape[1]} input features, got shape {tuple(getattr(x, 'shape', ()))}")
     if x.dtype.kind != "f":
         raise ValueError(f"x must be a float array, got {x.dtype}")
-    qt.validate()
+    if check:
+        qt.validate()
     be = backends.get(backends.select(backend, x, qt.qweight))
     lead = x.shape[:-1]
     y = be.matmul(x.reshape(-1, qt.shape[1]).astype(np.float32), qt)

@@ -63,11 +63,11 @@ class QuantizedLinear(nn.Module):
 
     @property
     def quantized(self) -> QuantizedTensor:
-        """The weight as a QuantizedTensor (views of this module's buffers). Built once and kept
-        while the buffers stay the same tensors (``.to()`` or loading replaces them); their
-        contents are validated by every :func:`eqcore.matmul` / dequantize anyway."""
+        """The weight as a QuantizedTensor (views of this module's buffers), validated. Built and
+        validated once, then kept while the buffers stay the same tensors, unchanged: ``.to()``
+        and loading replace them, and torch counts in-place changes (``Tensor._version``)."""
         buffers = [getattr(self, f) for f in self._dtypes]
-        key = (id(self._meta), *((b.data_ptr(), b.device, b.dtype, tuple(b.shape)) for b in buffers))
+        key = (id(self._meta), *((b.data_ptr(), b.device, b.dtype, tuple(b.shape), b._version) for b in buffers))
         cached = self.__dict__.get("_quantized_cache")
         if cached is None or cached[0] != key:
             arrays = {f: _from_buffer(b, self._dtypes[f]) for f, b in zip(self._dtypes, buffers)}
@@ -78,7 +78,7 @@ class QuantizedLinear(nn.Module):
         if x.device != self.qweight.device:
             raise ValueError(f"input on {x.device} but the quantized weight is on {self.qweight.device}; "
                              "move one of them (module.to(device))")
-        y = to_torch(matmul(x.detach().float().contiguous(), self.quantized))
+        y = to_torch(matmul(x.detach().float().contiguous(), self.quantized, check=False))  # validated there
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)

@@ -105,6 +105,25 @@ def test_simulator_matches_reference():
     assert n >= 10 and m >= 4 and res.stdout.count(": exact") == n + m
 
 
+def test_launches_are_quiet_about_small_grids():
+    """Numba-CUDA warns when a grid has under 128 blocks; a small matrix makes one, and `eqcore
+    quantize` on a GPU printed the warning (seen on an H200). The launch configuration hides it."""
+    import warnings
+
+    from eqcore.solvers.cuda_common import configured, performance_warning
+
+    class Kernel:
+        def __getitem__(self, config):
+            warnings.warn(performance_warning()("Grid size 8 will likely result in GPU under-utilization"))
+            return config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert configured(Kernel(), 8, 64, 0) == (8, 64, 0)
+        with pytest.raises(performance_warning()):
+            Kernel()[8, 64, 0]
+
+
 def test_kernels_compile_under_a_numpy_without_row_stack():
     """NumPy 2.5 removed np.row_stack, which numba-cuda 0.30 overloads on its first compile: every
     CUDA solver failed on a GPU machine with NumPy 2.5.2. Here NumPy's alias is deleted first."""

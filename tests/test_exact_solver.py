@@ -174,6 +174,15 @@ def test_cuda_kernel_ptx_is_ieee_and_uncontracted(exact_ptx, cc):
     assert "fma.rn" not in text  # no contraction: the loss sums are the reference's
 
 
+@pytest.mark.gpu
+def test_launched_cuda_kernel_is_ieee_and_uncontracted():
+    """The PTX the GPU runs (built at first use for the device) obeys the same rules."""
+    from eqcore.solvers import exact_cuda
+
+    for text in exact_cuda._compiled().inspect_asm().values():
+        assert "div.rn.f32" in text and "fma.rn" not in text
+
+
 def test_cuda_kernel_has_no_spills(exact_ptx):
     import glob
     import os

@@ -68,7 +68,9 @@ def test_results_go_back_to_jax(dtype):
 def test_jax_arrays(dtype):
     jnp = pytest.importorskip("jax.numpy")
     ref = weights(16, 96, seed=2, dtype=np.float32).astype(BF16 if dtype == "bfloat16" else dtype)
-    j = jnp.asarray(ref)
+    import jax
+
+    j = jax.device_put(jnp.asarray(ref), jax.devices("cpu")[0])  # a host array also where JAX has a GPU
     arr = as_array(j)
     assert isinstance(arr, np.ndarray) and arr.dtype == ref.dtype
     _same_quantization(j, ref)

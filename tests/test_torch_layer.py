@@ -191,3 +191,25 @@ def test_generate_cli_continues_a_prompt_like_the_dequantized_model(tmp_path, ca
     assert out.startswith("w3 w7 w11") and "tokens/s" in err and "of fp16" in err
     assert main(["generate", str(tmp_path / "nowhere"), "w1"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_forward_validates_once_and_again_after_an_in_place_change(monkeypatch):
+    """A layer validates its QuantizedTensor when built, not on every call (on a GPU each
+    validation was 2-3 ms of small launches, 100x the GEMV); an in-place change of a buffer,
+    which torch counts, makes the next call validate again and refuse bad values."""
+    from eqcore.tensor import FormatError, QuantizedTensor
+
+    torch.manual_seed(3)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), bits=4, group_size=32)
+    x = torch.randn(2, 64)
+    y = q(x)
+    calls = []
+    real = QuantizedTensor.validate
+    monkeypatch.setattr(QuantizedTensor, "validate", lambda self: (calls.append(1), real(self))[1])
+    assert torch.equal(q(x), y) and torch.equal(q(x), y)
+    assert calls == []
+    with torch.no_grad():
+        q.scales.fill_(float("nan"))
+    with pytest.raises(FormatError, match="finite"):
+        q(x)
+    assert calls

@@ -24,7 +24,7 @@ from numba.cuda.core import config as _numba_cuda_config
 
 from ..layout import group_layout, max_scale
 from . import rowmath
-from .cuda_common import check_input, compile_ptx, no_fma_contraction, output_for
+from .cuda_common import check_input, compile_ptx, configured, jit_kernel, output_for
 
 SIMULATOR = bool(_numba_cuda_config.ENABLE_CUDASIM)
 _FULL = 0xFFFFFFFF
@@ -171,8 +171,7 @@ def _kernel(in_shared: bool):
         if SIMULATOR:
             _KERNELS[in_shared] = cuda.jit(_PY_KERNELS[in_shared])
         else:
-            with no_fma_contraction():  # eager: PTX is generated (and cached) here
-                _KERNELS[in_shared] = cuda.jit(SIGNATURE)(_PY_KERNELS[in_shared])
+            _KERNELS[in_shared] = jit_kernel(_PY_KERNELS[in_shared], SIGNATURE)
     return _KERNELS[in_shared]
 
 
@@ -213,11 +212,11 @@ def optimize_scales(x, config, smax=None):
         if out.size:
             d_x = cuda.to_device(np.ascontiguousarray(x))
             d_out = cuda.device_array((rows, n_groups), np.float32)
-            _kernel(in_shared)[rows * n_groups, threads, 0, shared_bytes](d_x, d_out, *args)
+            configured(_kernel(in_shared), rows * n_groups, threads, 0, shared_bytes)(d_x, d_out, *args)
             d_out.copy_to_host(out)
         return out
 
     out, stream = output_for(x, (rows, n_groups))
     if rows * n_groups:
-        _kernel(in_shared)[rows * n_groups, threads, stream, shared_bytes](x, out, *args)
+        configured(_kernel(in_shared), rows * n_groups, threads, stream, shared_bytes)(x, out, *args)
     return out

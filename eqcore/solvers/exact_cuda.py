@@ -15,7 +15,7 @@ from numba.cuda.core import config as _numba_cuda_config
 
 from ..layout import group_layout, max_scale
 from . import rowmath
-from .cuda_common import check_input, compile_ptx, no_fma_contraction, output_for
+from .cuda_common import check_input, compile_ptx, configured, jit_kernel, output_for
 from .exact_sweep import BLOCKS, make_group_exact, rounding_bounds
 
 SIMULATOR = bool(_numba_cuda_config.ENABLE_CUDASIM)
@@ -78,8 +78,7 @@ def _compiled():
         if SIMULATOR:
             _KERNEL.append(cuda.jit(kernel))
         else:
-            with no_fma_contraction():
-                _KERNEL.append(cuda.jit(SIGNATURE)(kernel))
+            _KERNEL.append(jit_kernel(kernel, SIGNATURE))
     return _KERNEL[0]
 
 
@@ -128,7 +127,7 @@ def optimize_scales(x, config, smax=None, cap=None):
     threads = 64
     for first in range(0, total, batch):
         count = min(batch, total - first)
-        _compiled()[-(-count // threads), threads, stream](
+        configured(_compiled(), -(-count // threads), threads, stream)(
             d_x, out, first, count, rows, cols, g, n_groups, np.float32(config.qmax), smax, *ws, bounds, ks, kq)
     return out.copy_to_host() if host else out
 
