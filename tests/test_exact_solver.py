@@ -10,7 +10,7 @@ from eqcore.layout import max_scale
 from eqcore.solvers import adam, exact, exact_numba
 from eqcore.solvers.objective import group_view, loss_and_grad, reconstruction_loss
 
-from helpers import run_ptxas, weights
+from helpers import FMA_ON_DEVICE, run_ptxas, weights
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 BITS = st.sampled_from([2, 3, 4, 8])
@@ -175,6 +175,7 @@ def test_cuda_kernel_ptx_is_ieee_and_uncontracted(exact_ptx, cc):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason=FMA_ON_DEVICE)
 def test_launched_cuda_kernel_is_ieee_and_uncontracted():
     """The PTX the GPU runs (built at first use for the device) obeys the same rules."""
     from eqcore.solvers import exact_cuda

@@ -19,7 +19,7 @@ THREADS = 256      # threads per block: encode, pack, unpack (one packing block 
 DQ_THREADS = 128   # threads per block: dequant (one packing block per thread)
 DQ_TILE = DQ_THREADS * BLOCK  # codes of one row per dequant block
 GV_WARPS = 4       # warps per block: matmul GEMV
-GV_ROWS = 2        # output rows per GEMV warp
+GV_ROWS = 4        # output rows per GEMV warp (4 x 4 measured best on an H200: bench/results/gpu_geometry.md)
 GEMV_BATCHES = (1, 4, 8)  # GEMV instantiations (NB); a batch runs on the smallest NB >= batch
 
 # weight dtype -> CUDA type; the index is the `vtype` code of load_val() in eqcore.cuh
