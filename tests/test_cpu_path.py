@@ -243,3 +243,24 @@ def test_quantize_numba_vs_numpy(bits, group_size):
     np.testing.assert_array_equal(eqcore.dequantize(a, backend="numba").view(np.uint16), dequantize_reference(a).view(np.uint16))
     assert math.isclose(float(np.abs(eqcore.dequantize(a, "float32") - w.astype(np.float32)).mean()),
                         float(np.abs(eqcore.dequantize(b, "float32") - w.astype(np.float32)).mean()), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("grid", ["symmetric", "asymmetric", "codebook"])
+def test_dequantize_table_and_direct_paths_bit_exact(bits, grid):
+    """Groups of at least 2 * 2^bits columns (no column scales) are dequantized by table lookup
+    (4-bit codes into 16-bit outputs a byte at a time when groups and rows have even widths),
+    shorter ones value by value: all give the reference's bits, in every output dtype."""
+    w = weights(6, 1100, seed=bits, dtype=np.float32)
+    w[2, 5] = 1e4  # an outlier far beyond the grid, and a row of huge values for saturation
+    w[4] *= 3e3
+    for g in (2 << bits, (2 << bits) - 1, (2 << bits) + 1, None):
+        for col in (False, True):
+            qt = eqcore.quantize(w, bits=bits, grid=grid, group_size=g, col_scales=col, sigma=2.0, steps=0,
+                                 backend="numpy")
+            for out in sorted(WEIGHT_DTYPES):
+                np.testing.assert_array_equal(cpu.dequantize(qt, out).view(np.uint8),
+                                              dequantize_reference(qt, out).view(np.uint8))
+    odd = eqcore.quantize(w[:, :1099], bits=bits, grid=grid, sigma=2.0, steps=0, backend="numpy")  # odd rows
+    np.testing.assert_array_equal(cpu.dequantize(odd, "float16").view(np.uint8),
+                                  dequantize_reference(odd, "float16").view(np.uint8))

@@ -212,25 +212,70 @@ def _store_row(vals, mode, orow):
             orow[c] = vals[c]
 
 
+@njit
+def _lookup(codes, table, orow):
+    """orow[i] = table[codes[i]]."""
+    for i in range(codes.shape[0]):
+        orow[i] = table[codes[i]]
+
+
+@njit
+def _byte_pairs(t, pairs):
+    """pairs[b] = t[b & 15] | t[b >> 4] << 16: the two 16-bit values of a byte of 4-bit codes."""
+    for b in range(256):
+        pairs[b] = np.uint32(t[b & 15]) | (np.uint32(t[b >> 4]) << np.uint32(16))
+
+
+@njit
+def _lookup_pairs(codes, pairs, o32):
+    """o32[i] = pairs[codes[i]]: two output values per byte of 4-bit codes."""
+    for i in range(codes.shape[0]):
+        o32[i] = pairs[codes[i]]
+
+
 @njit(parallel=True, cache=True)
 def _dequant_kernel(qweight, scales, g, bits, qmin, grid, zeros, codebook, col, rowptr, ocols, ovals, mode, top,
                     chunks, out):
+    """Without column scales a group takes only 2^bits values: when the group is at least twice
+    that long they are computed once (the same float32 arithmetic and conversion, so the same
+    bits) and the row is a table lookup, of the packed bytes themselves (two values each) for
+    4-bit codes in 16-bit outputs of even widths; else value by value."""
     rows, cols = out.shape
     n_groups = scales.shape[1]
     has_col = col.shape[0] > 0
+    levels = np.arange(1 << bits).astype(np.uint8)
+    tabled = not has_col and g >= 2 * levels.shape[0]
+    paired = tabled and bits == 4 and mode != _F32 and g % 2 == 0 and cols % 2 == 0
     per = (rows + chunks - 1) // chunks
     for k in prange(chunks):  # one workspace per chunk of rows
         codes = np.empty(cols, np.uint8)
         vals = np.empty(cols, np.float32)
+        table = np.empty(levels.shape[0], out.dtype)
+        pairs = np.empty(256, np.uint32)
         for r in range(k * per, min(rows, k * per + per)):
-            _unpack_row(qweight[r], bits, codes)
+            orow = out[r]
+            if paired:
+                rbytes = qweight[r].view(np.uint8)  # little-endian: code 2i in the low nibble of byte i
+                o32 = orow.view(np.uint32)
+            else:
+                _unpack_row(qweight[r], bits, codes)
             for j in range(n_groups):
                 c0, c1 = j * g, min(j * g + g, cols)
                 off = -zeros[r, j] if grid == GRID_ASYMMETRIC else qmin
-                _group_values(codes[c0:c1], grid, off, scales[r, j], codebook, col[c0:c1] if has_col else col, top,
-                              vals[c0:c1])
-            orow = out[r]
-            _store_row(vals, mode, orow)
+                if tabled:
+                    tv = vals[:levels.shape[0]]
+                    _group_values(levels, grid, off, scales[r, j], codebook, col, top, tv)
+                    _store_row(tv, mode, table)
+                    if paired:
+                        _byte_pairs(table, pairs)
+                        _lookup_pairs(rbytes[c0 // 2:c1 // 2], pairs, o32[c0 // 2:c1 // 2])
+                    else:
+                        _lookup(codes[c0:c1], table, orow[c0:c1])
+                else:
+                    _group_values(codes[c0:c1], grid, off, scales[r, j], codebook, col[c0:c1] if has_col else col,
+                                  top, vals[c0:c1])
+            if not tabled:
+                _store_row(vals, mode, orow)
             for p in range(rowptr[r], rowptr[r + 1]):
                 orow[ocols[p]] = ovals[p]
 
