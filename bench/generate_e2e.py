@@ -147,8 +147,8 @@ def main(argv=None) -> int:
         "linear weights take the share above of their fp16 size. On this CPU it is slower than the float model "
         "(tokens/s and perplexity time above), although on LLaMA-7B shapes the batch-1 kernel beats torch's fp32 "
         "GEMV (bench/results/matmul_cpu.md): SmolLM2's matrices are 576-1536 wide, so each call's fixed costs "
-        "(about 70 us validating the tensor, 40 us launching the parallel kernel, short rows) weigh more "
-        "than the weights read. "
+        "(about 40 us launching the parallel kernel, converting x, short rows; a layer validates its tensor "
+        "only when its buffers change) weigh more than the weights read. "
         "Peak resident memory is the same for both because `load_pretrained` first builds the whole fp32 model "
         "from its config and the peak is reached there: the stored-bytes line is the memory claim, not the RSS.",
         "",
