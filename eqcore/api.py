@@ -50,7 +50,14 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
         config = config.replace(**options)
     w = check_weight(as_array(w))
     name = backends.select(backend, w)
-    w = backends.get(name).asarray(w)
+    be = backends.get(name)
+    w = be.asarray(w)
+    fused = getattr(be, "split_outliers", None)
+    if fused and config.outliers == "sigma" and config.outlier_stats == "row" and config.grid == "symmetric" \
+            and config.sigma is not None:
+        split = fused(w, config.sigma)  # the default settings: one fused pass where the backend has it
+        if split is not None:
+            return quantize_split(w, *split, config, None, backend=name)
     return quantize_masked(w, config, select(w, config, row_losses(config, name, w.dtype)), backend=name)
 
 
@@ -70,13 +77,19 @@ def row_losses(config: QuantConfig, backend: str, dtype):
 
 def quantize_masked(w, config: QuantConfig, mask, *, backend: str) -> QuantizedTensor:
     """:func:`quantize` of a checked weight on ``backend``'s arrays with the outliers ``mask``."""
-    be = backends.get(backend)
-    solve = solvers.get(config.solver_name, backend)
-    smax = max_scale(w.dtype, config.qmax, config.scale_dtype)
     outliers = to_csr(w, mask)
     x = w.astype(np.float32)
     x[mask] = 0.0  # outliers take no part in the grid; their codes are overwritten
     keep = None if config.grid == "symmetric" or outliers.nnz == 0 else ~mask
+    return quantize_split(w, x, outliers, config, keep, backend=backend)
+
+
+def quantize_split(w, x, outliers, config: QuantConfig, keep, *, backend: str) -> QuantizedTensor:
+    """:func:`quantize_masked` once the outliers are split off: float32 ``x`` with them zeroed,
+    their CSR, and ``keep`` (False at them, or None: see :func:`eqcore.solvers.get`)."""
+    be = backends.get(backend)
+    solve = solvers.get(config.solver_name, backend)
+    smax = max_scale(w.dtype, config.qmax, config.scale_dtype)
     scales, zeros, codebook, col = fit_grid(x, config, solve, smax, w.dtype, keep)
     del keep
     f32 = _float32

@@ -169,7 +169,9 @@ def outlier_mask(w: np.ndarray, sigma: float | None, stats: str = "tensor") -> n
     """Boolean mask of entries with |w - mean| >= sigma * std (float64 statistics).
 
     ``stats="tensor"`` uses one mean/std for the matrix (the paper), ``"row"`` one per
-    output row. ``sigma=None`` selects nothing. A constant matrix has no outliers.
+    output row, each sum taken left to right (what a row's loop does; the Numba backend fuses
+    this with the float32 cast: ``split_outliers``). ``sigma=None`` selects nothing. A constant
+    matrix has no outliers.
     """
     xp = array_module(w)
     mask = xp.zeros(w.shape, dtype=bool)
@@ -178,8 +180,8 @@ def outlier_mask(w: np.ndarray, sigma: float | None, stats: str = "tensor") -> n
     if stats == "row":  # each slice of rows holds its own statistics: one float64 copy of it
         for rows in row_chunks(w.shape):
             dev = w[rows].astype(np.float64)
-            dev -= dev.sum(axis=1, keepdims=True) / w.shape[1]
-            std = xp.sqrt((dev * dev).sum(axis=1, keepdims=True) / w.shape[1])
+            dev -= _row_sums(dev) / w.shape[1]
+            std = xp.sqrt(_row_sums(dev * dev) / w.shape[1])
             mask[rows] = (xp.abs(dev) >= sigma * std) & (std > 0)
         return mask
     mean, std = _tensor_mean_std(w)
@@ -188,6 +190,11 @@ def outlier_mask(w: np.ndarray, sigma: float | None, stats: str = "tensor") -> n
     for rows in row_chunks(w.shape):  # float64 work in slices: memory stays ~ one tensor
         mask[rows] = xp.abs(w[rows].astype(np.float64) - mean) >= sigma * std
     return mask
+
+
+def _row_sums(a):
+    """(rows, 1) float64 sums of each row of ``a``, left to right (NumPy's ``sum`` adds pairwise)."""
+    return array_module(a).cumsum(a, axis=1)[:, -1:]
 
 
 def _tensor_mean_std(w: np.ndarray) -> tuple[float, float]:

@@ -264,3 +264,54 @@ def test_dequantize_table_and_direct_paths_bit_exact(bits, grid):
     odd = eqcore.quantize(w[:, :1099], bits=bits, grid=grid, sigma=2.0, steps=0, backend="numpy")  # odd rows
     np.testing.assert_array_equal(cpu.dequantize(odd, "float16").view(np.uint8),
                                   dequantize_reference(odd, "float16").view(np.uint8))
+
+
+def test_f16_bits_to_f32_is_exact_for_every_pattern():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+
+    @njit
+    def convert(b, out):
+        for i in range(b.shape[0]):
+            out[i] = cpu.f16_bits_to_f32(b[i])
+
+    got = np.empty(bits.shape, np.float32)
+    convert(bits, got)
+    want = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[np.isinf(want)], want[np.isinf(want)])
+
+
+@SETTINGS
+@given(rows=st.integers(1, 9), cols=st.integers(1, 300), src=st.sampled_from(["float16", "bfloat16", "float32"]),
+       sigma=st.sampled_from([0.5, 1.0, 2.5, 3.0]), seed=st.integers(0, 2**32 - 1))
+def test_split_outliers_is_the_reference_selection(rows, cols, src, sigma, seed):
+    """The fused per-row sigma rule (statistics, float32 cast, zeroing, CSR) gives exactly what the
+    reference's outlier_mask + to_csr + cast give, constant and zero rows included."""
+    from eqcore.outliers import outlier_mask, to_csr
+
+    w = weights(rows, cols, seed, dtype=WEIGHT_DTYPES[src], scale=0.02)
+    w[0, : cols // 2] = w[0, 0]  # a row with many equal values (ties at the threshold are likely)
+    if rows > 2:
+        w[1] = w[1, 0]  # a constant row: std 0, no outliers
+        w[2, -1] = 100.0  # a far outlier
+    x, o = cpu.split_outliers(w, sigma)
+    mask = outlier_mask(w, sigma, "row")
+    ref = to_csr(w, mask)
+    for a, b in zip(o, ref):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    want = w.astype(np.float32)
+    want[mask] = 0
+    np.testing.assert_array_equal(x.view(np.uint32), want.view(np.uint32))
+    assert cpu.split_outliers(w.astype(np.float64), sigma) is None
+
+
+@pytest.mark.parametrize("src", ["float16", "bfloat16", "float32"])
+def test_default_quantize_on_numba_equals_the_reference(src):
+    """The default settings go through the fused split on Numba; everything stored is the reference's."""
+    w = weights(40, 700, 3, dtype=WEIGHT_DTYPES[src])
+    a, b = eqcore.quantize(w, backend="numba"), eqcore.quantize(w, backend="numpy")
+    assert a.outlier_vals.size > 0
+    for f, arr in b.arrays().items():
+        np.testing.assert_array_equal(np.asarray(getattr(a, f)).view(np.uint8), np.asarray(arr).view(np.uint8))

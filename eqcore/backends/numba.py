@@ -71,6 +71,36 @@ def f32_to_f16_bits(f):
     return np.uint16(sign | h)
 
 
+@njit(inline="always")
+def f16_bits_to_f32(h):
+    """float32 value of IEEE float16 bits ``h`` (exact: subnormals, infinities and NaN included).
+    Selects only, so loops of it vectorise."""
+    i32 = np.int32
+    b = i32(h)
+    sign = i32(i32(b & i32(0x8000)) << 16)
+    e = i32(i32(b >> 10) & i32(0x1F))
+    m = i32(b & i32(0x3FF))
+    tiny = i32(np.float32(np.float32(m) * np.float32(5.9604644775390625e-08)).view(np.int32) | sign)  # m * 2**-24
+    normal = i32(sign | i32(i32(e + 112) << 23) | i32(m << 13))
+    special = i32(sign | i32(0x7F800000) | i32(m << 13))  # infinity, NaN
+    wide = special if e == 31 else normal
+    out = tiny if e == 0 else wide
+    return i32(out | i32(0)).view(np.float32)  # .view of a select's result trips Numba's IR
+
+
+_W_F32, _W_F16, _W_BF16 = 0, 1, 2  # how split_outliers reads a weight element
+
+
+@njit(inline="always")
+def _weight_f32(v, kind):
+    """float32 value of a weight element: float32 itself, or float16 / bfloat16 bits."""
+    if kind == _W_F16:
+        return f16_bits_to_f32(v)
+    if kind == _W_BF16:
+        return np.int32(np.int32(v) << 16).view(np.float32)
+    return np.float32(v)
+
+
 # -- row kernels ------------------------------------------------------------------
 @njit
 def _pack_row(codes, bits, out):
@@ -531,6 +561,81 @@ def dequantize(qt, dtype=None) -> np.ndarray:
         out = np.empty(qt.shape, dtype=dtype)
     _dequant_kernel(*_tensor_args(qt), vals, mode, np.float32(finite_max(dtype)), _chunks(qt.shape[0]), out)
     return out.view(dtype) if mode != _F32 else out
+
+
+@njit(parallel=True, cache=True)
+def _split_stats(w, kind, sigma, x, mean, thr, counts):
+    """x = float32(w) with each row's outliers zeroed (|w - mean| >= sigma * std, float64 sums
+    left to right, as :func:`eqcore.outliers.outlier_mask` with row statistics); per row its
+    mean, its threshold (inf when std is 0: no outliers) and its number of outliers."""
+    rows, cols = w.shape
+    for r in prange(rows):
+        xr = x[r]
+        s = 0.0
+        for c in range(cols):
+            v = _weight_f32(w[r, c], kind)
+            xr[c] = v
+            s += np.float64(v)
+        m = s / cols
+        q = 0.0
+        for c in range(cols):
+            d = np.float64(xr[c]) - m
+            q += d * d
+        std = np.sqrt(q / cols)
+        t = sigma * std if std > 0 else np.inf
+        n = 0
+        for c in range(cols):
+            if abs(np.float64(xr[c]) - m) >= t:
+                xr[c] = np.float32(0.0)
+                n += 1
+        mean[r] = m
+        thr[r] = t
+        counts[r] = n
+
+
+@njit(parallel=True, cache=True)
+def _split_fill(w, kind, mean, thr, rowptr, ocols, ovals):
+    """The outliers :func:`_split_stats` counted, as CSR columns and raw values, row by row."""
+    rows, cols = w.shape
+    for r in prange(rows):
+        p = rowptr[r]
+        if rowptr[r + 1] == p:
+            continue
+        m, t = mean[r], thr[r]
+        for c in range(cols):
+            if abs(np.float64(_weight_f32(w[r, c], kind)) - m) >= t:
+                ocols[p] = c
+                ovals[p] = w[r, c]
+                p += 1
+
+
+def split_outliers(w: np.ndarray, sigma: float):
+    """(float32 x with the outliers zeroed, their CSR) of a float16 / bfloat16 / float32 matrix by
+    the per-row sigma rule: :func:`eqcore.outliers.outlier_mask` (row statistics), ``to_csr`` and
+    the float32 cast with the outliers zeroed, bit for bit, in two parallel passes; None for
+    other dtypes (float64: its statistics need its own values)."""
+    from ..layout import col_index_dtype
+    from ..outliers import Outliers
+
+    dt = np.dtype(w.dtype)
+    kind = {np.dtype(np.float32): _W_F32, np.dtype(np.float16): _W_F16, np.dtype(bfloat16): _W_BF16}.get(dt)
+    if kind is None:
+        return None
+    wv = np.ascontiguousarray(w).view(np.uint16) if kind != _W_F32 else np.ascontiguousarray(w)
+    rows, cols = w.shape
+    x = np.empty((rows, cols), np.float32)
+    mean, thr = np.empty(rows), np.empty(rows)
+    counts = np.empty(rows, np.int64)
+    _split_stats(wv, kind, float(sigma), x, mean, thr, counts)
+    rowptr = np.zeros(rows + 1, np.int64)
+    np.cumsum(counts, out=rowptr[1:])
+    nnz = int(rowptr[-1])
+    if nnz > np.iinfo(np.int32).max:
+        raise ValueError(f"too many outliers ({nnz}) for int32 row pointers")
+    ocols, ovals = np.empty(nnz, col_index_dtype(cols)), np.empty(nnz, wv.dtype)
+    if nnz:
+        _split_fill(wv, kind, mean, thr, rowptr, ocols, ovals)
+    return x, Outliers(rowptr.astype(np.int32), ocols, ovals.view(dt))
 
 
 def _chunks(rows: int) -> int:
