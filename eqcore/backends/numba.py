@@ -178,11 +178,51 @@ def grid_level(u, grid, qmin, z, codebook):
     return np.float32(u) + qmin
 
 
+@njit
+def _symmetric_codes(x, s, qmin, qmax, codes):
+    """codes[i] = clamp(rint(x[i] / s)) - qmin: the symmetric grid's codes of one group."""
+    for i in range(x.shape[0]):
+        codes[i] = np.uint8(np.int32(quant_code(x[i], s, qmin, qmax) - qmin))
+
+
+@njit(inline="always")
+def _pack_pow2(codes, bits, lg, out):
+    """:func:`_pack_row` for widths dividing 32 (code c at bits (c % per) * bits of word c >> lg):
+    whole words in a constant-width loop, then the ragged word and the padding."""
+    per = 1 << lg
+    cols = codes.shape[0]
+    full = cols >> lg
+    for wi in range(full):
+        acc = np.uint32(0)
+        for k in range(per):
+            acc |= np.uint32(codes[wi * per + k]) << np.uint32(k * bits)
+        out[wi] = acc
+    for wi in range(full, out.shape[0]):
+        acc = np.uint32(0)
+        for k in range(per):
+            if wi * per + k < cols:
+                acc |= np.uint32(codes[wi * per + k]) << np.uint32(k * bits)
+        out[wi] = acc
+
+
 @njit(parallel=True, cache=True)
 def _encode_kernel(x, scales, g, bits, qmin, qmax, grid, zeros, mids, col, out):
     rows, cols = x.shape
     n_groups = scales.shape[1]
     has_col = col.shape[0] > 0
+    if grid != GRID_ASYMMETRIC and grid != GRID_CODEBOOK and not has_col and bits != 3:
+        for r in prange(rows):  # the symmetric grid, word-aligned widths: vectorisable loops
+            codes = np.empty(cols, np.uint8)
+            for j in range(n_groups):
+                c0, c1 = j * g, min(j * g + g, cols)
+                _symmetric_codes(x[r, c0:c1], scales[r, j], qmin, qmax, codes[c0:c1])
+            if bits == 4:
+                _pack_pow2(codes, 4, 3, out[r])
+            elif bits == 2:
+                _pack_pow2(codes, 2, 4, out[r])
+            else:
+                _pack_pow2(codes, 8, 2, out[r])
+        return
     for r in prange(rows):
         codes = np.empty(cols, np.uint8)
         for j in range(n_groups):
