@@ -50,8 +50,20 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
         config = config.replace(**options)
     w = check_weight(as_array(w))
     name = backends.select(backend, w)
+    w = backends.get(name).asarray(w)
+    step = max(1, ROW_BLOCK_ELEMENTS // w.shape[1])
+    if name != "cupy" and config.rows_independent and w.shape[0] > step:  # bounded memory, same result
+        return QuantizedTensor.stack_rows(_quantize_checked(w[r:r + step], config, name)
+                                          for r in range(0, w.shape[0], step))
+    return _quantize_checked(w, config, name)
+
+
+ROW_BLOCK_ELEMENTS = 1 << 22  # on the CPU, weights whose rows are independent go this many at a time
+
+
+def _quantize_checked(w, config: QuantConfig, name: str) -> QuantizedTensor:
+    """:func:`quantize` of a checked weight on backend ``name``'s arrays."""
     be = backends.get(name)
-    w = be.asarray(w)
     fused = getattr(be, "split_outliers", None)
     if fused and config.outliers == "sigma" and config.outlier_stats == "row" and config.grid == "symmetric" \
             and config.sigma is not None:

@@ -54,8 +54,14 @@ def all_finite(a) -> bool:
     """Whether every value of a float array (NumPy or CuPy) is finite. float16 / bfloat16 are read
     from their exponent bits (all set: inf or NaN), without a float32 copy; wider floats by
     a - a == 0 (inf - inf and NaN give NaN)."""
+    if isinstance(a, np.ndarray) and a.size > _FINITE_CHUNK:  # in pieces: temporaries stay small
+        flat = a.reshape(-1)
+        return all(all_finite(flat[i:i + _FINITE_CHUNK]) for i in range(0, flat.size, _FINITE_CHUNK))
     if a.dtype.itemsize == 2:
         exp = 0x7C00 if a.dtype == np.float16 else 0x7F80
         return bool(((a.view(np.uint16) & exp) != exp).all())
     with np.errstate(invalid="ignore"):  # inf - inf: no warning, the answer is the point
         return bool(((a - a) == 0).all())
+
+
+_FINITE_CHUNK = 1 << 20

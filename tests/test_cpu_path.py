@@ -315,3 +315,40 @@ def test_default_quantize_on_numba_equals_the_reference(src):
     assert a.outlier_vals.size > 0
     for f, arr in b.arrays().items():
         np.testing.assert_array_equal(np.asarray(getattr(a, f)).view(np.uint8), np.asarray(arr).view(np.uint8))
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("opts", [{}, dict(grid="asymmetric", group_size=32), dict(outliers="adpq", bits=3),
+                                  dict(outlier_stats="tensor"), dict(col_scales=True)])
+def test_row_blocks_give_the_whole_tensor_result(monkeypatch, backend, opts):
+    """On the CPU a weight whose rows are independent is quantized a block of rows at a time
+    (bounded memory): the stored arrays equal those of one pass over the whole tensor; settings
+    with tensor-wide statistics keep one pass."""
+    from eqcore import api
+
+    w = weights(37, 96, 4, dtype=np.float16)
+    whole = eqcore.quantize(w, backend=backend, **opts)
+    monkeypatch.setattr(api, "ROW_BLOCK_ELEMENTS", 96 * 5)  # blocks of 5 rows, the last of 2
+    calls = []
+    real = api._quantize_checked
+    monkeypatch.setattr(api, "_quantize_checked", lambda w, c, n: (calls.append(w.shape[0]), real(w, c, n))[1])
+    blocked = eqcore.quantize(w, backend=backend, **opts)
+    assert calls == ([5] * 7 + [2] if eqcore.QuantConfig(**opts).rows_independent else [37])
+    for f, arr in whole.arrays().items():
+        np.testing.assert_array_equal(np.asarray(getattr(blocked, f)).view(np.uint8), np.asarray(arr).view(np.uint8))
+
+
+@pytest.mark.parametrize("src", sorted(WEIGHT_DTYPES))
+def test_all_finite_in_pieces(monkeypatch, src):
+    """Large NumPy arrays are checked a piece at a time (small temporaries): a NaN or an infinity in
+    any piece, a transposed view included, is found."""
+    from eqcore import dtypes
+
+    monkeypatch.setattr(dtypes, "_FINITE_CHUNK", 7)
+    a = weights(9, 13, 1, dtype=WEIGHT_DTYPES[src])
+    assert dtypes.all_finite(a) and dtypes.all_finite(a.T)
+    for bad in (np.inf, -np.inf, np.nan):
+        for at in ((0, 0), (4, 6), (8, 12)):
+            b = a.copy()
+            b[at] = bad
+            assert not dtypes.all_finite(b) and not dtypes.all_finite(b.T)
