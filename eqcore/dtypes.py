@@ -54,9 +54,12 @@ def all_finite(a) -> bool:
     """Whether every value of a float array (NumPy or CuPy) is finite. float16 / bfloat16 are read
     from their exponent bits (all set: inf or NaN), without a float32 copy; wider floats by
     a - a == 0 (inf - inf and NaN give NaN)."""
-    if isinstance(a, np.ndarray) and a.size > _FINITE_CHUNK:  # in pieces: temporaries stay small
-        flat = a.reshape(-1)
-        return all(all_finite(flat[i:i + _FINITE_CHUNK]) for i in range(0, flat.size, _FINITE_CHUNK))
+    if isinstance(a, np.ndarray) and a.size > _FINITE_CHUNK:  # in pieces (views): temporaries stay small
+        per = a.size // a.shape[0]
+        if per > _FINITE_CHUNK:  # one entry of the first axis is itself large
+            return all(all_finite(sub) for sub in a)
+        step = _FINITE_CHUNK // per
+        return all(all_finite(a[i:i + step]) for i in range(0, a.shape[0], step))
     if a.dtype.itemsize == 2:
         exp = 0x7C00 if a.dtype == np.float16 else 0x7F80
         return bool(((a.view(np.uint16) & exp) != exp).all())

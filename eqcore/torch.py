@@ -6,6 +6,7 @@ DLPack (CPU: the Numba kernels; CUDA: the CuPy backend): the dense weight is nev
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -199,7 +200,7 @@ def load_pretrained(path, model_class=None, **config_options):
 def _device_of(model: nn.Module, m: nn.Module) -> torch.device:
     """Where a replacement for ``m`` belongs: its weight's device, or (a weight still on the meta
     device, as while transformers loads) that of the model's first real parameter, else the CPU."""
-    for p in (*m.parameters(), *model.parameters()):
+    for p in itertools.chain(m.parameters(), model.parameters()):
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")

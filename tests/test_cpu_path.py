@@ -352,3 +352,5 @@ def test_all_finite_in_pieces(monkeypatch, src):
             b = a.copy()
             b[at] = bad
             assert not dtypes.all_finite(b) and not dtypes.all_finite(b.T)
+            assert not dtypes.all_finite(b.reshape(1, -1)) and not dtypes.all_finite(b.reshape(-1))
+    assert dtypes.all_finite(a.reshape(1, -1)) and dtypes.all_finite(a.reshape(-1))

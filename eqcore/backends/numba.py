@@ -13,7 +13,8 @@ from numba import njit, prange
 
 from .. import cache
 from ..dtypes import bfloat16, finite_max, saturate, weight_dtype
-from ..layout import BLOCK, GRID_ASYMMETRIC, GRID_CODEBOOK, GRIDS, check_bits, group_layout, packed_cols, qrange
+from ..layout import (BLOCK, GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, check_bits, col_index_dtype,
+                      group_layout, packed_cols, qrange)
 from .numpy import check_codes, check_packed
 
 name = "numba"
@@ -102,9 +103,43 @@ def _weight_f32(v, kind):
 
 
 # -- row kernels ------------------------------------------------------------------
+@njit(inline="always")
+def _pack_pow2(codes, bits, lg, out):
+    """:func:`_pack_row` for widths dividing 32 (code c at bits (c % per) * bits of word c >> lg):
+    whole words in a constant-width loop, then the ragged word and the padding."""
+    per = 1 << lg
+    cols = codes.shape[0]
+    full = cols >> lg
+    for wi in range(full):
+        acc = np.uint32(0)
+        for k in range(per):
+            acc |= np.uint32(codes[wi * per + k]) << np.uint32(k * bits)
+        out[wi] = acc
+    for wi in range(full, out.shape[0]):
+        acc = np.uint32(0)
+        for k in range(per):
+            if wi * per + k < cols:
+                acc |= np.uint32(codes[wi * per + k]) << np.uint32(k * bits)
+        out[wi] = acc
+
+
 @njit
 def _pack_row(codes, bits, out):
-    """Stream ``codes`` (uint8) into ``out`` (uint32 words), zero-padded to whole blocks."""
+    """``codes`` (uint8) into ``out`` (uint32 words), zero-padded to whole blocks. 2/4/8-bit codes
+    fill whole words (:func:`_pack_pow2`); 3-bit codes stream across words."""
+    if bits == 4:
+        _pack_pow2(codes, 4, 3, out)
+    elif bits == 2:
+        _pack_pow2(codes, 2, 4, out)
+    elif bits == 8:
+        _pack_pow2(codes, 8, 2, out)
+    else:
+        _pack_stream(codes, bits, out)
+
+
+@njit
+def _pack_stream(codes, bits, out):
+    """Stream ``codes`` into ``out``, ``bits`` at a time (codes may straddle two words)."""
     cols = codes.shape[0]
     acc = np.uint64(0)
     nb = 0
@@ -185,43 +220,18 @@ def _symmetric_codes(x, s, qmin, qmax, codes):
         codes[i] = np.uint8(np.int32(quant_code(x[i], s, qmin, qmax) - qmin))
 
 
-@njit(inline="always")
-def _pack_pow2(codes, bits, lg, out):
-    """:func:`_pack_row` for widths dividing 32 (code c at bits (c % per) * bits of word c >> lg):
-    whole words in a constant-width loop, then the ragged word and the padding."""
-    per = 1 << lg
-    cols = codes.shape[0]
-    full = cols >> lg
-    for wi in range(full):
-        acc = np.uint32(0)
-        for k in range(per):
-            acc |= np.uint32(codes[wi * per + k]) << np.uint32(k * bits)
-        out[wi] = acc
-    for wi in range(full, out.shape[0]):
-        acc = np.uint32(0)
-        for k in range(per):
-            if wi * per + k < cols:
-                acc |= np.uint32(codes[wi * per + k]) << np.uint32(k * bits)
-        out[wi] = acc
-
-
 @njit(parallel=True, cache=True)
 def _encode_kernel(x, scales, g, bits, qmin, qmax, grid, zeros, mids, col, out):
     rows, cols = x.shape
     n_groups = scales.shape[1]
     has_col = col.shape[0] > 0
-    if grid != GRID_ASYMMETRIC and grid != GRID_CODEBOOK and not has_col and bits != 3:
-        for r in prange(rows):  # the symmetric grid, word-aligned widths: vectorisable loops
+    if grid == GRID_SYMMETRIC and not has_col:
+        for r in prange(rows):  # a vectorisable loop per group
             codes = np.empty(cols, np.uint8)
             for j in range(n_groups):
                 c0, c1 = j * g, min(j * g + g, cols)
                 _symmetric_codes(x[r, c0:c1], scales[r, j], qmin, qmax, codes[c0:c1])
-            if bits == 4:
-                _pack_pow2(codes, 4, 3, out[r])
-            elif bits == 2:
-                _pack_pow2(codes, 2, 4, out[r])
-            else:
-                _pack_pow2(codes, 8, 2, out[r])
+            _pack_row(codes, bits, out[r])
         return
     for r in prange(rows):
         codes = np.empty(cols, np.uint8)
@@ -654,7 +664,6 @@ def split_outliers(w: np.ndarray, sigma: float):
     the per-row sigma rule: :func:`eqcore.outliers.outlier_mask` (row statistics), ``to_csr`` and
     the float32 cast with the outliers zeroed, bit for bit, in two parallel passes; None for
     other dtypes (float64: its statistics need its own values)."""
-    from ..layout import col_index_dtype
     from ..outliers import Outliers
 
     dt = np.dtype(w.dtype)
