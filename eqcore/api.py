@@ -8,17 +8,18 @@ import numpy as np
 
 from . import backends, solvers
 from .config import QuantConfig
-from .dtypes import FLOAT32_MAX, all_finite, dtype_name, finite_max, weight_dtype
+from .dtypes import FLOAT32_MAX, NONFINITE, all_finite, dtype_name, finite_max, weight_dtype
 from .grids import codebook_for, column_scales
 from .interop import array_module, as_array
-from .layout import max_scale, round_scales, round_zeros
+from .layout import SCALE_DTYPES, group_layout, max_scale, packed_cols, round_scales, round_zeros
 from .outliers import select, to_csr
 from .solvers.objective import dequant_error
 from .tensor import QuantizedTensor
 
 
-def check_weight(w):
-    """Refuse anything but a finite, non-empty 2-D float matrix, with a clear message."""
+def check_weight(w, *, values: bool = True):
+    """Refuse anything but a finite, non-empty 2-D float matrix, with a clear message.
+    ``values=False`` checks only the form (the fused split finds NaN and Inf itself)."""
     shape = getattr(w, "shape", None)
     if shape is None:
         raise TypeError(f"expected an array, got {type(w).__name__}")
@@ -27,9 +28,11 @@ def check_weight(w):
     if 0 in shape:
         raise ValueError(f"cannot quantize an empty matrix of shape {tuple(shape)}")
     weight_dtype(w.dtype)
+    if not values:
+        return w
     xp = array_module(w)
     if not all_finite(w):
-        raise ValueError("weight contains NaN or Inf; refusing to quantize it")
+        raise ValueError(NONFINITE)
     if w.dtype == np.float64:
         big = float(xp.abs(w).max())
         if big > FLOAT32_MAX:
@@ -48,11 +51,20 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
     config = config or QuantConfig()
     if options:
         config = config.replace(**options)
-    w = check_weight(as_array(w))
+    w = check_weight(as_array(w), values=False)
     name = backends.select(backend, w)
-    w = backends.get(name).asarray(w)
+    be = backends.get(name)
+    w = be.asarray(w)
+    fused = _fused_split(be, config, w.dtype)
+    if not fused:
+        check_weight(w)
     step = max(1, ROW_BLOCK_ELEMENTS // w.shape[1])
     if name != "cupy" and config.rows_independent and w.shape[0] > step:  # bounded memory, same result
+        if fused:  # into the result's arrays, one float32 workspace for every block
+            out = _Blocks(w, config, step)
+            for r in range(0, w.shape[0], step):
+                _quantize_checked(w[r:r + step], config, name, out)
+            return out.tensor(w, config)
         return QuantizedTensor.stack_rows(_quantize_checked(w[r:r + step], config, name)
                                           for r in range(0, w.shape[0], step))
     return _quantize_checked(w, config, name)
@@ -61,15 +73,57 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
 ROW_BLOCK_ELEMENTS = 1 << 22  # on the CPU, weights whose rows are independent go this many at a time
 
 
-def _quantize_checked(w, config: QuantConfig, name: str) -> QuantizedTensor:
-    """:func:`quantize` of a checked weight on backend ``name``'s arrays."""
+def _fused_split(be, config: QuantConfig, dtype) -> bool:
+    """Whether backend ``be`` splits the outliers of a ``dtype`` weight in one fused pass (the
+    default settings on Numba; it also refuses NaN and Inf there)."""
+    return getattr(be, "split_outliers", None) is not None and config.outliers == "sigma" \
+        and config.outlier_stats == "row" and config.grid == "symmetric" and config.sigma is not None \
+        and np.dtype(dtype) in be.SPLIT_DTYPES
+
+
+class _Blocks:
+    """The arrays a fused, row-blocked quantize fills block by block: packed codes, scales, the
+    outliers' CSR pieces, and the float32 workspace every block reuses (no fresh pages)."""
+
+    def __init__(self, w, config: QuantConfig, step: int):
+        rows, cols = w.shape
+        self.qweight = np.empty((rows, packed_cols(cols, config.bits)), np.uint32)
+        self.scales = np.empty((rows, group_layout(cols, config.group_size)[1]), SCALE_DTYPES[config.scale_dtype])
+        self.x = np.empty((min(step, rows), cols), np.float32)
+        self.row, self.nnz, self.rowptr, self.cols, self.vals = 0, 0, [np.zeros(1, np.int32)], [], []
+
+    def add(self, scales, outliers):
+        """Rows' scales and outliers, after their codes went into ``qweight``."""
+        n = scales.shape[0]
+        self.scales[self.row:self.row + n] = scales
+        self.row += n
+        if self.nnz + outliers.nnz > np.iinfo(np.int32).max:
+            raise ValueError(f"too many outliers ({self.nnz + outliers.nnz}) for int32 row pointers")
+        self.rowptr.append(outliers.rowptr[1:] + np.int32(self.nnz))
+        self.nnz += outliers.nnz
+        self.cols.append(outliers.cols)
+        self.vals.append(outliers.vals)
+
+    def tensor(self, w, config: QuantConfig) -> QuantizedTensor:
+        return QuantizedTensor(self.qweight, self.scales, np.concatenate(self.rowptr), np.concatenate(self.cols),
+                               np.concatenate(self.vals), shape=w.shape, dtype=dtype_name(w.dtype), bits=config.bits,
+                               group_size=config.group_size, sigma=_sigma_of(config), grid=config.grid)
+
+
+def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = None) -> QuantizedTensor | None:
+    """:func:`quantize` of a checked weight on backend ``name``'s arrays; with ``out`` (the fused
+    split only), its rows go into ``out`` (returns None)."""
     be = backends.get(name)
-    fused = getattr(be, "split_outliers", None)
-    if fused and config.outliers == "sigma" and config.outlier_stats == "row" and config.grid == "symmetric" \
-            and config.sigma is not None:
-        split = fused(w, config.sigma)  # the default settings: one fused pass where the backend has it
-        if split is not None:
-            return quantize_split(w, *split, config, None, backend=name)
+    if _fused_split(be, config, w.dtype):  # the default settings: one fused pass
+        x, outliers = be.split_outliers(w, config.sigma, out=None if out is None else out.x[:w.shape[0]])
+        if out is None:
+            return quantize_split(w, x, outliers, config, None, backend=name)
+        solve = solvers.get(config.solver_name, name)
+        scales, zeros, codebook, col = fit_grid(x, config, solve, max_scale(w.dtype, config.qmax, config.scale_dtype),
+                                                w.dtype)
+        be.encode(x, _float32(scales), config.bits, config.group_size, out=out.qweight[out.row:out.row + w.shape[0]])
+        out.add(scales, outliers)
+        return None
     return quantize_masked(w, config, select(w, config, row_losses(config, name, w.dtype)), backend=name)
 
 

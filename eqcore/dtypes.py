@@ -68,3 +68,6 @@ def all_finite(a) -> bool:
 
 
 _FINITE_CHUNK = 1 << 20
+
+
+NONFINITE = "weight contains NaN or Inf; refusing to quantize it"

@@ -331,7 +331,7 @@ def test_row_blocks_give_the_whole_tensor_result(monkeypatch, backend, opts):
     monkeypatch.setattr(api, "ROW_BLOCK_ELEMENTS", 96 * 5)  # blocks of 5 rows, the last of 2
     calls = []
     real = api._quantize_checked
-    monkeypatch.setattr(api, "_quantize_checked", lambda w, c, n: (calls.append(w.shape[0]), real(w, c, n))[1])
+    monkeypatch.setattr(api, "_quantize_checked", lambda w, c, n, *a: (calls.append(w.shape[0]), real(w, c, n, *a))[1])
     blocked = eqcore.quantize(w, backend=backend, **opts)
     assert calls == ([5] * 7 + [2] if eqcore.QuantConfig(**opts).rows_independent else [37])
     for f, arr in whole.arrays().items():
