@@ -90,6 +90,7 @@ class _Blocks:
         self.qweight = np.empty((rows, packed_cols(cols, config.bits)), np.uint32)
         self.scales = np.empty((rows, group_layout(cols, config.group_size)[1]), SCALE_DTYPES[config.scale_dtype])
         self.x = np.empty((min(step, rows), cols), np.float32)
+        self.work = {}  # the split's scratch arrays
         self.row, self.nnz, self.rowptr, self.cols, self.vals = 0, 0, [np.zeros(1, np.int32)], [], []
 
     def add(self, scales, outliers):
@@ -115,7 +116,7 @@ def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = N
     split only), its rows go into ``out`` (returns None)."""
     be = backends.get(name)
     if _fused_split(be, config, w.dtype):  # the default settings: one fused pass
-        x, outliers = be.split_outliers(w, config.sigma, out=None if out is None else out.x[:w.shape[0]])
+        x, outliers = be.split_outliers(w, config.sigma, *(() if out is None else (out.x[:w.shape[0]], out.work)))
         if out is None:
             return quantize_split(w, x, outliers, config, None, backend=name)
         solve = solvers.get(config.solver_name, name)

@@ -236,27 +236,27 @@ def _symmetric_codes(x, s, qmin, qmax, codes):
 
 
 @njit(parallel=True, cache=True)
-def _encode_kernel(x, scales, g, bits, qmin, qmax, grid, zeros, mids, col, out):
+def _encode_kernel(x, scales, g, bits, qmin, qmax, grid, zeros, mids, col, chunks, out):
+    """Codes of each row into a workspace (one per chunk of rows), then packed into its row of out."""
     rows, cols = x.shape
     n_groups = scales.shape[1]
     has_col = col.shape[0] > 0
-    if grid == GRID_SYMMETRIC and not has_col:
-        for r in prange(rows):  # a vectorisable loop per group
-            codes = np.empty(cols, np.uint8)
-            for j in range(n_groups):
-                c0, c1 = j * g, min(j * g + g, cols)
-                _symmetric_codes(x[r, c0:c1], scales[r, j], qmin, qmax, codes[c0:c1])
-            _pack_row(codes, bits, out[r])
-        return
-    for r in prange(rows):
+    per = (rows + chunks - 1) // chunks
+    for k in prange(chunks):
         codes = np.empty(cols, np.uint8)
-        for j in range(n_groups):
-            s = scales[r, j]
-            z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
-            for c in range(j * g, min(j * g + g, cols)):
-                y = x[r, c] / col[c] if has_col else x[r, c]
-                codes[c] = grid_code(np.float32(y / s), grid, bits, qmin, qmax, z, mids)
-        _pack_row(codes, bits, out[r])
+        for r in range(k * per, min(rows, k * per + per)):
+            if grid == GRID_SYMMETRIC and not has_col:  # a vectorisable loop per group
+                for j in range(n_groups):
+                    c0, c1 = j * g, min(j * g + g, cols)
+                    _symmetric_codes(x[r, c0:c1], scales[r, j], qmin, qmax, codes[c0:c1])
+            else:
+                for j in range(n_groups):
+                    s = scales[r, j]
+                    z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
+                    for c in range(j * g, min(j * g + g, cols)):
+                        y = x[r, c] / col[c] if has_col else x[r, c]
+                        codes[c] = grid_code(np.float32(y / s), grid, bits, qmin, qmax, z, mids)
+            _pack_row(codes, bits, out[r])
 
 
 @njit(parallel=True, cache=True)
@@ -585,7 +585,7 @@ def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None,
     elif out.dtype != np.uint32 or out.shape != (rows, packed_cols(cols, bits)) or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous uint32 array of shape {(rows, packed_cols(cols, bits))}")
     qmin, qmax = qrange(bits)
-    _encode_kernel(x, scales, g, bits, np.float32(qmin), np.float32(qmax), grid, z, mids, col, out)
+    _encode_kernel(x, scales, g, bits, np.float32(qmin), np.float32(qmax), grid, z, mids, col, _chunks(rows), out)
     return out
 
 
@@ -836,13 +836,14 @@ def _split_kernel(w, kind, sigma, chunks, x, mean, thr, bounds, counts, scols, s
             counts[r] = _split_zero(xr, w[r], m, t, lo, hi, flags, scols[r], svals[r])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _split_fill(w, kind, mean, thr, bounds, rowptr, scols, svals, ocols, ovals):
     """The CSR of the outliers :func:`_split_kernel` counted: a row's kept slots, or, for a row with
-    more outliers than slots, its columns and raw values found again."""
+    more outliers than slots, its columns and raw values found again. One thread: it copies only
+    the outliers (a parallel launch would cost more than it saves)."""
     rows, cols = w.shape
     cap = scols.shape[1] - 1
-    for r in prange(rows):
+    for r in range(rows):
         p, n = rowptr[r], rowptr[r + 1] - rowptr[r]
         if n <= cap:
             for i in range(n):
@@ -866,14 +867,14 @@ def split_slots(cols: int) -> int:
 SPLIT_DTYPES = (np.dtype(np.float16), bfloat16, np.dtype(np.float32))  # what split_outliers takes
 
 
-def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None):
+def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, work: dict | None = None):
     """(float32 x with the outliers zeroed, their CSR) of a float16 / bfloat16 / float32 matrix by
     the per-row sigma rule: :func:`eqcore.outliers.outlier_mask` (row statistics), ``to_csr`` and
     the float32 cast with the outliers zeroed, bit for bit, in one parallel pass (three sweeps of
     each row while it is in cache) and a pass over the outliers; None for other dtypes (float64:
     its statistics need its own values). ``out``: a C-contiguous float32 array of w's shape to
-    write x into (reused across row blocks: no fresh pages). ValueError if w holds a NaN or an
-    infinity (found by the same pass)."""
+    write x into, and ``work``: a dict for its scratch arrays, both kept across row blocks (no
+    fresh pages). ValueError if w holds a NaN or an infinity (found by the same pass)."""
     from ..dtypes import NONFINITE
     from ..outliers import Outliers
 
@@ -887,10 +888,13 @@ def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None):
         out = np.empty((rows, cols), np.float32)
     elif out.dtype != np.float32 or out.shape != (rows, cols) or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {(rows, cols)}")
-    mean, thr, bounds = np.empty(rows), np.empty(rows), np.empty((rows, 2), np.float32)
-    counts = np.empty(rows, np.int64)
     cap = split_slots(cols)
-    scols, svals = np.empty((rows, cap + 1), col_index_dtype(cols)), np.empty((rows, cap + 1), wv.dtype)
+    work = {} if work is None else work
+    key = (cols, wv.dtype)
+    if key not in work or work[key][0].shape[0] < rows:
+        work[key] = (np.empty(rows), np.empty(rows), np.empty((rows, 2), np.float32), np.empty(rows, np.int64),
+                     np.empty((rows, cap + 1), col_index_dtype(cols)), np.empty((rows, cap + 1), wv.dtype))
+    mean, thr, bounds, counts, scols, svals = (a[:rows] for a in work[key])
     _split_kernel(wv, kind, float(sigma), _chunks(rows), out, mean, thr, bounds, counts, scols, svals)
     if np.isnan(mean).any():
         raise ValueError(NONFINITE)
