@@ -33,7 +33,10 @@ def _down(f):
     return np.int32(np.float32(f).view(np.int32) - 1).view(np.float32)
 
 
-group_exact = make_group_exact(njit, njit(fastmath={"reassoc"}), _code, _up, _down)
+# error_model="numpy": no zero-divisor test (and exception exit) in each division, which kept LLVM
+# from if-converting exact_thresholds' loop; no divisor here is ever 0, so no result changes
+_jit = njit(error_model="numpy")
+group_exact = make_group_exact(_jit, njit(fastmath={"reassoc"}, error_model="numpy"), _code, _up, _down)
 
 
 @njit(parallel=True, cache=True)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 
-from numba import float32, float64, int32, int64
+from numba import float32, float64, int32, int64, uint32
 
 TINY = 1.401298464324817e-45  # the smallest positive float32
 SHRINK = 0.9
@@ -79,8 +79,9 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         """Magnitudes and top codes into the workspace; (max |x|, C = sum a^2)."""
         amax = float32(0.0)
         C = 0.0
+        xs = x[start:start + n]  # from 0: LLVM does not vectorise a loop with a runtime start offset
         for i in range(n):
-            v = x[start + i]
+            v = xs[i]
             a = abs(v)
             wa[i] = a
             wtop[i] = qmax + float32(1.0) if v < 0 else qmax
@@ -191,7 +192,7 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         ambiguous = 0
         for j in range(k):
             i = wk[j] >> SHIFT
-            q = float64(wa[i]) / bounds[wk[j] & (LEVELS - 1)]
+            q = float64(wa[uint32(i)]) / bounds[wk[j] & (LEVELS - 1)]  # unsigned: no wraparound test
             f = float32(q)
             fd = float64(f)
             t = f if fd > q else next_up(f)
@@ -240,9 +241,9 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         for i in range(n):  # the thresholds: levels between the codes at u and at w
             base = int32(i << SHIFT) + wcw[i]
             for d in range(BLOCKS):  # written whether used or not (no branch); wk has the room
-                wk[k + d] = base + d
+                wk[uint32(k + d)] = base + d
             for d in range(BLOCKS, wcu[i] - wcw[i]):
-                wk[k + d] = base + d
+                wk[uint32(k + d)] = base + d
             k += wcu[i] - wcw[i]
         exact_thresholds(wa, wtop, k, wk, wt, wb, bounds)
         # bucket sort on t (two buckets per threshold), then insertion sort (linear here)
@@ -253,12 +254,13 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         for b in range(nb + 1):
             wc[b] = 0
         for j in range(k):
-            wc[wb[j] + 1] += 1
+            wc[uint32(wb[j] + 1)] += 1
         for b in range(nb):
             wc[b + 1] += wc[b]
         for j in range(k):
-            p = wc[wb[j]]
-            wc[wb[j]] = p + 1
+            bj = uint32(wb[j])  # unsigned indices: no wraparound test (7% of the solver's time)
+            p = uint32(wc[bj])
+            wc[bj] = p + 1
             st[p] = wt[j]
             sk[p] = wk[j]
         for j in range(1, k):
@@ -278,7 +280,7 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         comp = 0.0
         for j in range(k):
             wA[j + 1] = wA[j] - float64(2 * (sk[j] & (LEVELS - 1)) + 1)
-            a = -float64(wa[sk[j] >> SHIFT])
+            a = -float64(wa[uint32(sk[j] >> SHIFT)])
             t = B + a
             comp += (B - t) + a
             B = t
