@@ -210,7 +210,8 @@ def test_float64_test_path_equals_the_bounds_path():
     for bounds in ((lo, hi), (np.float32(np.nan), np.float32(np.nan))):
         x = w.copy()
         flags = np.empty(w.size + 8, np.bool_)
-        scol, sval = np.empty(cpu.split_slots(w.size) + 1, np.uint16), np.empty(cpu.split_slots(w.size) + 1, np.float32)
+        slots = cpu.split_slots(w.size) + cpu.SPLIT_SLACK
+        scol, sval = np.empty(slots, np.uint16), np.empty(slots, np.float32)
         n = cpu._split_zero(x, w, m, t, *bounds, flags, scol, sval)
         got.append((x, scol[:n].copy(), sval[:n].copy()))
     mask = np.abs(w.astype(np.float64) - m) >= t
@@ -227,8 +228,8 @@ def test_exact_ties_take_the_rows_own_sums(src):
     any-order sum of squares cannot decide it and the row's own in-order loop does; a float32 row
     of tiny and huge values takes the in-order plain sum."""
     x = np.tile(np.float32([1, -1]), 150)
-    s, a = float(x.astype(np.float64).sum()), float(np.abs(x).astype(np.float64).sum())
-    m, t, lo, hi = cpu._split_stats(x, s, a, 0, 1.0)
+    s, a, s2 = (float(v.astype(np.float64).sum()) for v in (x, np.abs(x), x.astype(np.float64) ** 2))
+    m, t, lo, hi = cpu._split_stats(x, s, a, s2, 0, 1.0)
     assert m == 0 and t == 1 and (lo, hi) == (-1, 1)  # t known: the in-order path
     w = np.stack([x, -x, np.roll(x, 1) * 0.5]).astype(WEIGHT_DTYPES[src])
     o = assert_reference_split(w, 1.0)
@@ -236,3 +237,14 @@ def test_exact_ties_take_the_rows_own_sums(src):
     wide = np.float32([1e-30, 3e20, -2e20, 5e-25, 7.0] * 20)
     assert not np.abs(wide).astype(np.float64).sum() < 2.0 ** 52 * 2.0 ** (int(cpu._min_exponent(wide)) - 150)
     assert_reference_split(np.stack([wide, wide[::-1]]), 0.5)
+
+
+def test_typical_rows_are_decided_without_the_rows_own_loops():
+    """LLM-like rows take the fast path (t NaN: the bounds were decided from the any-order sums);
+    a row whose mean dwarfs its spread falls back, and still equals the reference."""
+    for src in SPLIT:
+        x = weights(1, 4096, 11, dtype=WEIGHT_DTYPES[src])[0].astype(np.float32)
+        sums = (float(v.astype(np.float64).sum()) for v in (x, np.abs(x), x.astype(np.float64) ** 2))
+        assert np.isnan(cpu._split_stats(x, *sums, cpu.SPLIT_KINDS[np.dtype(WEIGHT_DTYPES[src])], 3.0)[1])
+    w = (1000.0 + weights(3, 500, 2)).astype(np.float32)
+    assert_reference_split(w, 2.0)

@@ -634,16 +634,19 @@ def dequantize(qt, dtype=None) -> np.ndarray:
 
 @njit(fastmath={"reassoc"})
 def _cast_sums(wr, kind, xr):
-    """xr = float32 values of the weight row ``wr``; returns (sum of x, sum of |x|) in float64,
-    added in any order (one vectorised loop)."""
+    """xr = float32 values of the weight row ``wr``; returns the sums of x, |x| and x^2 in float64
+    (each x^2 exact), added in any order (one vectorised loop)."""
     s = 0.0
     a = 0.0
+    s2 = 0.0
     for c in range(xr.shape[0]):
         v = _weight_f32(wr[c], kind)
         xr[c] = v
-        s += np.float64(v)
-        a += abs(np.float64(v))
-    return s, a
+        d = np.float64(v)
+        s += d
+        a += abs(d)
+        s2 += d * d
+    return s, a, s2
 
 
 @njit(fastmath={"reassoc"})
@@ -692,34 +695,61 @@ def _threshold(q, cols, sigma):
 
 
 @njit
-def _split_stats(xr, s, a, kind, sigma):
+def _decided_bounds(m, q_lo, q_hi, cols, sigma):
+    """The float32 bounds of every sum of squares q in [q_lo, q_hi] when they are all the same (t
+    is monotone in q and the bounds in t), else (NaN, NaN)."""
+    nan = np.float32(np.nan)
+    if not (q_lo > 0 and np.sqrt(q_lo / cols) > 0):
+        return nan, nan
+    lo1, hi1 = _split_bounds(m, _threshold(q_lo, cols, sigma))
+    lo2, hi2 = _split_bounds(m, _threshold(q_hi, cols, sigma))
+    if lo1 == lo2 and hi1 == hi2:  # NaN (no bounds) compares unequal
+        return lo1, hi1
+    return nan, nan
+
+
+@njit
+def _split_stats(xr, s, a, s2, kind, sigma):
     """(mean, threshold t, lo, hi) of float32 row xr as the reference's row loop computes them
     (float64 sums left to right; t = sigma * std, inf when std is 0), with the float32 bounds of
-    :func:`_split_bounds` (NaN when the float64 test must be used); mean NaN when the row is not
-    finite. The sums go in any order (vectorised) where that provably gives the same outliers:
-    the plain sum is exact when every partial sum is (all values are multiples of the smallest
-    one's unit in the last place u, and sum |x| < 2^52 u); the sum of squares is known to within
-    (cols + 4) * 2^-51 of itself, and t is monotone in it, so when both ends of that range give
-    the same float32 bounds the row's own t gives them too. Otherwise the row's own loops."""
+    :func:`_split_bounds` (NaN when the float64 test must be used; t is NaN when the bounds were
+    decided without it); mean NaN when the row is not finite. ``s, a, s2``: the sums of x, |x|
+    and x^2 in any order (:func:`_cast_sums`).
+
+    The outliers are decided without the row's own loops where provably the same: the plain sum
+    is exact when every partial sum is (all values are multiples of the smallest one's unit in
+    the last place u, and sum |x| < 2^52 u); the row's in-order sum of squares q about m lies
+    within a proven distance of s2 - m * s (rounding of s2, of m and of each term, and of the
+    in-order sum); t is monotone in q, so when both ends of that range give the same float32
+    bounds, q gives them too. Failing that (large mean, ties at the threshold), the same with the
+    sum of squares about m taken in any order (within (cols + 4) * 2^-51 of q), then the row's
+    own loops."""
     cols = xr.shape[0]
-    if not (np.isfinite(s) and np.isfinite(a)):  # a NaN or an infinity (finite sums cannot overflow)
+    if not (np.isfinite(s) and np.isfinite(a) and np.isfinite(s2)):  # NaN or Inf (finite sums cannot overflow)
         return np.nan, np.nan, np.float32(np.nan), np.float32(np.nan)
     if kind == _W_F16:
         ulp = 2.0 ** -24  # every float16 is a multiple of its smallest subnormal
     else:
         ulp = 2.0 ** (np.int64(_min_exponent(xr)) - (134 if kind == _W_BF16 else 150))
-    if not a < 2.0 ** 52 * ulp:
+    exact = a < 2.0 ** 52 * ulp
+    if not exact:
         s = _sum_in_order(xr)
     m = s / cols
+    eps = 2.0 ** -52  # twice float64's unit roundoff: every bound below has a factor 2 to spare
+    if exact:  # q = s2 - 2 m s + cols m^2 + rounding, no pass over the row
+        ms = m * s
+        r = s2 - ms
+        e = eps * ((cols + 4) * s2 + 2 * abs(ms) + abs(r))
+        g = (cols + 8) * eps
+        lo, hi = _decided_bounds(m, (r - e) * (1 - g), (r + e) * (1 + g), cols, sigma)
+        if lo == lo:
+            return m, np.nan, lo, hi
     q = _squares_any_order(xr, m)
     if q > 0:
-        g = (cols + 4) * 2.0 ** -51
-        q_lo, q_hi = q * (1 - g), q * (1 + g)
-        if np.sqrt(q_lo / cols) > 0:
-            lo1, hi1 = _split_bounds(m, _threshold(q_lo, cols, sigma))
-            lo2, hi2 = _split_bounds(m, _threshold(q_hi, cols, sigma))
-            if lo1 == lo2 and hi1 == hi2:  # NaN (no bounds) compares unequal
-                return m, np.nan, lo1, hi1
+        g = (cols + 4) * 2 * eps
+        lo, hi = _decided_bounds(m, q * (1 - g), q * (1 + g), cols, sigma)
+        if lo == lo:
+            return m, np.nan, lo, hi
         q = _squares_in_order(xr, m)
     t = _threshold(q, cols, sigma)  # q == 0: every term was 0, in any order
     lo, hi = _split_bounds(m, t)
@@ -779,11 +809,26 @@ def _split_bounds(m, t):
     return lo, hi
 
 
+def _byte_tables():
+    """For each byte m of 8 flags: the positions of its set bits, lowest first (0-padded to 8), and
+    how many there are."""
+    pos = np.zeros((256, 8), np.uint8)
+    for m in range(256):
+        on = [b for b in range(8) if m >> b & 1]
+        pos[m, :len(on)] = on
+    return pos, np.array([bin(m).count("1") for m in range(256)], np.int64)
+
+
+_FLAG_POS, _FLAG_COUNT = _byte_tables()
+_GATHER_FLAGS = np.uint64(0x0102040810204080)  # (8 bytes of 0/1) * this >> 56: byte i -> bit i
+SPLIT_SLACK = 8  # scratch slots after the kept ones: a word of flags is written whole
+
+
 @njit
 def _split_zero(xr, wr, m, t, lo, hi, flags, scol, sval):
     """Zero the outliers of xr (v <= lo or v >= hi; without bounds (lo NaN), |float64(v) - m| >= t)
     and flag them in ``flags``; their columns and raw values wr[c] go to scol / sval while they
-    fit (one slot more than kept, as scratch). Returns their number."""
+    fit (the last SPLIT_SLACK slots are scratch). Returns their number."""
     cols = xr.shape[0]
     if lo == lo:  # two float32 comparisons per value, vectorised
         for c in range(cols):
@@ -797,21 +842,24 @@ def _split_zero(xr, wr, m, t, lo, hi, flags, scol, sval):
             f = abs(np.float64(v) - m) >= t
             flags[c] = f
             xr[c] = np.float32(0.0) if f else v
-    cap = scol.shape[0] - 1
+    cap = scol.shape[0] - SPLIT_SLACK
     words = flags[:cols // 8 * 8].view(np.uint64)
     n = 0
-    for i in range(words.shape[0]):  # outliers are rare: whole words of flags at a time
-        if words[i] != 0:
-            for c in range(8 * i, 8 * i + 8):  # branch-free: the slot is taken only when flagged
-                j = min(n, cap)
-                scol[j] = c
-                sval[j] = wr[c]
-                n += np.int64(flags[c])
+    kept = 0
+    for i in range(words.shape[0]):  # outliers are rare: whole words of 8 flags at a time
+        if words[i] != 0:  # its flags as a byte, then all 8 slots written from a table, no branches
+            b = (words[i] * _GATHER_FLAGS) >> np.uint64(56)
+            for k in range(8):
+                c = 8 * i + np.int64(_FLAG_POS[b, k])
+                scol[kept + k] = c
+                sval[kept + k] = wr[c]
+            n += _FLAG_COUNT[b]
+            kept = min(n, cap)
     for c in range(words.shape[0] * 8, cols):
-        j = min(n, cap)
-        scol[j] = c
-        sval[j] = wr[c]
+        scol[kept] = c
+        sval[kept] = wr[c]
         n += np.int64(flags[c])
+        kept = min(n, cap)
     return n
 
 
@@ -820,15 +868,15 @@ def _split_kernel(w, kind, sigma, chunks, x, mean, thr, bounds, counts, scols, s
     """x = float32(w) with each row's outliers zeroed (|w - mean| >= sigma * std, float64 sums
     left to right, as :func:`eqcore.outliers.outlier_mask` with row statistics), a row at a time
     while it is in cache; per row :func:`_split_stats`' mean, threshold and bounds, its number of
-    outliers and the first scols.shape[1] - 1 of them (column, raw value)."""
+    outliers and the first scols.shape[1] - SPLIT_SLACK of them (column, raw value)."""
     rows, cols = w.shape
     per = (rows + chunks - 1) // chunks
     for k in prange(chunks):
         flags = np.empty(cols + 8, np.bool_)
         for r in range(k * per, min(rows, k * per + per)):
             xr = x[r]
-            s, a = _cast_sums(w[r], kind, xr)
-            m, t, lo, hi = _split_stats(xr, s, a, kind, sigma)
+            s, a, s2 = _cast_sums(w[r], kind, xr)
+            m, t, lo, hi = _split_stats(xr, s, a, s2, kind, sigma)
             mean[r], thr[r], bounds[r, 0], bounds[r, 1] = m, t, lo, hi
             if m != m:
                 counts[r] = 0
@@ -842,7 +890,7 @@ def _split_fill(w, kind, mean, thr, bounds, rowptr, scols, svals, ocols, ovals):
     more outliers than slots, its columns and raw values found again. One thread: it copies only
     the outliers (a parallel launch would cost more than it saves)."""
     rows, cols = w.shape
-    cap = scols.shape[1] - 1
+    cap = scols.shape[1] - SPLIT_SLACK
     for r in range(rows):
         p, n = rowptr[r], rowptr[r + 1] - rowptr[r]
         if n <= cap:
@@ -864,7 +912,8 @@ def split_slots(cols: int) -> int:
     return min(cols, 16 + cols // 16)
 
 
-SPLIT_DTYPES = (np.dtype(np.float16), bfloat16, np.dtype(np.float32))  # what split_outliers takes
+SPLIT_KINDS = {np.dtype(np.float32): _W_F32, np.dtype(np.float16): _W_F16, bfloat16: _W_BF16}
+SPLIT_DTYPES = tuple(SPLIT_KINDS)  # what split_outliers takes
 
 
 def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, work: dict | None = None):
@@ -879,7 +928,7 @@ def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, w
     from ..outliers import Outliers
 
     dt = np.dtype(w.dtype)
-    kind = {np.dtype(np.float32): _W_F32, np.dtype(np.float16): _W_F16, np.dtype(bfloat16): _W_BF16}.get(dt)
+    kind = SPLIT_KINDS.get(dt)
     if kind is None:
         return None
     wv = np.ascontiguousarray(w).view(np.uint16) if kind != _W_F32 else np.ascontiguousarray(w)
@@ -893,7 +942,8 @@ def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, w
     key = (cols, wv.dtype)
     if key not in work or work[key][0].shape[0] < rows:
         work[key] = (np.empty(rows), np.empty(rows), np.empty((rows, 2), np.float32), np.empty(rows, np.int64),
-                     np.empty((rows, cap + 1), col_index_dtype(cols)), np.empty((rows, cap + 1), wv.dtype))
+                     np.empty((rows, cap + SPLIT_SLACK), col_index_dtype(cols)),
+                     np.empty((rows, cap + SPLIT_SLACK), wv.dtype))
     mean, thr, bounds, counts, scols, svals = (a[:rows] for a in work[key])
     _split_kernel(wv, kind, float(sigma), _chunks(rows), out, mean, thr, bounds, counts, scols, svals)
     if np.isnan(mean).any():
