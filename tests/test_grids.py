@@ -134,6 +134,7 @@ def test_codebooks():
     y = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
     cb = fit_codebook(y, 3, None)
     assert cb.dtype == np.float32 and cb.shape == (8,) and np.all(np.diff(cb) > 0) and np.abs(cb).max() == 1
+    assert 0.0 in cb and 0.0 not in fit_codebook(y, 4, None)  # a zero level up to ZERO_LEVEL_BITS bits
     tiny = fit_codebook(np.zeros((2, 3), np.float32), 4, None)  # too few values: NF levels
     np.testing.assert_array_equal(tiny, nf_codebook(4))
 
@@ -192,3 +193,17 @@ def test_bad_grid_files_are_refused():
     a["zeros"][0, 0] = np.nan
     with pytest.raises(eqcore.FormatError, match="zeros must be finite"):
         QuantizedTensor.from_arrays(a, asym.metadata()).validate()
+
+
+def test_fitted_codebook_sends_small_weights_to_zero():
+    """Weights far below the grid's step dequantize to 0 on the fitted codebook, as on the
+    symmetric grid: a codebook without a zero level moves each of them by a whole level, which an
+    input channel carrying a large activation multiplies (regression: SmolLM2's v_proj at 3 bits). At 4 bits the fit is free (the tune split preferred it)."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((32, 256)) * 0.02).astype(np.float32)
+    w[:, 7] *= 1e-3  # an input channel of tiny weights
+    for bits in (2, 3):
+        for gs in (None, 64):
+            w_hat = np.asarray(eqcore.dequantize(eqcore.quantize(w, bits=bits, grid="codebook", group_size=gs)))
+            sym = np.asarray(eqcore.dequantize(eqcore.quantize(w, bits=bits, group_size=gs)))
+            assert np.all(w_hat[:, 7] == 0) and np.all(sym[:, 7] == 0), (bits, gs)
