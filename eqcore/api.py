@@ -119,9 +119,8 @@ def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = N
         x, outliers = be.split_outliers(w, config.sigma, *(() if out is None else (out.x[:w.shape[0]], out.work)))
         if out is None:
             return quantize_split(w, x, outliers, config, None, backend=name)
-        solve = solvers.get(config.solver_name, name)
-        scales, zeros, codebook, col = fit_grid(x, config, solve, max_scale(w.dtype, config.qmax, config.scale_dtype),
-                                                w.dtype)
+        solve = solvers.get(config.solver_name, name)  # rows independent, symmetric: scales only
+        scales = fit_grid(x, config, solve, max_scale(w.dtype, config.qmax, config.scale_dtype), w.dtype)[0]
         be.encode(x, _float32(scales), config.bits, config.group_size, out=out.qweight[out.row:out.row + w.shape[0]])
         out.add(scales, outliers)
         return None
