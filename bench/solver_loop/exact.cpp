@@ -156,11 +156,15 @@ float threshold(float a, float m, float top) {
 }
 
 void exact_thresholds(const float* __restrict wa, const float* __restrict wtop, int64_t k, const int32_t* __restrict wk,
-                      float* __restrict wt, int32_t* __restrict wb, const double* __restrict bounds) {
+                      float* __restrict wt, int32_t* __restrict wb, const double* __restrict bounds,
+                      double* __restrict wn, double* __restrict wd) {
+  for (int64_t j = 0; j < k; j++) {  // the gathers first (as exact_sweep.py)
+    wn[j] = (double)wa[wk[j] >> SHIFT];
+    wd[j] = bounds[wk[j] & (LEVELS - 1)];
+  }
   int64_t ambiguous = 0;
   for (int64_t j = 0; j < k; j++) {
-    int32_t i = wk[j] >> SHIFT;
-    double q = (double)wa[i] / bounds[wk[j] & (LEVELS - 1)];
+    double q = wn[j] / wd[j];
     float f = (float)q;
     double fd = f;
     float t = fd > q ? f : next_up(f);
@@ -224,7 +228,7 @@ void sweep_piece(const float* wa, const float* wtop, int64_t n, float u, float w
     for (int64_t d = BLOCKS; d < (int64_t)(wcu[i] - wcw[i]); d++) wk[k + d] = base + (int32_t)d;
     k += wcu[i] - wcw[i];
   }
-  exact_thresholds(wa, wtop, k, wk, wt, wb, bounds);
+  exact_thresholds(wa, wtop, k, wk, wt, wb, bounds, wA, wB);  // wA, wB: scratch until the prefix sums
   int64_t nb = 2 * k;
   float scale = w > u ? (float)((double)nb / ((double)w - (double)u)) : 0.0f;
   for (int64_t j = 0; j < k; j++) {

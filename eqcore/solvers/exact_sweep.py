@@ -179,7 +179,7 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         return t
 
     @jit
-    def exact_thresholds(wa, wtop, k, wk, wt, wb, bounds):
+    def exact_thresholds(wa, wtop, k, wk, wt, wb, bounds, wn, wd):
         """wt[j] = threshold(a, m, top) for each packed (i, m) in wk, in closed form.
 
         h = m + 1/2 has an odd float32 significand, so a quotient rounding to it is a tie that
@@ -188,11 +188,14 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         around h; ``bounds[m]`` is that h +- d/2 (exact in float64). So the threshold is the
         smallest float32 above (or at) Q = a / bounds[m]: one float64 division, in a loop
         without branches, decides unless Q itself rounds to a float32 (flagged in wb; the
-        search settles those)."""
+        search settles those). a and bounds[m] are gathered first into wn, wd (float64, k each),
+        so that the division loop reads them in order (LLVM vectorises it; not the gathers)."""
+        for j in range(k):
+            wn[j] = float64(wa[uint32(wk[j] >> SHIFT)])  # unsigned: no wraparound test
+            wd[j] = bounds[wk[j] & (LEVELS - 1)]
         ambiguous = 0
         for j in range(k):
-            i = wk[j] >> SHIFT
-            q = float64(wa[uint32(i)]) / bounds[wk[j] & (LEVELS - 1)]  # unsigned: no wraparound test
+            q = wn[j] / wd[j]
             f = float32(q)
             fd = float64(f)
             t = f if fd > q else next_up(f)
@@ -245,7 +248,7 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
             for d in range(BLOCKS, wcu[i] - wcw[i]):
                 wk[uint32(k + d)] = base + d
             k += wcu[i] - wcw[i]
-        exact_thresholds(wa, wtop, k, wk, wt, wb, bounds)
+        exact_thresholds(wa, wtop, k, wk, wt, wb, bounds, wA, wB)  # wA, wB: scratch until the prefix sums
         # bucket sort on t (two buckets per threshold), then insertion sort (linear here)
         nb = 2 * k
         scale = float32(float64(nb) / (float64(w) - float64(u))) if w > u else float32(0.0)
