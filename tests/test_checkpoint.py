@@ -207,3 +207,18 @@ def test_gpu_backend_without_a_gpu_is_a_clear_error(tmp_path):
     assert main(["quantize", str(tmp_path / "m.safetensors"), str(tmp_path / "q.safetensors"),
                  "--backend", "cupy", "--no-progress"]) == 2
     assert not (tmp_path / "q.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 1), (97, 4099), (1100, 300)])
+def test_error_sums_kernel_matches_the_reference(dtype, shape):
+    """The checkpoint's per-chunk error sums from the Numba kernel equal the NumPy reference's
+    (to float summation order), chunk by chunk."""
+    from eqcore.io.compute import error_sums
+
+    rng = np.random.default_rng(sum(shape))
+    w = (rng.standard_normal(shape) * 0.02).astype(dtype)
+    w_hat = (w.astype(np.float32) + rng.standard_normal(shape).astype(np.float32) * 1e-3)
+    fast, ref = error_sums(w_hat, w), error_sums(w_hat, w, fast=False)
+    assert len(fast) == len(ref) and len(ref) >= 1
+    np.testing.assert_allclose(np.array(fast), np.array(ref), rtol=1e-12, atol=0)

@@ -1000,3 +1000,36 @@ def matmul(x, qt) -> np.ndarray:
         return out
     _matmul_kernel(x, xc, *args, qt.outlier_vals.astype(np.float32), chunks, out)
     return out
+
+
+@njit(parallel=True, fastmath={"reassoc"}, cache=True)
+def _error_sums_kernel(w_hat, w, kind, step, out):
+    rows, cols = w.shape
+    for c in prange(out.shape[0]):  # a chunk's sums on one thread: the same figures on any thread count
+        e = 0.0
+        r2 = 0.0
+        for r in range(c * step, min(rows, (c + 1) * step)):
+            a = w_hat[r]
+            b = w[r]
+            for j in range(cols):
+                x = np.float64(_weight_f32(b[j], kind))
+                d = np.float64(a[j]) - x
+                e += d * d
+                r2 += x * x
+        out[c, 0] = e
+        out[c, 1] = r2
+
+
+def error_sums(w_hat: np.ndarray, w: np.ndarray, step: int):
+    """(sum of squared errors, sum of squares of w) in float64 over each block of ``step`` rows
+    (see :func:`eqcore.io.compute.error_sums`, its reference; equal up to float summation order),
+    for float32 ``w_hat`` and a float16 / bfloat16 / float32 ``w``; None for other dtypes."""
+    kind = SPLIT_KINDS.get(np.dtype(w.dtype))
+    if kind is None or w.ndim != 2:
+        return None
+    wv = np.ascontiguousarray(w)
+    wv = wv.view(np.uint16) if kind != _W_F32 else wv
+    rows = w.shape[0]
+    out = np.empty((max(0, -(-rows // step)), 2), np.float64)
+    _error_sums_kernel(np.ascontiguousarray(w_hat, dtype=np.float32), wv, kind, step, out)
+    return [(float(e), float(r)) for e, r in out]

@@ -12,11 +12,18 @@ from ..interop import to_host
 from ..outliers import row_chunks
 
 
-def error_sums(w_hat: np.ndarray, w: np.ndarray) -> list[tuple[float, float]]:
+def error_sums(w_hat: np.ndarray, w: np.ndarray, fast: bool = True) -> list[tuple[float, float]]:
     """(sum of squared errors, sum of squares of w) in float64 over each of ``row_chunks(w.shape)``:
-    what :func:`relative_error` adds up, so that row blocks of a tensor can be measured apart."""
+    what :func:`relative_error` adds up, so that row blocks of a tensor can be measured apart.
+    This is the reference; host arrays go through the Numba kernel (one pass, parallel over the
+    chunks; equal up to float summation order) unless ``fast`` is False."""
     if tuple(w_hat.shape) != tuple(w.shape):
         raise ValueError(f"shapes differ: {tuple(w_hat.shape)} against {tuple(w.shape)}")
+    if fast and isinstance(w_hat, np.ndarray) and isinstance(w, np.ndarray) and w.ndim == 2 and w.size:
+        first = next(iter(row_chunks(w.shape)))
+        sums = backends.get("numba").error_sums(w_hat, w, first.stop - first.start)
+        if sums is not None:
+            return sums
     out = []
     for rows in row_chunks(w.shape):
         w64 = w[rows].astype(np.float64)
