@@ -219,3 +219,12 @@ def test_quantize_with_the_exact_solver_on_every_cpu_backend():
     assert err(b) <= err(adam_q) * (1 + 1e-6)
     with pytest.raises(ValueError, match="solver must be one of"):
         eqcore.QuantConfig(solver="newton")
+
+
+def test_numba_breaks_ties_as_the_reference_does():
+    """Groups of one value: the max-abs start and a smaller scale both reproduce a negative value
+    exactly (codes -7 and -8 at 4 bits); both solvers take the smallest scale of least loss."""
+    x = (np.random.default_rng(0).standard_normal((400, 1)) * 0.02).astype(np.float32)
+    for bits in (2, 3, 4, 8):
+        cfg = QuantConfig(bits=bits)
+        np.testing.assert_array_equal(exact_numba.optimize_scales(x, cfg), exact.optimize_scales(x, cfg))

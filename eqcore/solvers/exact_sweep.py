@@ -210,11 +210,12 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
 
     @jit
     def settle(wa, wtop, n, s, q, C, ks, kq):
-        """Take scale s (quadratic loss q) if its direct loss beats the best so far."""
+        """Take scale s (quadratic loss q) if its direct loss beats the best so far, or ties it at
+        a smaller scale (the reference's rule: the smallest scale of least loss)."""
         if q > kq[0] + BAND * C:
             return
         d = direct_loss(wa, wtop, n, s)
-        if d < kq[0]:
+        if d < kq[0] or (d == kq[0] and s < ks[0]):
             kq[0] = d
             ks[0] = s
 
