@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from numba import njit
 
 import eqcore
 from eqcore import api
@@ -166,22 +165,6 @@ def test_encode_into_a_slice_of_the_result():
     assert not res[0].any() and not res[11].any()
     with pytest.raises(ValueError, match="out must be"):
         cpu.encode(x, s, 3, None, out=np.empty((10, 8), np.uint32))
-
-
-def test_half_bits_to_f32_is_exact_for_every_pattern():
-    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-
-    @njit
-    def convert(b, out):
-        for i in range(b.shape[0]):
-            out[i] = cpu.half_bits_to_f32(b[i])
-
-    got = np.empty(bits.shape, np.float32)
-    convert(bits, got)
-    want = bits.view(np.float16).astype(np.float32)
-    finite = np.isfinite(want)
-    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
-    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[np.isinf(want)], want[np.isinf(want)])
 
 
 @SETTINGS

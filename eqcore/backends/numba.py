@@ -649,15 +649,18 @@ def _cast_sums(wr, kind, xr):
     return s, a, s2
 
 
-@njit(fastmath={"reassoc"})
-def _squares_any_order(xr, m):
-    """Sum of (float64(x) - m)^2 over float32 row xr, in any order (vectorised; each term is
-    rounded as the row's own loop rounds it: no fused multiply-add)."""
+def _squares(xr, m):
+    """Sum of (float64(x) - m)^2 over float32 row xr (each term rounded on its own: no fused
+    multiply-add)."""
     q = 0.0
     for c in range(xr.shape[0]):
         d = np.float64(xr[c]) - m
         q += d * d
     return q
+
+
+_squares_any_order = njit(fastmath={"reassoc"})(_squares)  # in any order: vectorised
+_squares_in_order = njit(_squares)  # left to right, as the reference
 
 
 @njit
@@ -679,13 +682,6 @@ def _sum_in_order(xr):
     return s
 
 
-@njit
-def _squares_in_order(xr, m):
-    q = 0.0
-    for c in range(xr.shape[0]):
-        d = np.float64(xr[c]) - m
-        q += d * d
-    return q
 
 
 @njit
