@@ -77,6 +77,20 @@ METHODS: dict[str, MethodSpec] = {
     "eqcore-cb-g64": MethodSpec("eqcore-cb-g64", "eqcore", "eqcore fitted codebook g64, row σ=3, fp16", 64,
                                 (("grid", "codebook"), ("group_size", 64), ("outlier_stats", "row"),
                                  ("scale_dtype", "float16"))),
+    # the fitted codebook per row (tune split: the best point at <= 4.25 bits at 4 bits) and with
+    # sigma 2.75 (the best at <= 3.52 bits, SINQ g64's, at 3 bits); in groups of 128
+    "eqcore-cb-row": MethodSpec("eqcore-cb-row", "eqcore", "eqcore fitted codebook per row, row σ=3, fp16", None,
+                                (("grid", "codebook"), ("group_size", None), ("outlier_stats", "row"),
+                                 ("scale_dtype", "float16"))),
+    "eqcore-cb-row-s2.75": MethodSpec("eqcore-cb-row-s2.75", "eqcore", "eqcore fitted codebook per row, row σ=2.75, fp16",
+                                      None, (("grid", "codebook"), ("group_size", None), ("outlier_stats", "row"),
+                                             ("scale_dtype", "float16"), ("sigma", 2.75))),
+    "eqcore-cb-g128": MethodSpec("eqcore-cb-g128", "eqcore", "eqcore fitted codebook g128, row σ=3, fp16", 128,
+                                 (("grid", "codebook"), ("group_size", 128), ("outlier_stats", "row"),
+                                  ("scale_dtype", "float16"))),
+    "eqcore-row-g64": MethodSpec("eqcore-row-g64", "eqcore", "eqcore g64, row σ=3, fp16 scales, exact", 64,
+                                 (("group_size", 64), ("outlier_stats", "row"), ("scale_dtype", "float16"),
+                                  ("solver", "exact"))),
     # chosen on the tune split only (bench/results/quality_tune.md): per-row outlier statistics, sigma 2.75,
     # which lands at HQQ g64's bits/weight (4.47 vs 4.50 at 4 bits)
     "easyquant-tuned": MethodSpec("easyquant-tuned", "eqcore", "EasyQuant tuned (row σ=2.75)", None,
@@ -559,21 +573,39 @@ def plot_results(res: dict, path) -> None:
     fig, axes = plt.subplots(1, 3 if enc else 2, figsize=(19 if enc else 13, 5.5))
     axes = np.atleast_1d(axes)
     markers = {"rtn": "o", "outliers": "s", "easyquant": "*", "easyquant-g128": "P", "easyquant-tuned": "X", "rtn-g128": "h",
-               "hqq-pc": "v", "hqq-g128": "^", "hqq-g64": "D"}
+               "hqq-pc": "v", "hqq-g128": "^", "hqq-g64": "D", "hqq-g32": "d", "sinq-g64": "s", "sinq-g128": "s",
+               "bnb-nf4": "<", "q4_0": ">", "q4_1": ">", "q5_0": ">", "q8_0": ">"}
+    variant_markers = ["*", "P", "X", "p", "h", "H", "d", "8"]  # eqcore configurations, one per label
+    variants: dict = {}
     colors = {3: "tab:red", 4: "tab:blue"}
+
+    def marker(r):
+        key = r["method"].split(":")[0]
+        if key in markers and ":" not in r["method"]:
+            return markers[key]
+        return variants.setdefault(r["label"], variant_markers[len(variants) % len(variant_markers)])
 
     def draw(ax, rows, ykey):
         seen = set()
+        ours = []
         for r in rows:
             if ykey not in r or r.get("bits") is None:
                 continue
-            key = r["method"].split(":")[0]
             lab = r["label"] if r["label"] not in seen else None
             seen.add(r["label"])
-            ax.scatter(r["bits_per_weight"], r[ykey], marker=markers.get(key, "x"), s=90,
+            ax.scatter(r["bits_per_weight"], r[ykey], marker=marker(r), s=90,
                        color=colors.get(r["bits"], "tab:gray"), edgecolor="k", linewidth=0.5, label=lab, zorder=3)
             ax.annotate(f"{r['bits']}b", (r["bits_per_weight"], r[ykey]), textcoords="offset points",
                         xytext=(6, 4), fontsize=7)
+            if r["method"].startswith("eqcore") or r["method"].startswith("easyquant"):
+                ours.append((r["bits_per_weight"], r[ykey]))
+        front, best = [], np.inf  # eqcore's frontier: each point better than every one at fewer bits
+        for b, y in sorted(ours):
+            if y < best:
+                front.append((b, y))
+                best = y
+        if len(front) > 1:
+            ax.plot(*zip(*front), color="k", ls=":", lw=1, label="eqcore frontier", zorder=2)
         ax.set_xlabel("bits / weight (codes + scales/zeros + outliers)")
         ax.grid(alpha=0.3)
 
