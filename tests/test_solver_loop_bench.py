@@ -61,3 +61,11 @@ def test_refuses_without_gxx(monkeypatch, capsys):
     assert solver_loop.main(["--quick"]) == 1
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0 and "g++ not found" in out
+
+
+def test_exact_port_breaks_ties_as_numba(lib):
+    """Groups of one negative value tie between codes -7 and -8; both take the smaller scale."""
+    x = (np.random.default_rng(0).standard_normal((400, 1)) * 0.02).astype(np.float32)
+    cfg = QuantConfig(bits=4)
+    want = exact_numba.optimize_scales(x, cfg)
+    assert solver_loop.exact_cpp(lib, x, cfg, 2).view(np.int32).tolist() == want.view(np.int32).tolist()

@@ -183,7 +183,7 @@ void exact_thresholds(const float* __restrict wa, const float* __restrict wtop, 
 inline void settle(const float* wa, const float* wtop, int64_t n, float s, double q, double C, Work& W) {
   if (q > W.kq[0] + BAND * C) return;
   double d = direct_loss(wa, wtop, n, s);
-  if (d < W.kq[0]) {
+  if (d < W.kq[0] || (d == W.kq[0] && s < W.ks[0])) {  // ties: the smaller scale, as the reference
     W.kq[0] = d;
     W.ks[0] = s;
   }
