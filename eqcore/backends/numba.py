@@ -74,27 +74,10 @@ def f32_to_f16_bits(f):
     return np.uint16(sign | h)
 
 
-@njit(inline="always")
-def f16_bits_to_f32(h):
-    """float32 value of IEEE float16 bits ``h`` (exact: subnormals, infinities and NaN included).
-    Selects only, so loops of it vectorise."""
-    i32 = np.int32
-    b = i32(h)
-    sign = i32(i32(b & i32(0x8000)) << 16)
-    e = i32(i32(b >> 10) & i32(0x1F))
-    m = i32(b & i32(0x3FF))
-    tiny = i32(np.float32(np.float32(m) * np.float32(5.9604644775390625e-08)).view(np.int32) | sign)  # m * 2**-24
-    normal = i32(sign | i32(i32(e + 112) << 23) | i32(m << 13))
-    special = i32(sign | i32(0x7F800000) | i32(m << 13))  # infinity, NaN
-    wide = special if e == 31 else normal
-    out = tiny if e == 0 else wide
-    return i32(out | i32(0)).view(np.float32)  # .view of a select's result trips Numba's IR
-
-
 @intrinsic
 def half_bits_to_f32(typingctx, h):
     """float32 value of IEEE float16 bits ``h`` (uint16) by LLVM's own conversion (fpext: exact;
-    one vcvtph2ps per 16 values where vectorised, 3x faster than :func:`f16_bits_to_f32`)."""
+    one vcvtph2ps per 16 values where vectorised)."""
     if h != types.uint16:
         return None
 
@@ -682,8 +665,6 @@ def _sum_in_order(xr):
     return s
 
 
-
-
 @njit
 def _threshold(q, cols, sigma):
     std = np.sqrt(q / cols)
@@ -760,10 +741,25 @@ _BOUND_STEPS = 16  # float32 steps a bound may move from its rounded first guess
 def _split_bounds(m, t):
     """(lo, hi): float32 bounds with |float64(v) - m| >= t  <=>  v <= lo or v >= hi for every finite
     float32 v (the difference rounds monotonically in v, so each side is a ray); (NaN, NaN) when
-    the rounded guesses m -+ t are further than _BOUND_STEPS steps off."""
+    the rounded guesses m -+ t are further than _BOUND_STEPS steps off. lo is hi's mirror: v <= lo
+    exactly where -v >= the upper bound about -m (negation is exact and rounding symmetric)."""
+    nan = np.float32(np.nan)
+    hi = _upper_bound(m, t)
+    if hi != hi:
+        return nan, nan
+    lo = -_upper_bound(-m, t)
+    if lo != lo:
+        return nan, nan
+    return lo, hi
+
+
+@njit
+def _upper_bound(m, t):
+    """The smallest float32 hi with float64(v) - m >= t for every float32 v >= hi (inf: none;
+    NaN: the rounded guess m + t is further than _BOUND_STEPS steps off)."""
     inf32 = np.float32(np.inf)
     if not t < np.inf:
-        return -inf32, inf32
+        return inf32
     if m + t > _F32_MAX:
         hi = inf32 if np.float64(_F32_MAX) - m < t else _F32_MAX
     else:
@@ -782,27 +778,8 @@ def _split_bounds(m, t):
             hi = d
             k += 1
         if k > _BOUND_STEPS:
-            return np.float32(np.nan), np.float32(np.nan)
-    if m - t < -_F32_MAX:
-        lo = -inf32 if np.float64(-_F32_MAX) - m > -t else -_F32_MAX
-    else:
-        lo = np.float32(m - t)
-    if lo > -inf32:
-        k = 0
-        while np.float64(lo) - m > -t:
-            lo = np.nextafter(lo, -inf32)
-            k += 1
-            if lo == -inf32 or k > _BOUND_STEPS:
-                break
-        while lo > -inf32 and k <= _BOUND_STEPS:
-            u = np.nextafter(lo, inf32)
-            if np.float64(u) - m > -t:
-                break
-            lo = u
-            k += 1
-        if k > _BOUND_STEPS:
-            return np.float32(np.nan), np.float32(np.nan)
-    return lo, hi
+            return np.float32(np.nan)
+    return hi
 
 
 def _byte_tables():
@@ -912,6 +889,16 @@ SPLIT_KINDS = {np.dtype(np.float32): _W_F32, np.dtype(np.float16): _W_F16, bfloa
 SPLIT_DTYPES = tuple(SPLIT_KINDS)  # what split_outliers takes
 
 
+def _weight_elements(w):
+    """(contiguous view of ``w`` as the kernels read it: float32 itself, 16-bit floats as uint16
+    bits; its ``_weight_f32`` kind), or (None, None) for other dtypes."""
+    kind = SPLIT_KINDS.get(np.dtype(w.dtype))
+    if kind is None:
+        return None, None
+    wv = np.ascontiguousarray(w)
+    return (wv if kind == _W_F32 else wv.view(np.uint16)), kind
+
+
 def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, work: dict | None = None):
     """(float32 x with the outliers zeroed, their CSR) of a float16 / bfloat16 / float32 matrix by
     the per-row sigma rule: :func:`eqcore.outliers.outlier_mask` (row statistics), ``to_csr`` and
@@ -924,10 +911,9 @@ def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, w
     from ..outliers import Outliers
 
     dt = np.dtype(w.dtype)
-    kind = SPLIT_KINDS.get(dt)
+    wv, kind = _weight_elements(w)
     if kind is None:
         return None
-    wv = np.ascontiguousarray(w).view(np.uint16) if kind != _W_F32 else np.ascontiguousarray(w)
     rows, cols = w.shape
     if out is None:
         out = np.empty((rows, cols), np.float32)
@@ -1020,11 +1006,9 @@ def error_sums(w_hat: np.ndarray, w: np.ndarray, step: int):
     """(sum of squared errors, sum of squares of w) in float64 over each block of ``step`` rows
     (see :func:`eqcore.io.compute.error_sums`, its reference; equal up to float summation order),
     for float32 ``w_hat`` and a float16 / bfloat16 / float32 ``w``; None for other dtypes."""
-    kind = SPLIT_KINDS.get(np.dtype(w.dtype))
+    wv, kind = _weight_elements(w)
     if kind is None or w.ndim != 2:
         return None
-    wv = np.ascontiguousarray(w)
-    wv = wv.view(np.uint16) if kind != _W_F32 else wv
     rows = w.shape[0]
     out = np.empty((max(0, -(-rows // step)), 2), np.float64)
     _error_sums_kernel(np.ascontiguousarray(w_hat, dtype=np.float32), wv, kind, step, out)
