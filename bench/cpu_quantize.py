@@ -35,7 +35,7 @@ from eqcore.config import QuantConfig  # noqa: E402
 from eqcore.backends.numpy import dequantize as dequantize_reference  # noqa: E402
 from eqcore.backends.numpy import encode as encode_reference  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
-from bench.timing import best_time  # noqa: E402
+from bench.timing import best_time, interleaved  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
 from eqcore.solvers.adam import optimize_scales as optimize_scales_reference  # noqa: E402
 from eqcore.tensor import QuantizedTensor  # noqa: E402
@@ -96,16 +96,8 @@ def outside_share(rows: int, cols: int, seed: int, repeat: int) -> dict:
     threads = numba.get_num_threads()
     for n_threads in (threads, 1):
         numba.set_num_threads(n_threads)
-        t_q, t_s, c_q, c_s = [], [], [], []
-        for _ in range(repeat):
-            c0, t0 = time.process_time(), time.perf_counter()
-            qt = eqcore.quantize(w, cfg, backend="numba")
-            t_q.append(time.perf_counter() - t0)
-            c_q.append(time.process_time() - c0)
-            c0, t0 = time.process_time(), time.perf_counter()
-            optimize_scales(x, cfg, smax)
-            t_s.append(time.perf_counter() - t0)
-            c_s.append(time.process_time() - c0)
+        (t_q, t_s), (c_q, c_s), (qt, _) = interleaved([lambda: eqcore.quantize(w, cfg, backend="numba"),
+                                                      lambda: optimize_scales(x, cfg, smax)], repeat)
         out[n_threads] = (min(t_q), min(t_s), float(np.median(t_q)), float(np.median(t_s)), min(c_q), min(c_s))
     numba.set_num_threads(threads)
     head = qt.row_block(0, check_rows)
@@ -113,35 +105,27 @@ def outside_share(rows: int, cols: int, seed: int, repeat: int) -> dict:
         assert np.array_equal(np.asarray(getattr(head, f)).view(np.uint8), a.view(np.uint8)), f"{f} differs"
     out["bit-identical to the reference"] = f"yes (its first {check_rows} rows)"
 
-    def best(fn, clock):
-        t = float("inf")
-        for _ in range(repeat):
-            t0 = clock()
-            r = fn()
-            t = min(t, clock() - t0)
-        return t, r
-
     for n_threads, clock in ((threads, time.perf_counter), (1, time.process_time)):
         numba.set_num_threads(n_threads)
         stage = dict.fromkeys(STAGES, 0.0)
-        stage[STAGES[0]] = best(lambda: api.check_weight(w, values=False), clock)[0]
+        stage[STAGES[0]] = best_time(lambda: api.check_weight(w, values=False), repeat, clock)[0]
         step = max(1, api.ROW_BLOCK_ELEMENTS // cols)
         blocks = api._Blocks(w, cfg, step)
         for r in range(0, rows, step):
             wb = w[r:r + step]
             n = wb.shape[0]
-            t, (xb, outliers) = best(lambda: cpu.split_outliers(wb, cfg.sigma, out=blocks.x[:n], work=blocks.work),
-                                     clock)
+            t, (xb, outliers) = best_time(lambda: cpu.split_outliers(wb, cfg.sigma, out=blocks.x[:n],
+                                                                     work=blocks.work), repeat, clock)
             stage[STAGES[1]] += t
-            t, s = best(lambda: optimize_scales(xb, cfg, smax), clock)
+            t, s = best_time(lambda: optimize_scales(xb, cfg, smax), repeat, clock)
             stage[STAGES[2]] += t
-            t, s = best(lambda: api.round_scales(api.cap_scales(s, w.dtype, cfg), cfg.scale_dtype), clock)
+            t, s = best_time(lambda: api.round_scales(api.cap_scales(s, w.dtype, cfg), cfg.scale_dtype), repeat, clock)
             stage[STAGES[3]] += t
-            t, _ = best(lambda: cpu.encode(xb, s.astype(np.float32), cfg.bits, cfg.group_size,
-                                           out=blocks.qweight[blocks.row:blocks.row + n]), clock)
+            t, _ = best_time(lambda: cpu.encode(xb, s.astype(np.float32), cfg.bits, cfg.group_size,
+                                                out=blocks.qweight[blocks.row:blocks.row + n]), repeat, clock)
             stage[STAGES[4]] += t
             blocks.add(s, outliers)
-        t, staged = best(lambda: blocks.tensor(w, cfg), clock)
+        t, staged = best_time(lambda: blocks.tensor(w, cfg), repeat, clock)
         stage[STAGES[5]] = t
         for f, a in qt.arrays().items():
             assert np.array_equal(getattr(staged, f), a), f"staged {f} differs"

@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __name__ == "__main__":  # compile afresh (a cache keyed on exact_numba.py misses edits to exact_sweep.py)
@@ -39,6 +38,7 @@ VARIANTS = {"nofma": ["-ffp-contract=off"], "fma": ["-ffp-contract=fast"]}
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.timing import interleaved  # noqa: E402
 from eqcore.config import QuantConfig  # noqa: E402
 from eqcore.layout import group_layout, max_scale  # noqa: E402
 from eqcore.solvers import adam_numba, exact_numba  # noqa: E402
@@ -104,20 +104,6 @@ def weights(rows, cols, seed=0):
     return w
 
 
-def times(fns, repeat, cpu=None):
-    """Interleaved runs (a b a b ...): per function the list of wall times and its last result;
-    the process CPU times go to ``cpu`` (a list of lists) when given."""
-    ts, outs = [[] for _ in fns], [None] * len(fns)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            c0, t0 = time.process_time(), time.perf_counter()
-            outs[i] = fn()
-            ts[i].append(time.perf_counter() - t0)
-            if cpu is not None:
-                cpu[i].append(time.process_time() - c0)
-    return ts, outs
-
-
 def ulps(a, b):
     """|a - b| in float32 units in the last place (positive floats)."""
     return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
@@ -157,8 +143,7 @@ def main(argv=None) -> int:
                     rep = a.adam_repeat
                 (exact_numba if solver == "exact" else adam_numba).optimize_scales(x[:4], cfg)
                 load = os.getloadavg()[0]
-                cpu = [[] for _ in fns]
-                ts, outs = times(fns, rep, cpu)
+                ts, cpu, outs = interleaved(fns, rep)
                 ref = outs[0]
                 same = [float(np.mean(o == ref)) for o in outs]
                 maxulp = [int(ulps(o, ref).max()) for o in outs]
