@@ -23,6 +23,22 @@ def assert_matmul_close(y, x, qt):
     np.testing.assert_array_less(np.abs(np.asarray(y).reshape(exact.shape).astype(np.float64) - exact), bound)
 
 
+def assert_reference_split(w, sigma, out=None):
+    """split_outliers(w) equals outlier_mask (row statistics) + to_csr + the zeroed float32 cast."""
+    from eqcore.backends import numba as cpu
+    from eqcore.outliers import outlier_mask, to_csr
+
+    x, o = cpu.split_outliers(w, sigma, out=out)
+    mask = outlier_mask(w, sigma, "row")
+    for a, b in zip(o, to_csr(w, mask)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    want = w.astype(np.float32)
+    want[mask] = 0
+    np.testing.assert_array_equal(x.view(np.uint32), want.view(np.uint32))
+    return o
+
+
 def run_ptxas(exe, cc, text, name, timeout=300):
     """Assemble PTX ``text`` for compute capability ``cc`` with ``ptxas -v``; the CompletedProcess."""
     import os

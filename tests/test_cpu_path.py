@@ -19,7 +19,7 @@ from eqcore.dtypes import WEIGHT_DTYPES
 from eqcore.backends.numpy import encode as encode_reference
 from eqcore.solvers.adam import optimize_scales as optimize_scales_reference
 
-from helpers import weights
+from helpers import assert_reference_split, weights
 
 BITS = (2, 3, 4, 8)
 SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
@@ -288,22 +288,12 @@ def test_half_bits_to_f32_is_exact_for_every_pattern():
 def test_split_outliers_is_the_reference_selection(rows, cols, src, sigma, seed):
     """The fused per-row sigma rule (statistics, float32 cast, zeroing, CSR) gives exactly what the
     reference's outlier_mask + to_csr + cast give, constant and zero rows included."""
-    from eqcore.outliers import outlier_mask, to_csr
-
     w = weights(rows, cols, seed, dtype=WEIGHT_DTYPES[src], scale=0.02)
     w[0, : cols // 2] = w[0, 0]  # a row with many equal values (ties at the threshold are likely)
     if rows > 2:
         w[1] = w[1, 0]  # a constant row: std 0, no outliers
         w[2, -1] = 100.0  # a far outlier
-    x, o = cpu.split_outliers(w, sigma)
-    mask = outlier_mask(w, sigma, "row")
-    ref = to_csr(w, mask)
-    for a, b in zip(o, ref):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
-    want = w.astype(np.float32)
-    want[mask] = 0
-    np.testing.assert_array_equal(x.view(np.uint32), want.view(np.uint32))
+    assert_reference_split(w, sigma)
     assert cpu.split_outliers(w.astype(np.float64), sigma) is None
 
 

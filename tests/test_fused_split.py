@@ -10,25 +10,11 @@ import eqcore
 from eqcore import api
 from eqcore.backends import numba as cpu
 from eqcore.dtypes import NONFINITE, WEIGHT_DTYPES
-from eqcore.outliers import outlier_mask, to_csr
 
-from helpers import weights
+from helpers import assert_reference_split, weights
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 SPLIT = ("float16", "bfloat16", "float32")
-
-
-def assert_reference_split(w, sigma, out=None):
-    """split_outliers(w) equals outlier_mask (row statistics) + to_csr + the zeroed float32 cast."""
-    x, o = cpu.split_outliers(w, sigma, out=out)
-    mask = outlier_mask(w, sigma, "row")
-    for a, b in zip(o, to_csr(w, mask)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
-    want = w.astype(np.float32)
-    want[mask] = 0
-    np.testing.assert_array_equal(x.view(np.uint32), want.view(np.uint32))
-    return o
 
 
 def rows_of(kind, rows, cols, rng):
