@@ -122,20 +122,6 @@ def _pack_pow2(codes, bits, lg, out):
 
 
 @njit
-def _pack_row(codes, bits, out):
-    """``codes`` (uint8) into ``out`` (uint32 words), zero-padded to whole blocks. 2/4/8-bit codes
-    fill whole words (:func:`_pack_pow2`); 3-bit codes stream across words."""
-    if bits == 4:
-        _pack_pow2(codes, 4, 3, out)
-    elif bits == 2:
-        _pack_pow2(codes, 2, 4, out)
-    elif bits == 8:
-        _pack_pow2(codes, 8, 2, out)
-    else:
-        _pack_stream(codes, bits, out)
-
-
-@njit
 def _pack_stream(codes, bits, out):
     """Stream ``codes`` into ``out``, ``bits`` at a time (codes may straddle two words)."""
     cols = codes.shape[0]
@@ -164,25 +150,40 @@ def _unpack_pow2(words, bits, lg, out):
 
 
 @njit
-def _unpack_row(words, bits, out):
-    """Codes of one packed row into ``out`` (uint8, length cols). 2/4/8-bit codes take a
-    constant-width loop; 3-bit codes may straddle two words."""
-    if bits == 4:
-        _unpack_pow2(words, 4, 3, out)
-    elif bits == 2:
-        _unpack_pow2(words, 2, 4, out)
-    elif bits == 8:
-        _unpack_pow2(words, 8, 2, out)
-    else:
-        mask = np.uint64((1 << bits) - 1)
-        for c in range(out.shape[0]):
-            b = c * bits
-            w = b >> 5
-            sh = b & 31
-            v = np.uint64(words[w]) >> np.uint64(sh)
-            if sh + bits > 32:
-                v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
-            out[c] = np.uint8(v & mask)
+def _unpack_stream(words, bits, out):
+    """Codes of width ``bits`` read across words (a code may straddle two)."""
+    mask = np.uint64((1 << bits) - 1)
+    for c in range(out.shape[0]):
+        b = c * bits
+        w = b >> 5
+        sh = b & 31
+        v = np.uint64(words[w]) >> np.uint64(sh)
+        if sh + bits > 32:
+            v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
+        out[c] = np.uint8(v & mask)
+
+
+def _by_width(whole_words, stream):
+    """A row function that takes ``whole_words(a, bits, lg, out)`` for the widths dividing 32
+    (bits = 32 >> lg, passed as constants so that LLVM specialises and vectorises each loop) and
+    ``stream(a, bits, out)`` for the others (3 bits)."""
+
+    @njit
+    def row(a, bits, out):
+        if bits == 4:
+            whole_words(a, 4, 3, out)
+        elif bits == 2:
+            whole_words(a, 2, 4, out)
+        elif bits == 8:
+            whole_words(a, 8, 2, out)
+        else:
+            stream(a, bits, out)
+
+    return row
+
+
+_pack_row = _by_width(_pack_pow2, _pack_stream)  # codes (uint8) -> out (uint32 words), zero-padded to whole blocks
+_unpack_row = _by_width(_unpack_pow2, _unpack_stream)  # one packed row -> out (uint8 codes, length cols)
 
 
 @njit
