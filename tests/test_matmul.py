@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eqcore
-from eqcore.backends import numba as nb
+from eqcore.backends import numba_matmul as nb
 from eqcore.backends import numpy as ref
 
 from helpers import assert_matmul_close as close
