@@ -29,9 +29,9 @@ SOLVERS = {
         "numba": "eqcore.solvers.exact_numba:optimize_scales",
         "cupy": "eqcore.solvers.exact_cuda:optimize_scales",
     },
-    "lloyd": {  # one array-generic implementation (NumPy or CuPy)
+    "lloyd": {  # one array-generic implementation (NumPy or CuPy), and Numba for the CPU
         "numpy": "eqcore.solvers.lloyd:solve",
-        "numba": "eqcore.solvers.lloyd:solve",
+        "numba": "eqcore.solvers.lloyd_numba:solve",
         "cupy": "eqcore.solvers.lloyd:solve",
     },
 }
