@@ -1,85 +1,102 @@
 """y = x @ W^T on the CPU from the packed form (Numba kernels, parallel over output rows).
 
-:func:`matmul` is the Numba backend's matmul (:func:`eqcore.backends.numba.matmul` calls it): equal
-to the NumPy reference (:func:`eqcore.backends.numpy.matmul`, x @ dequantize(W)^T) up to float32
-summation order.
+:func:`matmul` is the Numba backend's matmul (:func:`eqcore.backends.numba.matmul`): equal to the
+NumPy reference (:func:`eqcore.backends.numpy.matmul`, x @ dequantize(W, float32)^T) up to float32
+summation order, |y - y_dense| <= 1e-5 * (|x| @ |W|^T) + 1e-30 (tests/test_matmul.py).
+
+Two kernels, W never formed whole:
+
+- batch 1, one scale per row, 2/4/8-bit codes on the symmetric or asymmetric grid: a slot dot
+  (:func:`_slot_kernels`), codes unpacked in registers and multiplied into x, the row's outliers
+  added as a sparse correction;
+- everything else (any batch, groups, codebooks, 3 bits): rows in blocks of :data:`RB`; each block's
+  scaled levels are formed once (outlier slots zeroed), then multiplied into x :data:`RB` rows of
+  W by 4 rows of x at a time (16 accumulators: each level and x value loaded feeds 4 products), and
+  the outliers added exactly.
+
+Codes of 2/4/8 bits in groups of whole words run in slot-major order: slot k of every word meets a
+contiguous run of x, ``xt[b, k * nwu + w]`` = x[b, w * per + k], so unpacking is a constant shift
+and mask over contiguous words. The general order (3 bits, groups that split a word) unpacks codes
+one at a time. This module imports only the contract (:mod:`eqcore.layout`), not the codec backend.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK
-from .numba import _chunks, _tensor_args, _unpack_row, dequantize, grid_level
+from ..dtypes import bfloat16
+from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRIDS, group_layout, qrange
+
+RB = 4  # rows of W per block: their levels are formed once, then meet x four rows of x at a time
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _matmul_kernel(x, xc, qweight, scales, g, bits, qmin, grid, zeros, codebook, col, rowptr, ocols, ovals, chunks,
-                   out):
-    """out[:, r] = x @ W[r] for every row r, W never formed: the row's codes are unpacked once and
-    each group's sum of level * xc (xc = x * col, x when there are no column scales) is taken
-    times its scale; levels are u + qmin or u - z (vectorised), or codebook[u]; then
-    the row's outliers replace their dense value. Rows go in ``chunks`` (one workspace each)."""
-    batch, cols = x.shape
-    rows = qweight.shape[0]
-    n_groups = scales.shape[1]
-    has_col = col.shape[0] > 0
-    per = (rows + chunks - 1) // chunks
-    for k in prange(chunks):
-        codes = np.empty(cols, np.uint8)
-        acc = np.empty(batch, np.float32)
-        for r in range(k * per, min(rows, k * per + per)):
-            _unpack_row(qweight[r], bits, codes)
-            acc[:] = 0
-            for j in range(n_groups):
-                s = scales[r, j]
-                c0 = j * g
-                c1 = min(c0 + g, cols)
-                if grid == GRID_CODEBOOK:
-                    for b in range(batch):
-                        t = np.float32(0)
-                        for c in range(c0, c1):
-                            t += codebook[codes[c]] * xc[b, c]
-                        acc[b] += t * s
-                else:
-                    off = -zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(qmin)
-                    for b in range(batch):
-                        t = np.float32(0)
-                        for c in range(c0, c1):
-                            t += (np.float32(codes[c]) + off) * xc[b, c]
-                        acc[b] += t * s
-            for p in range(rowptr[r], rowptr[r + 1]):
-                c = ocols[p]
-                j = c // g
-                z = zeros[r, j] if grid == GRID_ASYMMETRIC else np.float32(0)
-                v = np.float32(grid_level(codes[c], grid, qmin, z, codebook) * scales[r, j])
-                if has_col:
-                    v = np.float32(v * col[c])
-                for b in range(batch):
-                    acc[b] += (ovals[p] - v) * x[b, c]
-            for b in range(batch):
-                out[b, r] = acc[b]
+def _chunks(rows: int) -> int:
+    """How many chunks of rows a parallel kernel splits ``rows`` into: four per thread."""
+    return max(1, min(rows, 4 * numba.get_num_threads()))
+
+
+@intrinsic
+def _half_to_f32(typingctx, h):
+    """float32 value of IEEE float16 bits ``h`` (uint16) by LLVM's fpext (exact). The same as
+    eqcore.backends.numba.half_bits_to_f32, written again here because this module may not import
+    that one (it imports this one)."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+_V_F32, _V_F16, _V_BF16 = 0, 1, 2  # outlier values as stored: float32 (as uint32 bits), float16 or bfloat16 bits
+
+
+@njit(inline="always")
+def _oval(v, kind):
+    """float32 value of a stored outlier value: float32, float16 or bfloat16 bits (converting
+    in the kernel: NumPy's float16 -> float32 cast of 224k values took 0.3 ms a call)."""
+    if kind == _V_F16:
+        return _half_to_f32(np.uint16(v))
+    if kind == _V_BF16:
+        return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+    return np.uint32(v).view(np.float32)
+
+
+def _outlier_bits(vals) -> tuple:
+    """(raw bits of the outlier values, their kind for :func:`_oval`): no conversion pass."""
+    vals = np.ascontiguousarray(vals)
+    if vals.dtype == np.float16:
+        return vals.view(np.uint16), _V_F16
+    if vals.dtype == bfloat16:
+        return vals.view(np.uint16), _V_BF16
+    return vals.astype(np.float32).view(np.uint32), _V_F32
 
 
 def _slot_kernels(bits: int):
-    """(slot_dot, slot_levels) for codes of ``bits`` = 2, 4 or 8: the width is a compile-time
-    constant, so the loop over code slots unrolls and every shift is a constant (a runtime width
-    made the vectorised loops 3x slower).
+    """(slot_dot, slot_levels, slot_table) for codes of ``bits`` = 2, 4 or 8: the width is a
+    compile-time constant, so the loop over code slots unrolls and every shift is a constant (a
+    runtime width made the vectorised loops 3x slower).
 
-    slot_dot(q, xt, off): the sum over slots k and words w of (code k of q[w] + off) * xt[k, w],
-    a constant-shift unpack fused with a multiply-add. slot_levels(q, sw, offw, lev):
-    lev[k, w] = (code k of q[w] + offw[w]) * sw[w], a row's scaled levels in slot-major order.
+    slot_dot(q, xt): the sum over slots k and words w of (code k of q[w]) * xt[k, w], a
+    constant-shift unpack fused with a multiply-add (the grid offset is added once per row, as
+    offset * sum of x). slot_levels(q, sw, offw, lev):
+    lev[k, w] = (code k of q[w] + offw[w]) * sw[w], a row's scaled levels in slot-major order;
+    slot_table(q, sw, table, lev): lev[k, w] = table[code k of q[w]] * sw[w] (codebook grid).
     Loops start at 0 over views (a runtime start offset kept LLVM from vectorising them)."""
     per, m = 32 // bits, np.uint32((1 << bits) - 1)
 
     @njit(fastmath=True)
-    def slot_dot(q, xt, off):
+    def slot_dot(q, xt):
         t = np.float32(0)
         for k in range(per):
             sh = np.uint32(k * bits)
             xk = xt[k]
             for w in range(xk.shape[0]):
-                t += (np.float32((q[w] >> sh) & m) + off) * xk[w]
+                t += np.float32((q[w] >> sh) & m) * xk[w]
         return t
 
     @njit(fastmath=True)
@@ -90,137 +107,278 @@ def _slot_kernels(bits: int):
             for w in range(lk.shape[0]):
                 lk[w] = (np.float32((q[w] >> sh) & m) + offw[w]) * sw[w]
 
-    return slot_dot, slot_levels
+    @njit(fastmath=True)
+    def slot_table(q, sw, table, lev):
+        for k in range(per):
+            sh = np.uint32(k * bits)
+            lk = lev[k]
+            for w in range(lk.shape[0]):
+                lk[w] = table[(q[w] >> sh) & m] * sw[w]
+
+    return slot_dot, slot_levels, slot_table
 
 
-(_slot_dot2, _slot_levels2), (_slot_dot4, _slot_levels4), (_slot_dot8, _slot_levels8) = map(_slot_kernels, (2, 4, 8))
+(_slot_dot2, _slot_levels2, _slot_table2), (_slot_dot4, _slot_levels4, _slot_table4), \
+    (_slot_dot8, _slot_levels8, _slot_table8) = map(_slot_kernels, (2, 4, 8))
 
 
 @njit(fastmath=True)
-def _flat_dot(a, b):
-    t = np.float32(0)
-    for i in range(a.shape[0]):
-        t += a[i] * b[i]
-    return t
+def _dot4x4(l0, l1, l2, l3, x0, x1, x2, x3):
+    """The 16 dots of 4 level rows with 4 rows of x (all of one length): each value loaded
+    feeds four multiply-adds."""
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0)
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0)
+    for k in range(l0.shape[0]):
+        v0, v1, v2, v3 = l0[k], l1[k], l2[k], l3[k]
+        y0, y1, y2, y3 = x0[k], x1[k], x2[k], x3[k]
+        a00 += v0 * y0
+        a01 += v0 * y1
+        a02 += v0 * y2
+        a03 += v0 * y3
+        a10 += v1 * y0
+        a11 += v1 * y1
+        a12 += v1 * y2
+        a13 += v1 * y3
+        a20 += v2 * y0
+        a21 += v2 * y1
+        a22 += v2 * y2
+        a23 += v2 * y3
+        a30 += v3 * y0
+        a31 += v3 * y1
+        a32 += v3 * y2
+        a33 += v3 * y3
+    return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+
+
+@njit(fastmath=True)
+def _dot4x1(l0, l1, l2, l3, x0):
+    """The 4 dots of 4 level rows with one row of x."""
+    a0 = a1 = a2 = a3 = np.float32(0)
+    for k in range(l0.shape[0]):
+        y = x0[k]
+        a0 += l0[k] * y
+        a1 += l1[k] * y
+        a2 += l2[k] * y
+        a3 += l3[k] * y
+    return a0, a1, a2, a3
 
 
 @njit
-def _outlier_terms(q, r, p0, p1, ocols, ovals, x, scales, zeros, col, asym, qmin, bits, lg, gcols, acc):
-    """acc[b] += (outlier - dense value) * x[b, c] over row r's outliers p0..p1 (codes of 2/4/8 bits,
-    ``1 << lg`` per word, groups of ``gcols`` columns). Its own function, without fastmath: inlined
-    into the matmul kernel's loop nest, or vectorised with gathers, this loop ran 2-4x slower.
-    ``col`` is empty without column scales; ``zeros`` is read only when ``asym``."""
+def _unpack_codes(q, bits, out):
+    """Codes of width ``bits`` read in order across the row's words (a code may straddle two)."""
+    mask = np.uint64((1 << bits) - 1)
+    for c in range(out.shape[0]):
+        b = c * bits
+        w = b >> 5
+        sh = b & 31
+        v = np.uint64(q[w]) >> np.uint64(sh)
+        if sh + bits > 32:
+            v |= np.uint64(q[w + 1]) << np.uint64(32 - sh)
+        out[c] = np.uint8(v & mask)
+
+
+@njit(fastmath=True)
+def _natural_levels(codes, r, g, grid, qmin, scales, zeros, codebook, lev):
+    """lev[c] = level of code c times its group's scale, in column order."""
+    cols = codes.shape[0]
+    for j in range(scales.shape[1]):
+        c0 = j * g
+        c1 = min(c0 + g, cols)
+        s = scales[r, j]
+        if grid == GRID_CODEBOOK:
+            for c in range(c0, c1):
+                lev[c] = codebook[codes[c]] * s
+        else:
+            off = -zeros[r, j] if grid == GRID_ASYMMETRIC else qmin
+            for c in range(c0, c1):
+                lev[c] = (np.float32(codes[c]) + off) * s
+
+
+@njit
+def _row_levels(q, r, bits, g, gw, grid, qmin, scales, zeros, codebook, slot, codes, sw, offw, lev):
+    """Row r's scaled levels into ``lev`` (length K): slot-major when ``slot`` (2/4/8 bits, groups
+    of ``gw`` whole words; ``sw``, ``offw`` are per-word scratch), else in column order."""
+    if slot:
+        per = 32 // bits
+        nwu = sw.shape[0]
+        lv = lev.reshape(per, nwu)
+        for j in range(scales.shape[1]):
+            w1 = min(nwu, j * gw + gw)
+            sw[j * gw:w1] = scales[r, j]
+            offw[j * gw:w1] = -zeros[r, j] if grid == GRID_ASYMMETRIC else qmin
+        if grid == GRID_CODEBOOK:
+            if bits == 4:
+                _slot_table4(q, sw, codebook, lv)
+            elif bits == 2:
+                _slot_table2(q, sw, codebook, lv)
+            else:
+                _slot_table8(q, sw, codebook, lv)
+        elif bits == 4:
+            _slot_levels4(q, sw, offw, lv)
+        elif bits == 2:
+            _slot_levels2(q, sw, offw, lv)
+        else:
+            _slot_levels8(q, sw, offw, lv)
+    else:
+        _unpack_codes(q, bits, codes)
+        _natural_levels(codes, r, g, grid, qmin, scales, zeros, codebook, lev)
+
+
+@njit(parallel=True, cache=True)
+def _block_kernel(xt, x, qweight, scales, zeros, codebook, g, gw, bits, qmin, grid, slot, rowptr, ocols, ovals,
+                  kind, chunks, out):
+    """out[:, r] = x @ W[r] for every row r: rows in blocks of RB, each block's scaled levels formed
+    once in xt's column order (slot-major when ``slot``), outlier slots zeroed; then 4 x 4 (rows of
+    W x rows of x) dots, a 4 x 1 dot for the last rows of x, and the outliers' exact terms
+    ovals * x. ``xt`` is x (column-scaled, in the levels' order), ``x`` the plain input."""
+    batch, K = xt.shape
+    rows = qweight.shape[0]
+    cols = x.shape[1]
+    per = 32 // bits
+    nwu = K // per
+    low = per - 1
+    lg = 4 if bits == 2 else (3 if bits == 4 else 2)
+    nblocks = (rows + RB - 1) // RB
+    bper = (nblocks + chunks - 1) // chunks
+    for ch in prange(chunks):
+        lev = np.zeros((RB, K), np.float32)
+        codes = np.empty(cols, np.uint8)
+        sw = np.empty(nwu, np.float32)
+        offw = np.empty(nwu, np.float32)
+        acc = np.empty((RB, batch), np.float32)
+        for blk in range(ch * bper, min(nblocks, ch * bper + bper)):
+            r0 = blk * RB
+            nr = min(RB, rows - r0)
+            for i in range(nr):
+                r = r0 + i
+                _row_levels(qweight[r], r, bits, g, gw, grid, qmin, scales, zeros, codebook, slot, codes, sw, offw,
+                            lev[i])
+                for p in range(rowptr[r], rowptr[r + 1]):  # the outlier's exact value replaces the level
+                    c = np.int64(ocols[p])
+                    lev[i, (c & low) * nwu + (c >> lg) if slot else c] = 0
+            for i in range(nr, RB):
+                lev[i, :] = 0
+            b = 0
+            while b + 4 <= batch:
+                t = _dot4x4(lev[0], lev[1], lev[2], lev[3], xt[b], xt[b + 1], xt[b + 2], xt[b + 3])
+                for i in range(RB):
+                    for j in range(4):
+                        acc[i, b + j] = t[4 * i + j]
+                b += 4
+            while b < batch:
+                a0, a1, a2, a3 = _dot4x1(lev[0], lev[1], lev[2], lev[3], xt[b])
+                acc[0, b] = a0
+                acc[1, b] = a1
+                acc[2, b] = a2
+                acc[3, b] = a3
+                b += 1
+            for i in range(nr):
+                r = r0 + i
+                for p in range(rowptr[r], rowptr[r + 1]):
+                    c = np.int64(ocols[p])
+                    v = _oval(ovals[p], kind)
+                    for bb in range(batch):
+                        acc[i, bb] += v * x[bb, c]
+                for bb in range(batch):
+                    out[bb, r] = acc[i, bb]
+
+
+@njit(fastmath=True)
+def _outlier_dot(q, oc, ov, kind, x0, xc0, off, bits, lg):
+    """Row q's outlier correction at batch 1, one scale per row (times that scale by the caller
+    for the second part): (sum of ovals * x0[c], sum of (code + off) * xc0[c]) over its outliers
+    (columns ``oc``, raw values ``ov``), for codes of 2/4/8 bits (``1 << lg`` per word). The
+    slot dot summed code terms at these columns; the caller takes them back out. A loop LLVM
+    vectorises with gathers (the scalar version, an outlier at a time, cost 12 cycles each:
+    half the time of a 4096-column GEMV at 1.3% outliers)."""
     m = np.uint32((1 << bits) - 1)
     low = (1 << lg) - 1
-    n_groups = scales.shape[1]
-    batch = x.shape[0]
-    a0 = np.float32(0)
-    for p in range(p0, p1):
-        c = np.int64(ocols[p])
-        j = 0 if n_groups == 1 else c // gcols
-        off = -zeros[r, j] if asym else qmin
-        v = np.float32((np.float32((q[c >> lg] >> np.uint32((c & low) * bits)) & m) + off) * scales[r, j])
-        if col.shape[0] > 0:
-            v = np.float32(v * col[c])
-        d = ovals[p] - v
-        if batch == 1:
-            a0 += d * x[0, c]
-        else:
-            for b in range(batch):
-                acc[b] += d * x[b, c]
-    acc[0] += a0
+    t1 = np.float32(0)
+    t2 = np.float32(0)
+    for p in range(oc.shape[0]):
+        c = np.int64(oc[p])
+        code = (q[c >> lg] >> np.uint32((c & low) * bits)) & m
+        t1 += _oval(ov[p], kind) * x0[c]
+        t2 += (np.float32(code) + off) * xc0[c]
+    return t1, t2
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _word_matmul_kernel(xt, x, qweight, scales, gw, bits, qmin, grid, zeros, col, rowptr, ocols, ovals, chunks,
-                        out):
-    """:func:`_matmul_kernel` for 2/4/8-bit codes on the symmetric or asymmetric grid with groups of
-    whole words (``gw`` words each): ``xt[b, k, w]`` is (column-scaled) x at column w * per + k (0
-    past the last column; w only over the words the groups cover), so code slot k of every word
-    meets a contiguous run of x. One scale per row at batch 1: a slot dot (:func:`_slot_kernels`);
-    otherwise the row's scaled levels are formed once (slot levels), then one contiguous dot per
-    row of x; then the row's outlier terms."""
-    batch, per, nwu = xt.shape
+def _gemv_kernel(xt, xsum, x0, xc0, qweight, scales, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind, chunks,
+                 out):
+    """Batch 1, one scale per row, 2/4/8-bit codes on the symmetric or asymmetric grid: each row's
+    slot dot (:func:`_slot_kernels`) of its codes, plus off * (sum of x), times its scale, then
+    its outliers (:func:`_outlier_dot`). ``xt`` is (per, nwu): x (column-scaled) in slot-major
+    order, ``xsum`` its sum; ``x0`` is x, ``xc0`` column-scaled x, both in column order."""
     rows = qweight.shape[0]
-    n_groups = scales.shape[1]
     asym = grid == GRID_ASYMMETRIC
-    lg = 3 if bits == 4 else (4 if bits == 2 else 2)  # per = 32 // bits = 1 << lg
-    gcols = gw * per
+    lg = 3 if bits == 4 else (4 if bits == 2 else 2)
     rows_per = (rows + chunks - 1) // chunks
     for ch in prange(chunks):
-        lev = np.empty((per, nwu), np.float32)
-        levf = lev.reshape(per * nwu)
-        sw = np.empty(nwu, np.float32)
-        offw = np.empty(nwu, np.float32)
-        acc = np.empty(batch, np.float32)
-        x0 = xt[0]
         for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
             q = qweight[r]
-            if batch == 1 and n_groups == 1:
-                off = -zeros[r, 0] if asym else qmin
-                if bits == 4:
-                    t = _slot_dot4(q, x0, off)
-                elif bits == 2:
-                    t = _slot_dot2(q, x0, off)
-                else:
-                    t = _slot_dot8(q, x0, off)
-                acc[0] = t * scales[r, 0]
+            off = -zeros[r, 0] if asym else qmin
+            if bits == 4:
+                t = _slot_dot4(q, xt)
+            elif bits == 2:
+                t = _slot_dot2(q, xt)
             else:
-                for j in range(n_groups):
-                    w1 = min(nwu, j * gw + gw)
-                    sw[j * gw:w1] = scales[r, j]
-                    offw[j * gw:w1] = -zeros[r, j] if asym else qmin
-                if bits == 4:
-                    _slot_levels4(q, sw, offw, lev)
-                elif bits == 2:
-                    _slot_levels2(q, sw, offw, lev)
-                else:
-                    _slot_levels8(q, sw, offw, lev)
-                for b in range(batch):
-                    acc[b] = _flat_dot(levf, xt[b].reshape(per * nwu))
-            if rowptr[r + 1] > rowptr[r]:
-                _outlier_terms(q, r, rowptr[r], rowptr[r + 1], ocols, ovals, x, scales, zeros, col, asym, qmin, bits,
-                               lg, gcols, acc)
-            for b in range(batch):
-                out[b, r] = acc[b]
+                t = _slot_dot8(q, xt)
+            t += off * xsum
+            p0 = rowptr[r]
+            p1 = rowptr[r + 1]
+            if p1 > p0:
+                t1, t2 = _outlier_dot(q, ocols[p0:p1], ovals[p0:p1], kind, x0, xc0, off, bits, lg)
+                out[0, r] = (t - t2) * scales[r, 0] + t1
+            else:
+                out[0, r] = t * scales[r, 0]
 
 
-
-FUSED_BATCH = 16  # up to this many rows of x: the fused kernel; beyond, dequantized tiles and BLAS
-TILE_ELEMENTS = 1 << 24  # weights per dequantized tile (64 MiB of float32): few tiles, because switching
-# between Numba's OpenMP threads and BLAS's costs about a millisecond each way on a loaded core
+def _f32(a, shape=None):
+    """``a`` as a C-contiguous float32 array; an empty one of ``shape`` dimensions for None."""
+    if a is None:
+        return np.zeros((0,) * (shape or 1), np.float32)
+    return np.ascontiguousarray(np.asarray(a).astype(np.float32))
 
 
 def matmul(x, qt) -> np.ndarray:
     """y = x @ W^T (float32) for (batch, cols) ``x``, from the packed form (see
-    :func:`eqcore.backends.numpy.matmul`; equal up to float summation order). Small batches run
-    the fused kernel; larger ones dequantize TILE_ELEMENTS weights (whole rows) of W at a time for
-    a BLAS product."""
+    :func:`eqcore.backends.numpy.matmul`; equal up to float summation order)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.shape[0] > FUSED_BATCH:
-        rows, cols = qt.shape
-        step = max(1, TILE_ELEMENTS // cols)
-        out_t = np.empty((rows, x.shape[0]), dtype=np.float32)  # W x^T: each tile fills whole rows
-        for r in range(0, rows, step):
-            block = qt.row_block(r, min(r + step, rows))
-            np.matmul(dequantize(block, np.float32), x.T, out=out_t[r:r + block.shape[0]])
-        return np.ascontiguousarray(out_t.T)
-    xc = x if qt.col_scales is None else np.ascontiguousarray(x * np.asarray(qt.col_scales).astype(np.float32))
-    out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
-    chunks = _chunks(qt.shape[0])
-    args = _tensor_args(qt)
-    per = 32 // qt.bits
-    g = args[2]
-    if qt.bits != 3 and qt.grid != "codebook" and (g % per == 0 or g == qt.shape[1]):
-        nwu = min(qt.qweight.shape[1], -(-qt.shape[1] // g) * -(-g // per))  # words the groups cover
-        xt = np.zeros((x.shape[0], nwu * per), np.float32)
-        xt[:, :x.shape[1]] = xc
-        xt = np.ascontiguousarray(xt.reshape(x.shape[0], nwu, per).transpose(0, 2, 1))
-        qw, scales, _, bits, qmin, grid, zeros, _, col, _, _ = args
-        _word_matmul_kernel(xt, x, qw, scales, -(-g // per), bits, qmin, grid, zeros, col, qt.outlier_rowptr,
-                            qt.outlier_cols, qt.outlier_vals.astype(np.float32), chunks, out)
+    batch = x.shape[0]
+    rows, cols = qt.shape
+    bits = int(qt.bits)
+    g, n_groups = group_layout(cols, qt.group_size)
+    grid = GRIDS.index(qt.grid)
+    qmin = np.float32(qrange(bits)[0])
+    qw = np.ascontiguousarray(qt.qweight)
+    scales = _f32(qt.scales)
+    zeros = _f32(qt.zeros, 2)
+    codebook = _f32(qt.codebook)
+    col = _f32(qt.col_scales)
+    rowptr = qt.outlier_rowptr.astype(np.int64)
+    ocols = np.ascontiguousarray(qt.outlier_cols)
+    ovals, kind = _outlier_bits(qt.outlier_vals)
+    xc = x if qt.col_scales is None else np.ascontiguousarray(x * col)
+    out = np.empty((batch, rows), dtype=np.float32)
+    if batch == 0 or rows == 0:
         return out
-    _matmul_kernel(x, xc, *args, qt.outlier_vals.astype(np.float32), chunks, out)
+    chunks = _chunks(rows)
+    per = 32 // bits
+    slot = bits != 3 and (g % per == 0 or n_groups == 1)
+    if slot:  # x in slot-major order: xt[b, k, w] = x[b, w * per + k], 0 past the last column
+        nwu = min(qw.shape[1], n_groups * -(-g // per))  # words the groups cover
+        xt = np.zeros((batch, nwu * per), np.float32)
+        xt[:, :cols] = xc
+        xt = np.ascontiguousarray(xt.reshape(batch, nwu, per).transpose(0, 2, 1))
+        if batch == 1 and n_groups == 1 and grid != GRID_CODEBOOK:
+            _gemv_kernel(xt[0], np.float32(xt.sum(dtype=np.float64)), x[0], xc[0], qw, scales, bits, qmin, grid, zeros,
+                         rowptr, ocols, ovals, kind, chunks, out)
+            return out
+        xt = xt.reshape(batch, nwu * per)
+        gw = -(-g // per)
+    else:
+        xt, nwu, gw = xc, 0, 0
+    _block_kernel(xt, x, qw, scales, zeros, codebook, g, gw, bits, qmin, grid, slot, rowptr, ocols, ovals, kind,
+                  chunks, out)
     return out
-
-
