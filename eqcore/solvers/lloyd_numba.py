@@ -24,7 +24,7 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 from .. import cache
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, group_layout, max_scale
@@ -32,34 +32,43 @@ from .lloyd import ITERS
 
 cache.install_numba_locator()
 
-_jit = njit(error_model="numpy")  # no zero-divisor tests: every divisor here is tested > 0 (or IEEE as in NumPy)
-LINEAR_MIDS = 15  # codebooks of up to 16 levels: count the midpoints below t in vectorised passes
+_jit = njit(error_model="numpy")
+_inline = njit(error_model="numpy", inline="always")  # no zero-divisor tests: every divisor here is tested > 0 (or IEEE as in NumPy)
+SMALL_MIDS = 15  # codebooks of up to 16 levels (padded to 16): levels by 15 selects in registers
 
 
-@_jit
+@_inline
 def _leaf(a, lo, n):
     """NumPy's pairwise sum of a run a[lo:lo + n] of at most 128 (numpy/_core/src/umath/loops_utils.h.src):
-    in order below 8, else 8 strided accumulators combined as a tree, then the rest in order."""
+    in order below 8, else 8 strided accumulators combined as a tree, then the rest in order.
+    Unsigned indices: no negative-index wraparound tests (twice as fast)."""
+    lo, n = uint64(lo), uint64(n)
+    one = uint64(1)
     if n < 8:
         res = 0.0
-        for i in range(lo, lo + n):
+        i = lo
+        while i < lo + n:
             res += a[i]
+            i += one
         return res
-    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
-    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
-    end = lo + n - n % 8
-    for i in range(lo + 8, end, 8):
+    r0, r1, r2, r3 = a[lo], a[lo + one], a[lo + uint64(2)], a[lo + uint64(3)]
+    r4, r5, r6, r7 = a[lo + uint64(4)], a[lo + uint64(5)], a[lo + uint64(6)], a[lo + uint64(7)]
+    end = lo + n - n % uint64(8)
+    i = lo + uint64(8)
+    while i < end:
         r0 += a[i]
-        r1 += a[i + 1]
-        r2 += a[i + 2]
-        r3 += a[i + 3]
-        r4 += a[i + 4]
-        r5 += a[i + 5]
-        r6 += a[i + 6]
-        r7 += a[i + 7]
+        r1 += a[i + one]
+        r2 += a[i + uint64(2)]
+        r3 += a[i + uint64(3)]
+        r4 += a[i + uint64(4)]
+        r5 += a[i + uint64(5)]
+        r6 += a[i + uint64(6)]
+        r7 += a[i + uint64(7)]
+        i += uint64(8)
     res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    for k in range(end, lo + n):
-        res += a[k]
+    while i < lo + n:
+        res += a[i]
+        i += one
     return res
 
 
@@ -84,15 +93,17 @@ def sum_plan(n: int) -> np.ndarray:
     return np.array(prog, np.int64)
 
 
-@_jit
-def _plan_sum(a, plan, stack):
-    """``a``'s sum by ``plan`` (:func:`sum_plan`) as NumPy computes it for a row of a C-contiguous
-    float64 array: 0.0 + the pairwise sum; ``stack``: float64 workspace, a slot per level."""
+@_inline
+def _combine(plan, leaves, q, stack):
+    """0.0 + the pairwise sum from the sums ``leaves[q]`` of ``plan``'s leaves (NumPy's row sum of a
+    C-contiguous float64 array); ``stack``: float64 workspace, a slot per level. (No row view of
+    ``leaves``: each view costs two atomic reference counts.)"""
     sp = 0
+    li = 0
     for k in range(0, plan.shape[0], 2):
-        lo = plan[k]
-        if lo >= 0:
-            stack[sp] = _leaf(a, lo, plan[k + 1])
+        if plan[k] >= 0:
+            stack[sp] = leaves[q, li]
+            li += 1
             sp += 1
         else:
             stack[sp - 2] = stack[sp - 2] + stack[sp - 1]
@@ -100,9 +111,20 @@ def _plan_sum(a, plan, stack):
     return 0.0 + stack[0]
 
 
+@_jit
+def _plan_sum(a, plan, stack, vals):
+    li = 0
+    for k in range(0, plan.shape[0], 2):
+        if plan[k] >= 0:
+            vals[0, li] = _leaf(a, plan[k], plan[k + 1])
+            li += 1
+    return _combine(plan, vals, 0, stack)
+
+
 def np_sum(a, n: int) -> float:
     """``a[:n].sum()`` as NumPy computes it for a row of a C-contiguous float64 array."""
-    return _plan_sum(np.ascontiguousarray(a, np.float64), sum_plan(n), np.empty(64, np.float64))
+    plan = sum_plan(n)
+    return _plan_sum(np.ascontiguousarray(a, np.float64), plan, np.empty(64), np.empty((1, len(plan) // 2)))
 
 
 @_jit
@@ -122,80 +144,197 @@ def _params(s, m, smax, asym):
 
 
 @_jit
-def _codes_linear(t, n, mids, u):
-    """u[i] = #{k: mids[k] < t[i]}, one vectorised pass per midpoint."""
-    for i in range(n):
-        u[i] = 0
-    for k in range(mids.shape[0]):
-        mk = mids[k]
-        for i in range(n):
-            u[i] += np.int32(mk < t[i])
-
-
-@_jit
-def _codes_search(t, n, mids, u):
-    """u[i] = #{k: mids[k] < t[i]} by a branch-free binary search (mids increasing)."""
-    nm = mids.shape[0]
-    for i in range(n):
+def _levels_search(t, m, mids, cb, lv):
+    """lv[i] = cb[#{k: mids[k] < t[i]}] by a branch-free binary search (mids increasing)."""
+    nm = uint64(mids.shape[0])
+    one = uint64(1)
+    for i in range(m):
         ti = t[i]
-        base = 0
+        base = uint64(0)
         size = nm
-        while size > 1:
-            half = size // 2
-            if mids[base + half - 1] < ti:
+        while size > one:
+            half = size >> one
+            if mids[base + half - one] < ti:
                 base += half
             size -= half
-        u[i] = base + np.int32(mids[base] < ti)
+        lv[i] = cb[base + uint64(mids[base] < ti)]
+
+
+@_inline
+def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mids, cb, t, lv, B0, B1, B2, B3):
+    """The per-element terms of the group's entries lo .. lo + m - 1 into B0.. (from 0): loss
+    (r e) e, and the least-squares step's (w lev) lev, (w lev) y, or w u, (w u) u, (w u) y."""
+    base = uint64(lo)
+    if grid == GRID_CODEBOOK and mids.shape[0] == SMALL_MIDS:  # levels by selects in registers, one loop
+        m0, m1, m2, m3, m4, m5, m6, m7 = mids[0], mids[1], mids[2], mids[3], mids[4], mids[5], mids[6], mids[7]
+        m8, m9, m10, m11, m12, m13, m14 = mids[8], mids[9], mids[10], mids[11], mids[12], mids[13], mids[14]
+        c0, c1, c2, c3, c4, c5, c6, c7 = cb[0], cb[1], cb[2], cb[3], cb[4], cb[5], cb[6], cb[7]
+        c8, c9, c10, c11, c12, c13, c14, c15 = cb[8], cb[9], cb[10], cb[11], cb[12], cb[13], cb[14], cb[15]
+        for i in range(m):
+            j = base + uint64(i)
+            xj = xr[j]
+            yj = yv[j] if has_col else xj
+            ti = np.float32(yj / s)
+            li = c0  # the midpoints below ti are a prefix (mids increasing): the last select that holds wins
+            li = c1 if m0 < ti else li
+            li = c2 if m1 < ti else li
+            li = c3 if m2 < ti else li
+            li = c4 if m3 < ti else li
+            li = c5 if m4 < ti else li
+            li = c6 if m5 < ti else li
+            li = c7 if m6 < ti else li
+            li = c8 if m7 < ti else li
+            li = c9 if m8 < ti else li
+            li = c10 if m9 < ti else li
+            li = c11 if m10 < ti else li
+            li = c12 if m11 < ti else li
+            li = c13 if m12 < ti else li
+            li = c14 if m13 < ti else li
+            li = c15 if m14 < ti else li
+            v = np.float32(li * s)
+            if has_col:
+                v = np.float32(v * cv[j])
+            e = np.float64(v) - np.float64(xj)
+            r = rv[j]
+            B0[i] = (r * e) * e
+            l64 = np.float64(li)
+            wl = (wv[j] if has_col else r) * l64
+            B1[i] = wl * l64
+            B2[i] = wl * np.float64(yj)
+    elif grid == GRID_CODEBOOK:  # more levels: a binary search
+        if has_col:
+            for i in range(m):
+                t[i] = yv[base + uint64(i)] / s
+        else:
+            for i in range(m):
+                t[i] = xr[base + uint64(i)] / s
+        _levels_search(t, m, mids, cb, lv)
+        for i in range(m):
+            j = base + uint64(i)
+            li = lv[i]
+            x64 = np.float64(xr[j])
+            v = np.float32(li * s)
+            if has_col:
+                v = np.float32(v * cv[j])
+            e = np.float64(v) - x64
+            r = rv[j]
+            B0[i] = (r * e) * e
+            l64 = np.float64(li)
+            wl = (wv[j] if has_col else r) * l64
+            B1[i] = wl * l64
+            B2[i] = wl * np.float64(yv[j] if has_col else xr[j])
+    elif grid == GRID_SYMMETRIC:
+        if has_col:
+            for i in range(m):
+                j = base + uint64(i)
+                q = min(max(np.rint(np.float32(yv[j] / s)), qmin), qmax)
+                li = np.float32(np.float32(q - qmin) + qmin)
+                e = np.float64(np.float32(np.float32(li * s) * cv[j])) - np.float64(xr[j])
+                B0[i] = (rv[j] * e) * e
+                l64 = np.float64(li)
+                wl = wv[j] * l64
+                B1[i] = wl * l64
+                B2[i] = wl * np.float64(yv[j])
+        else:
+            for i in range(m):
+                j = base + uint64(i)
+                xj = xr[j]
+                q = min(max(np.rint(np.float32(xj / s)), qmin), qmax)
+                li = np.float32(np.float32(q - qmin) + qmin)
+                x64 = np.float64(xj)
+                e = np.float64(np.float32(li * s)) - x64
+                r = rv[j]
+                B0[i] = (r * e) * e
+                l64 = np.float64(li)
+                wl = r * l64
+                B1[i] = wl * l64
+                B2[i] = wl * x64
+    else:
+        z64 = np.float64(z)
+        zero = np.float32(0.0)
+        if has_col:
+            for i in range(m):
+                j = base + uint64(i)
+                q = min(max(np.rint(np.float32(np.float32(yv[j] / s) + z)), zero), nmax)
+                li = np.float32(q - z)
+                e = np.float64(np.float32(np.float32(li * s) * cv[j])) - np.float64(xr[j])
+                B0[i] = (rv[j] * e) * e
+                uu = np.float64(li) + z64
+                wu = wv[j] * uu
+                B1[i] = wu
+                B2[i] = wu * uu
+                B3[i] = wu * np.float64(yv[j])
+        else:
+            for i in range(m):
+                j = base + uint64(i)
+                xj = xr[j]
+                q = min(max(np.rint(np.float32(np.float32(xj / s) + z)), zero), nmax)
+                li = np.float32(q - z)
+                x64 = np.float64(xj)
+                e = np.float64(np.float32(li * s)) - x64
+                r = rv[j]
+                B0[i] = (r * e) * e
+                uu = np.float64(li) + z64
+                wu = r * uu
+                B1[i] = wu
+                B2[i] = wu * uu
+                B3[i] = wu * x64
 
 
 @_jit
-def _score(grid, xr, yv, cv, rv, wv, n, plan, stack, s, z, qmin, qmax, nmax, mids, cb, t, u, T0, T1, T2, T3):
+def _score(grid, has_col, xr, yv, cv, rv, wv, n, plan, stack, leaves, s, z, qmin, qmax, nmax, mids, cb, t, lv,
+           B0, B1, B2, B3):
     """(loss, sums...) of one padded group at (s, z): the reference's score and the sums its next
     least-squares step takes, from the same codes. Codebook / symmetric: (loss, sum w lev lev,
-    sum w lev y, 0); asymmetric: (loss, sum w u, sum w u u, sum w u y), u = lev + z."""
-    if grid == GRID_CODEBOOK:
-        for i in range(n):
-            t[i] = yv[i] / s
-        if mids.shape[0] <= LINEAR_MIDS:
-            _codes_linear(t, n, mids, u)
-        else:
-            _codes_search(t, n, mids, u)
-        for i in range(n):
-            lv = cb[u[i]]
-            v = np.float32(np.float32(lv * s) * cv[i])
-            e = np.float64(v) - np.float64(xr[i])
-            T0[i] = (rv[i] * e) * e
-            l64 = np.float64(lv)
-            wl = wv[i] * l64
-            T1[i] = wl * l64
-            T2[i] = wl * np.float64(yv[i])
-    elif grid == GRID_SYMMETRIC:
-        for i in range(n):
-            q = min(max(np.rint(np.float32(yv[i] / s)), qmin), qmax)
-            lv = np.float32(np.float32(q - qmin) + qmin)
-            v = np.float32(np.float32(lv * s) * cv[i])
-            e = np.float64(v) - np.float64(xr[i])
-            T0[i] = (rv[i] * e) * e
-            l64 = np.float64(lv)
-            wl = wv[i] * l64
-            T1[i] = wl * l64
-            T2[i] = wl * np.float64(yv[i])
-    else:
-        z64 = np.float64(z)
-        for i in range(n):
-            q = min(max(np.rint(np.float32(np.float32(yv[i] / s) + z)), np.float32(0.0)), nmax)
-            lv = np.float32(q - z)
-            v = np.float32(np.float32(lv * s) * cv[i])
-            e = np.float64(v) - np.float64(xr[i])
-            T0[i] = (rv[i] * e) * e
-            uu = np.float64(lv) + z64
-            wu = wv[i] * uu
-            T1[i] = wu
-            T2[i] = wu * uu
-            T3[i] = wu * np.float64(yv[i])
-    loss, s1, s2 = _plan_sum(T0, plan, stack), _plan_sum(T1, plan, stack), _plan_sum(T2, plan, stack)
-    s3 = _plan_sum(T3, plan, stack) if grid == GRID_ASYMMETRIC else 0.0
+    sum w lev y, 0); asymmetric: (loss, sum w u, sum w u u, sum w u y), u = lev + z. A leaf of the
+    summation plan at a time: its terms (zero on the padding), then its four sums."""
+    li = 0
+    for k in range(0, plan.shape[0], 2):
+        lo = plan[k]
+        if lo < 0:
+            continue
+        m = plan[k + 1]
+        c = min(m, n - lo) if n > lo else 0
+        _terms(grid, has_col, xr, yv, cv, rv, wv, lo, c, s, z, qmin, qmax, nmax, mids, cb, t, lv, B0, B1, B2, B3)
+        for i in range(c, m):
+            B0[i] = 0.0
+            B1[i] = 0.0
+            B2[i] = 0.0
+            B3[i] = 0.0
+        leaves[0, li] = _leaf(B0, 0, m)
+        leaves[1, li] = _leaf(B1, 0, m)
+        leaves[2, li] = _leaf(B2, 0, m)
+        if grid == GRID_ASYMMETRIC:
+            leaves[3, li] = _leaf(B3, 0, m)
+        li += 1
+    loss = _combine(plan, leaves, 0, stack)
+    s1 = _combine(plan, leaves, 1, stack)
+    s2 = _combine(plan, leaves, 2, stack)
+    s3 = _combine(plan, leaves, 3, stack) if grid == GRID_ASYMMETRIC else 0.0
     return loss, s1, s2, s3
+
+
+@_jit
+def _fixed_sums(has_col, xr, yv, rv, wv, n, plan, stack, leaves, B0, B1):
+    """(sum w, sum w y) of one padded group, as the reference sums them."""
+    li = 0
+    for k in range(0, plan.shape[0], 2):
+        lo = plan[k]
+        if lo < 0:
+            continue
+        m = plan[k + 1]
+        c = min(m, n - lo) if n > lo else 0
+        for i in range(c):
+            j = uint64(lo) + uint64(i)
+            B0[i] = wv[j] if has_col else rv[j]
+            B1[i] = B0[i] * np.float64(yv[j] if has_col else xr[j])
+        for i in range(c, m):
+            B0[i] = 0.0
+            B1[i] = 0.0
+        leaves[0, li] = _leaf(B0, 0, m)
+        leaves[1, li] = _leaf(B1, 0, m)
+        li += 1
+    return _combine(plan, leaves, 0, stack), _combine(plan, leaves, 1, stack)
 
 
 @_jit
@@ -205,7 +344,8 @@ def _same(s, z, s_, z_):
 
 
 @_jit
-def _solve_group(grid, xr, yv, cv, rv, wv, n, plan, stack, bits, qmin, qmax, top, smax, mids, cb, iters, t, u, T0, T1, T2, T3):
+def _solve_group(grid, has_col, xr, yv, cv, rv, wv, n, plan, stack, leaves, bits, qmin, qmax, top, smax, mids, cb,
+                 iters, t, lv, B0, B1, B2, B3):
     """(s, z) float32 of one group: the reference's start, alternations and best candidate."""
     asym = grid == GRID_ASYMMETRIC
     nmax = np.float32((1 << bits) - 1)
@@ -214,8 +354,9 @@ def _solve_group(grid, xr, yv, cv, rv, wv, n, plan, stack, bits, qmin, qmax, top
         hi32 = np.float32(-np.inf)
         for i in range(n):
             if rv[i] > 0:
-                lo32 = min(lo32, yv[i])
-                hi32 = max(hi32, yv[i])
+                yi = yv[i] if has_col else xr[i]
+                lo32 = min(lo32, yi)
+                hi32 = max(hi32, yi)
         lo = np.float64(lo32) if np.isfinite(lo32) else 0.0
         hi = np.float64(hi32) if np.isfinite(hi32) else 0.0
         nl = (1 << bits) - 1
@@ -227,44 +368,41 @@ def _solve_group(grid, xr, yv, cv, rv, wv, n, plan, stack, bits, qmin, qmax, top
     else:  # max-abs over the whole group
         amax = np.float32(0.0)
         for i in range(n):
-            amax = max(amax, abs(yv[i]))
+            amax = max(amax, abs(yv[i] if has_col else xr[i]))
         a64 = np.float64(amax)
         s = a64 / top if a64 > 0 else 1.0
         m = 0.0
     s32, z32 = _params(s, m, smax, asym)
-    best_loss, s1, s2, s3 = _score(grid, xr, yv, cv, rv, wv, n, plan, stack, s32, z32, qmin, qmax, nmax, mids, cb,
-                                   t, u, T0, T1, T2, T3)
-    best_s, best_z = s32, z32
-    if asym:  # sum w and sum w y: the same every alternation
-        for i in range(n):
-            T0[i] = wv[i]
-            T1[i] = wv[i] * np.float64(yv[i])
-        sw, sy = _plan_sum(T0, plan, stack), _plan_sum(T1, plan, stack)
-    else:
-        sw, sy = 0.0, 0.0
+    best_loss, best_s, best_z = 0.0, s32, z32
+    s1 = s2 = s3 = sw = sy = 0.0
     ps, pz = np.float32(np.nan), np.float32(np.nan)  # the parameters one alternation before
-    for _ in range(iters):
-        s_old = np.float64(s32)
-        if asym:
-            su, suu, suy = s1, s2, s3
-            swuu = sw * suu
-            det = swuu - su * su
-            ok = det > 1e-12 * (swuu if not swuu < 1e-300 else 1e-300)
-            s_new = (sw * suy - su * sy) / det if ok else s_old
-            if not s_new > 0:
-                s_new = s_old
-            m_new = (sy - s_new * su) / (sw if sw > 0 else 1.0) if ok else -np.float64(z32) * s_new
-            ns, nz = _params(s_new, m_new, smax, True)
-        else:
-            a, b = s1, s2
-            ns, nz = _params(b / a if (a > 0 and b > 0) else s_old, 0.0, smax, False)
-        if _same(ns, nz, s32, z32) or _same(ns, nz, ps, pz):
-            break  # every later candidate repeats one already scored
-        ps, pz = s32, z32
-        s32, z32 = ns, nz
-        loss, s1, s2, s3 = _score(grid, xr, yv, cv, rv, wv, n, plan, stack, s32, z32, qmin, qmax, nmax, mids, cb,
-                                  t, u, T0, T1, T2, T3)
-        if loss < best_loss:
+    for it in range(iters + 1):  # the start, then the alternations (one _score call site: compiled once)
+        if it > 0:
+            s_old = np.float64(s32)
+            if asym:  # weighted least squares of y on (u, 1)
+                su, suu, suy = s1, s2, s3
+                swuu = sw * suu
+                det = swuu - su * su
+                ok = det > 1e-12 * (swuu if not swuu < 1e-300 else 1e-300)
+                s_new = (sw * suy - su * sy) / det if ok else s_old
+                if not s_new > 0:
+                    s_new = s_old
+                m_new = (sy - s_new * su) / (sw if sw > 0 else 1.0) if ok else -np.float64(z32) * s_new
+                ns, nz = _params(s_new, m_new, smax, True)
+            else:  # s = <y, lev> / <lev, lev>
+                a, b = s1, s2
+                ns, nz = _params(b / a if (a > 0 and b > 0) else s_old, 0.0, smax, False)
+            if _same(ns, nz, s32, z32) or _same(ns, nz, ps, pz):
+                break  # every later candidate repeats one already scored
+            ps, pz = s32, z32
+            s32, z32 = ns, nz
+        loss, s1, s2, s3 = _score(grid, has_col, xr, yv, cv, rv, wv, n, plan, stack, leaves, s32, z32, qmin, qmax,
+                                  nmax, mids, cb, t, lv, B0, B1, B2, B3)
+        if it == 0:
+            best_loss = loss
+            if asym:  # sum w and sum w y: the same every alternation
+                sw, sy = _fixed_sums(has_col, xr, yv, rv, wv, n, plan, stack, leaves, B0, B1)
+        elif loss < best_loss:
             best_loss, best_s, best_z = loss, s32, z32
     return best_s, best_z
 
@@ -274,18 +412,24 @@ def _lloyd_kernel(x, col, keep, g, plan, grid, bits, qmin, qmax, top, smax, mids
     rows, cols = x.shape
     n_groups = out_s.shape[1]
     has_keep = keep.shape[0] > 0
+    has_col = col.shape[0] > 0
     per = (rows + chunks - 1) // chunks
+    leaf = min(g, 128)
+    n_leaves = 0
+    for k in range(0, plan.shape[0], 2):
+        n_leaves += plan[k] >= 0
     for k in prange(chunks):  # one workspace per chunk of rows
-        yv = np.empty(g, np.float32)
-        cv = np.empty(g, np.float32)
+        yv = np.empty(g if has_col else 0, np.float32)
+        cv = np.empty(g if has_col else 0, np.float32)
+        wv = np.empty(g if has_col else 0, np.float64)
         rv = np.empty(g, np.float64)
-        wv = np.empty(g, np.float64)
-        t = np.empty(g, np.float32)
-        u = np.empty(g, np.int32)
-        T0 = np.zeros(g, np.float64)  # zero beyond a short last group: the padding's terms
-        T1 = np.zeros(g, np.float64)
-        T2 = np.zeros(g, np.float64)
-        T3 = np.zeros(g, np.float64)
+        t = np.empty(leaf, np.float32)
+        lv = np.empty(leaf, np.float32)
+        B0 = np.empty(leaf, np.float64)
+        B1 = np.empty(leaf, np.float64)
+        B2 = np.empty(leaf, np.float64)
+        B3 = np.empty(leaf, np.float64)
+        leaves = np.empty((4, n_leaves), np.float64)
         stack = np.empty(64, np.float64)
         for r in range(k * per, min(rows, k * per + per)):
             for j in range(n_groups):
@@ -293,20 +437,16 @@ def _lloyd_kernel(x, col, keep, g, plan, grid, bits, qmin, qmax, top, smax, mids
                 n = min(g, cols - c0)
                 xr = x[r, c0:c0 + n]
                 for i in range(n):
-                    c = col[c0 + i]
-                    yv[i] = xr[i] / c
-                    cv[i] = c
-                    re = 1.0 if (not has_keep or keep[r, c0 + i]) else 0.0
-                    rv[i] = re
-                    c64 = np.float64(c)
-                    wv[i] = re * (c64 * c64)
-                for i in range(n, g):
-                    T0[i] = 0.0
-                    T1[i] = 0.0
-                    T2[i] = 0.0
-                    T3[i] = 0.0
-                s, z = _solve_group(grid, xr, yv, cv, rv, wv, n, plan, stack, bits, qmin, qmax, top, smax, mids, cb, iters,
-                                    t, u, T0, T1, T2, T3)
+                    rv[i] = 1.0 if (not has_keep or keep[r, c0 + i]) else 0.0
+                if has_col:
+                    for i in range(n):
+                        c = col[c0 + i]
+                        yv[i] = xr[i] / c
+                        cv[i] = c
+                        c64 = np.float64(c)
+                        wv[i] = rv[i] * (c64 * c64)
+                s, z = _solve_group(grid, has_col, xr, yv, cv, rv, wv, n, plan, stack, leaves, bits, qmin, qmax, top,
+                                    smax, mids, cb, iters, t, lv, B0, B1, B2, B3)
                 out_s[r, j] = s
                 out_z[r, j] = z
 
@@ -319,12 +459,16 @@ def solve(x, config, smax=None, codebook=None, col=None, keep=None):
     g, n_groups = group_layout(cols, config.group_size)
     smax = float(max_scale(np.float32, config.qmax) if smax is None else smax)
     grid = GRIDS.index(config.grid)
-    c32 = np.ones(cols, np.float32) if col is None else np.ascontiguousarray(np.asarray(col, dtype=np.float32))
+    c32 = np.zeros(0, np.float32) if col is None else np.ascontiguousarray(np.asarray(col, dtype=np.float32))
     kp = np.zeros((0, 0), np.bool_) if keep is None else np.ascontiguousarray(np.asarray(keep, dtype=np.bool_))
     if grid == GRID_CODEBOOK:
         cb = np.ascontiguousarray(np.asarray(codebook, dtype=np.float32))
         mids = ((cb[:-1] + cb[1:]) * np.float32(0.5)).astype(np.float32)
         top = float(np.abs(cb).max())
+        if len(mids) < SMALL_MIDS:  # +inf midpoints are never below a quotient: the same codes
+            pad = SMALL_MIDS - len(mids)
+            mids = np.concatenate([mids, np.full(pad, np.inf, np.float32)])
+            cb = np.concatenate([cb, np.full(pad, cb[-1], np.float32)])
     else:
         cb = mids = np.zeros(1, np.float32)
         top = float(config.qmax)
