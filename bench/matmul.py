@@ -6,7 +6,14 @@ bytes each reads against the machine's memory bandwidth (a large np.copyto, byte
     python bench/matmul.py [--shapes 4096x4096 11008x4096 4096x11008] [--batches 1 4 16 64]
 
 Weights: Student-t(4) * 0.02 in fp16 (heavy tails like LLM weights), quantized with eqcore's
-defaults at --bits (4). Writes bench/results/matmul_cpu.md and prints each row as it goes.
+defaults at --bits (4). eqcore runs as QuantizedLinear calls it, ``eqcore.matmul(x, qt,
+check=False)`` (the tensor validated once, when the layer is built); the cost of the per-call
+``qt.validate()`` that ``check=True`` adds is measured and reported apart. The four methods run in
+--rounds rounds, each method's calls back to back within a round (a warm-up, then --repeat timed
+calls: Numba's and torch's OpenMP threads spin for a while after a parallel region and take the
+cores from the other's threads, so alternating call by call would charge every method for the
+previous one); the best time over all rounds counts. Writes bench/results/matmul_cpu.md (with
+the 1-minute load average at each row) and prints each row as it goes.
 """
 from __future__ import annotations
 
@@ -36,6 +43,15 @@ def best(fn, repeat):
     return best_time(fn, repeat)[0]
 
 
+def best_in_rounds(fns: dict, repeat: int, rounds: int) -> dict:
+    """{name: best time} over ``rounds`` rounds of :func:`best` of each function in turn."""
+    t = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t[k] = min(t[k], best(fn, repeat))
+    return t
+
+
 def copy_bandwidth(nbytes: int = 1 << 28, repeat: int = 5) -> float:
     """Bytes per second moved by np.copyto of ``nbytes`` (each byte read once and written once)."""
     src = np.ones(nbytes // 4, np.float32)
@@ -44,6 +60,7 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeat: int = 5) -> float:
 
 
 def main(argv=None) -> int:
+    import numba
     import torch
     import torch.nn.functional as F
 
@@ -51,7 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "matmul_cpu.md"))
     a = ap.parse_args(argv)
     load = os.getloadavg()[0]
@@ -63,34 +81,41 @@ def main(argv=None) -> int:
         rows, cols = map(int, shape.split("x"))
         w = (np.random.default_rng(0).standard_t(4, (rows, cols)) * 0.02).astype(np.float16)
         qt = eqcore.quantize(w, bits=a.bits)
+        validate = best(qt.validate, a.repeat)
         w32 = torch.from_numpy(w.astype(np.float32))
         wbf = w32.to(torch.bfloat16)
         for b in a.batches:
             x = np.random.default_rng(b).normal(size=(b, cols)).astype(np.float32)
             xt = torch.from_numpy(x)
             xbf = xt.to(torch.bfloat16)
-            t = {"eqcore": best(lambda: eqcore.matmul(x, qt), a.repeat),
-                 "fp32": best(lambda: F.linear(xt, w32), a.repeat),
-                 "bf16": best(lambda: F.linear(xbf, wbf), a.repeat),
-                 "deq": best(lambda: F.linear(xt, torch.from_numpy(eqcore.dequantize(qt, np.float32))), a.repeat)}
-            rows_out.append((shape, b, t, qt.nbytes))
-            print(f"{shape} batch {b}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()), flush=True)
+            t = best_in_rounds({"eqcore": lambda: eqcore.matmul(x, qt, check=False),
+                                "fp32": lambda: F.linear(xt, w32),
+                                "bf16": lambda: F.linear(xbf, wbf),
+                                "deq": lambda: F.linear(xt, torch.from_numpy(eqcore.dequantize(qt, np.float32)))},
+                               a.repeat, a.rounds)
+            rows_out.append((shape, b, t, qt.nbytes, validate, os.getloadavg()[0]))
+            print(f"{shape} batch {b}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()) +
+                  f" (validate {validate * 1e3:.2f} ms; load {os.getloadavg()[0]:.2f})", flush=True)
     lines = [f"# CPU quantized matmul ({datetime.date.today().isoformat()})", "",
              f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; "
              f"1-min load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}",
              f"- command: `python bench/matmul.py {' '.join(sys.argv[1:])}`".rstrip(),
              f"- memory bandwidth (np.copyto of 256 MiB, bytes read + written): {bw / 1e9:.1f} GB/s",
              f"- weight: Student-t(4) * 0.02, {a.bits}-bit eqcore defaults (per-row scales, 3-sigma row outliers);"
-             f" best of {a.repeat} after a warm-up; torch {torch.__version__} with {torch.get_num_threads()} threads",
+             f" best of {a.rounds} rounds x {a.repeat} calls (each after a warm-up); torch {torch.__version__} with "
+             f"{torch.get_num_threads()} threads; Numba {numba.__version__} with {numba.get_num_threads()} threads",
+             "- eqcore: `eqcore.matmul(x, qt, check=False)`, as QuantizedLinear calls it; `check=True` adds "
+             "`qt.validate()` each call (column 'validate', per weight, not included in eqcore's time)",
              f"- targets (issue 10): {TARGETS}", "",
              "| shape | batch | eqcore (ms) | torch fp32 (ms) | torch bf16 (ms) | dequantize + F.linear (ms) | "
-             "vs fp32 | vs bf16 | vs dequant | eqcore weight GB/s | % of copy bw |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for shape, b, t, qb in rows_out:
+             "vs fp32 | vs bf16 | vs dequant | eqcore weight GB/s | % of copy bw | validate (ms) | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for shape, b, t, qb, validate, row_load in rows_out:
         gbs = qb / t["eqcore"]
         lines.append(f"| {shape} | {b} | {t['eqcore'] * 1e3:.2f} | {t['fp32'] * 1e3:.2f} | {t['bf16'] * 1e3:.2f} | "
                      f"{t['deq'] * 1e3:.2f} | {t['fp32'] / t['eqcore']:.2f}x | {t['bf16'] / t['eqcore']:.2f}x | "
-                     f"{t['deq'] / t['eqcore']:.2f}x | {gbs / 1e9:.1f} | {100 * gbs / bw:.0f}% |")
+                     f"{t['deq'] / t['eqcore']:.2f}x | {gbs / 1e9:.1f} | {100 * gbs / bw:.0f}% | "
+                     f"{validate * 1e3:.2f} | {row_load:.2f} |")
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out}")
     return 0

@@ -35,9 +35,22 @@ RB = 4  # rows of W per block: their levels are formed once, then meet x four ro
 KB = 1024  # columns per slice of a block's levels (4 rows x 2 KiB: L1-resident across the rows of x)
 
 
+CHUNKS_PER_THREAD = 16  # chunks of rows per thread, handed out one at a time (dynamic scheduling)
+
+
 def _chunks(rows: int) -> int:
-    """How many chunks of rows a parallel kernel splits ``rows`` into: four per thread."""
-    return max(1, min(rows, 4 * numba.get_num_threads()))
+    """How many chunks of rows a parallel kernel splits ``rows`` into."""
+    return max(1, min(rows, CHUNKS_PER_THREAD * numba.get_num_threads()))
+
+
+def _dynamic(kernel, *args):
+    """``kernel(*args)`` with its prange chunks handed out one at a time rather than split evenly in
+    advance: on a shared machine a thread that loses its core no longer holds up the others."""
+    old = numba.set_parallel_chunksize(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_parallel_chunksize(old)
 
 
 @intrinsic
@@ -382,13 +395,13 @@ def matmul(x, qt) -> np.ndarray:
         xt[:, :cols] = xc
         xt = np.ascontiguousarray(xt.reshape(batch, nwu, per).transpose(0, 2, 1))
         if batch == 1 and n_groups == 1 and grid != GRID_CODEBOOK:
-            _gemv_kernel(xt[0], np.float32(xt.sum(dtype=np.float64)), x[0], xc[0], qw, scales, bits, qmin, grid, zeros,
-                         rowptr, ocols, ovals, kind, chunks, out)
+            _dynamic(_gemv_kernel, xt[0], np.float32(xt.sum(dtype=np.float64)), x[0], xc[0], qw, scales, bits, qmin,
+                     grid, zeros, rowptr, ocols, ovals, kind, chunks, out)
             return out
         xt = xt.reshape(batch, nwu * per)
         gw = -(-g // per)
     else:
         xt, nwu, gw = xc, 0, 0
-    _block_kernel(xt, x, qw, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols, ovals, kind,
-                  chunks, out)
+    _dynamic(_block_kernel, xt, x, qw, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols,
+             ovals, kind, chunks, out)
     return out
