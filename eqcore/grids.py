@@ -19,13 +19,15 @@
   standard deviation, and moves each column's scale by the square root of its standard
   deviation relative to the mean (a geometric step), for ``COLUMN_ROUNDS`` rounds.
 
-All work on NumPy or CuPy arrays.
+All work on NumPy or CuPy arrays (the codebook fit itself runs on the host, on at most
+``FIT_SAMPLE`` values).
 """
 from __future__ import annotations
 
 from statistics import NormalDist
 
 import numpy as np
+from numba import njit
 
 from .interop import array_module
 from .layout import SCALE_DTYPES, group_layout
@@ -62,6 +64,18 @@ def _normalised(y, group_size):
     return xp.concatenate(parts)
 
 
+@njit(cache=True)
+def _run_sums(v, b):
+    """Sum of v[b[k]:b[k + 1]] for each k, each left to right in float64."""
+    out = np.zeros(b.shape[0] - 1)
+    for k in range(out.shape[0]):
+        t = 0.0
+        for i in range(b[k], b[k + 1]):
+            t += v[i]
+        out[k] = t
+    return out
+
+
 def _with_zero(lev):
     """``lev`` (increasing) with its level nearest 0 set to 0 (the order is kept: the levels on
     either side of it have opposite signs or larger magnitudes)."""
@@ -75,25 +89,25 @@ def fit_codebook(y, bits: int, group_size: int | None) -> np.ndarray:
     """2^bits levels fitted to ``y`` (float32, outliers zeroed), float32, increasing, max |level| 1;
     one of them 0 at ``ZERO_LEVEL_BITS`` bits or fewer."""
     xp = array_module(y)
-    v = _normalised(xp.asarray(y, dtype=np.float32), group_size).astype(np.float64)
+    v = _normalised(xp.asarray(y, dtype=np.float32), group_size)
     v = v[v != 0] if int((v != 0).sum()) >= (1 << bits) else v
     if v.size > FIT_SAMPLE:
         v = v[:: -(-v.size // FIT_SAMPLE)]
-    v = xp.sort(v)
+    v = np.sort(v.get() if hasattr(v, "get") else v).astype(np.float64)  # on the host: the same levels from CuPy
     n = 1 << bits
     if v.size < n:
         return nf_codebook(bits)
     pin = _with_zero if bits <= ZERO_LEVEL_BITS else (lambda lev: lev)
-    lev = pin(v[(((xp.arange(n) + 0.5) / n) * v.size).astype(np.int64)])  # start from the quantiles
+    lev = pin(v[(((np.arange(n) + 0.5) / n) * v.size).astype(np.int64)])  # start from the quantiles
     for _ in range(FIT_ROUNDS):
-        mids = (lev[1:] + lev[:-1]) / 2
-        idx = xp.searchsorted(mids, v)
-        sums = xp.bincount(idx, weights=v, minlength=n)
-        counts = xp.bincount(idx, minlength=n)
-        lev = pin(xp.where(counts > 0, sums / xp.maximum(counts, 1), lev))
-    lev = xp.sort(lev)
-    lev = lev / xp.abs(lev).max()
-    out = np.asarray(lev.get() if hasattr(lev, "get") else lev, dtype=np.float32)
+        # level k takes the run of the sorted v in (mids[k-1], mids[k]]: its bounds by binary search,
+        # its sum left to right, as a bincount over every value would add them
+        b = np.concatenate(([0], np.searchsorted(v, (lev[1:] + lev[:-1]) / 2, side="right"), [v.size]))
+        counts = np.diff(b)
+        sums = _run_sums(v, b)
+        lev = pin(np.where(counts > 0, sums / np.maximum(counts, 1), lev))
+    lev = np.sort(lev)
+    out = (lev / np.abs(lev).max()).astype(np.float32)
     for j in range(1, n):  # strictly increasing in float32, whatever the fit
         if out[j] <= out[j - 1]:
             out[j] = np.nextafter(out[j - 1], np.float32(np.inf))

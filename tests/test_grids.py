@@ -139,6 +139,47 @@ def test_codebooks():
     np.testing.assert_array_equal(tiny, nf_codebook(4))
 
 
+def _fit_by_bincount(y, bits, group_size):
+    """fit_codebook as first written: each round assigns every value with searchsorted and sums
+    with bincount (the readable form of its Lloyd-Max rounds)."""
+    from eqcore import grids
+
+    v = grids._normalised(y, group_size).astype(np.float64)
+    v = v[v != 0] if int((v != 0).sum()) >= (1 << bits) else v
+    if v.size > grids.FIT_SAMPLE:
+        v = v[:: -(-v.size // grids.FIT_SAMPLE)]
+    v, n = np.sort(v), 1 << bits
+    if v.size < n:
+        return nf_codebook(bits)
+    pin = grids._with_zero if bits <= grids.ZERO_LEVEL_BITS else (lambda lev: lev)
+    lev = pin(v[(((np.arange(n) + 0.5) / n) * v.size).astype(np.int64)])
+    for _ in range(grids.FIT_ROUNDS):
+        idx = np.searchsorted((lev[1:] + lev[:-1]) / 2, v)
+        sums, counts = np.bincount(idx, weights=v, minlength=n), np.bincount(idx, minlength=n)
+        lev = pin(np.where(counts > 0, sums / np.maximum(counts, 1), lev))
+    lev = np.sort(lev)
+    out = (lev / np.abs(lev).max()).astype(np.float32)
+    for j in range(1, n):
+        if out[j] <= out[j - 1]:
+            out[j] = np.nextafter(out[j - 1], np.float32(np.inf))
+    return out
+
+
+@SETTINGS
+@given(rows=st.integers(1, 40), cols=st.integers(1, 90), bits=st.sampled_from([2, 3, 4, 8]),
+       group=st.sampled_from([None, 7, 32]), kind=st.sampled_from(["t", "few", "ties"]), seed=st.integers(0, 2**32 - 1))
+def test_fit_codebook_matches_the_bincount_rounds(rows, cols, bits, group, kind, seed):
+    """The rounds' run sums (binary-searched bounds in the sorted values, each run summed in
+    order) give the same levels, bit for bit, as assigning and bincounting every value."""
+    rng = np.random.default_rng(seed)
+    y = (rng.standard_t(3, (rows, cols)) * 0.02).astype(np.float32)
+    if kind == "few":  # few distinct values: empty levels, values on the midpoints
+        y = rng.integers(-3, 4, (rows, cols)).astype(np.float32)
+    elif kind == "ties":
+        y[:, ::2] = y[0, 0]
+    np.testing.assert_array_equal(fit_codebook(y, bits, group), _fit_by_bincount(y, bits, group))
+
+
 def test_column_scales_even_out_columns():
     rng = np.random.default_rng(1)
     spread = np.exp(rng.uniform(-2, 2, 256))
