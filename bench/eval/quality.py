@@ -78,13 +78,18 @@ METHODS: dict[str, MethodSpec] = {
                                 (("grid", "codebook"), ("group_size", 64), ("outlier_stats", "row"),
                                  ("scale_dtype", "float16"))),
     # the fitted codebook per row (tune split: the best point at <= 4.25 bits at 4 bits) and with
-    # sigma 2.75 (the best at <= 3.52 bits, SINQ g64's, at 3 bits); in groups of 128
+    # sigma 2.75 (the best at <= 3.52 bits, SINQ g64's, at 3 bits, before 2.6 and 2.65 were tried); in groups of 128
     "eqcore-cb-row": MethodSpec("eqcore-cb-row", "eqcore", "eqcore fitted codebook per row, row σ=3, fp16", None,
                                 (("grid", "codebook"), ("group_size", None), ("outlier_stats", "row"),
                                  ("scale_dtype", "float16"))),
     "eqcore-cb-row-s2.75": MethodSpec("eqcore-cb-row-s2.75", "eqcore", "eqcore fitted codebook per row, row σ=2.75, fp16",
                                       None, (("grid", "codebook"), ("group_size", None), ("outlier_stats", "row"),
                                              ("scale_dtype", "float16"), ("sigma", 2.75))),
+    # sigma 2.65: the best tune-split point at <= 3.52 bits at 3 bits among sigma 2.5 (3.54 bits), 2.6,
+    # 2.65, 2.75 and 3 (bench/results/frontier_tune_codebook.md)
+    "eqcore-cb-row-s2.65": MethodSpec("eqcore-cb-row-s2.65", "eqcore", "eqcore fitted codebook per row, row σ=2.65, fp16",
+                                      None, (("grid", "codebook"), ("group_size", None), ("outlier_stats", "row"),
+                                             ("scale_dtype", "float16"), ("sigma", 2.65))),
     "eqcore-cb-g128": MethodSpec("eqcore-cb-g128", "eqcore", "eqcore fitted codebook g128, row σ=3, fp16", 128,
                                  (("grid", "codebook"), ("group_size", 128), ("outlier_stats", "row"),
                                   ("scale_dtype", "float16"))),
