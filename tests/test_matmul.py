@@ -14,7 +14,7 @@ from helpers import weights
 
 
 @given(st.sampled_from(["symmetric", "asymmetric", "codebook"]), st.sampled_from([2, 3, 4, 8]),
-       st.sampled_from([None, 16, 40]), st.booleans(), st.sampled_from(["float32", "float16", "bfloat16"]),
+       st.sampled_from([None, 16, 40, 64]), st.booleans(), st.sampled_from(["float32", "float16", "bfloat16"]),
        st.one_of(st.sampled_from([1, 4, 5]), st.integers(1, 70)), st.integers(1, 23), st.integers(1, 70),
        st.sampled_from([None, 2.0]), st.integers(0, 10))
 @settings(max_examples=80, deadline=None)

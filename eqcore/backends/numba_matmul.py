@@ -6,9 +6,10 @@ summation order, |y - y_dense| <= 1e-5 * (|x| @ |W|^T) + 1e-30 (tests/test_matmu
 
 Two kernels, W never formed whole:
 
-- batch 1, one scale per row, 2/4/8-bit codes on the symmetric or asymmetric grid: a slot dot
-  (:func:`_slot_kernels`), codes unpacked in registers and multiplied into x, the row's outliers
-  added as a sparse correction;
+- batch 1, 2/4/8-bit codes on the symmetric or asymmetric grid, one scale per row or groups of
+  whole words: a slot dot (:func:`_slot_kernels`), codes unpacked in registers and multiplied
+  into x (with groups, each code times its word's scale plus scaled offset first), the row's
+  outliers added as a sparse correction;
 - everything else (any batch, groups, codebooks, 3 bits): rows in blocks of :data:`RB`; each block's
   scaled levels are formed once (each outlier's exact value in its slot), then multiplied into x
   :data:`RB` rows of W by 4 rows of x at a time (16 accumulators: each level and x value loaded
@@ -92,13 +93,14 @@ def _outlier_bits(vals) -> tuple:
 
 
 def _slot_kernels(bits: int):
-    """(slot_dot, slot_levels, slot_table) for codes of ``bits`` = 2, 4 or 8: the width is a
+    """(slot_dot, slot_dot_scaled, slot_levels, slot_table) for codes of ``bits`` = 2, 4 or 8: the width is a
     compile-time constant, so the loop over code slots unrolls and every shift is a constant (a
     runtime width made the vectorised loops 3x slower).
 
     slot_dot(q, xt): the sum over slots k and words w of (code k of q[w]) * xt[k, w], a
     constant-shift unpack fused with a multiply-add (the grid offset is added once per row, as
-    offset * sum of x). slot_levels(q, sw, offw, lev):
+    offset * sum of x); slot_dot_scaled(q, xt, sw, bw): the same with a scale and a scaled offset
+    per word (groups): the sum of (code k of q[w] * sw[w] + bw[w]) * xt[k, w]. slot_levels(q, sw, offw, lev):
     lev[k, w] = (code k of q[w] + offw[w]) * sw[w], a row's scaled levels in slot-major order;
     slot_table(q, sw, table, lev): lev[k, w] = table[code k of q[w]] * sw[w] (codebook grid).
     Loops start at 0 over views (a runtime start offset kept LLVM from vectorising them)."""
@@ -112,6 +114,16 @@ def _slot_kernels(bits: int):
             xk = xt[k]
             for w in range(xk.shape[0]):
                 t += np.float32((q[w] >> sh) & m) * xk[w]
+        return t
+
+    @njit(fastmath=True)
+    def slot_dot_scaled(q, xt, sw, bw):
+        t = np.float32(0)
+        for k in range(per):
+            sh = np.uint32(k * bits)
+            xk = xt[k]
+            for w in range(xk.shape[0]):
+                t += (np.float32((q[w] >> sh) & m) * sw[w] + bw[w]) * xk[w]
         return t
 
     @njit(fastmath=True)
@@ -130,11 +142,11 @@ def _slot_kernels(bits: int):
             for w in range(lk.shape[0]):
                 lk[w] = table[(q[w] >> sh) & m] * sw[w]
 
-    return slot_dot, slot_levels, slot_table
+    return slot_dot, slot_dot_scaled, slot_levels, slot_table
 
 
-(_slot_dot2, _slot_levels2, _slot_table2), (_slot_dot4, _slot_levels4, _slot_table4), \
-    (_slot_dot8, _slot_levels8, _slot_table8) = map(_slot_kernels, (2, 4, 8))
+(_slot_dot2, _slot_scaled2, _slot_levels2, _slot_table2), (_slot_dot4, _slot_scaled4, _slot_levels4, _slot_table4), \
+    (_slot_dot8, _slot_scaled8, _slot_levels8, _slot_table8) = map(_slot_kernels, (2, 4, 8))
 
 
 @njit(fastmath=True)
@@ -326,6 +338,64 @@ def _outlier_dot(q, oc, ov, kind, x0, xc0, off, bits, lg):
     return t1, t2
 
 
+@njit(fastmath=True)
+def _outlier_dot_groups(q, r, oc, ov, kind, x0, xc0, scales, zeros, asym, qmin, bits, lg, lgg):
+    """:func:`_outlier_dot` for groups of ``1 << lgg`` columns: the second sum is taken with each
+    outlier's group scale, (code + off) * s * xc0[c] (a shift, not an int64 division, finds the
+    group: with division the outliers took 40% of a 128-column-group GEMV)."""
+    m = np.uint32((1 << bits) - 1)
+    low = (1 << lg) - 1
+    t1 = np.float32(0)
+    t2 = np.float32(0)
+    for p in range(oc.shape[0]):
+        c = np.int64(oc[p])
+        j = c >> lgg
+        off = -zeros[r, j] if asym else qmin
+        code = (q[c >> lg] >> np.uint32((c & low) * bits)) & m
+        t1 += _oval(ov[p], kind) * x0[c]
+        t2 += (np.float32(code) + off) * scales[r, j] * xc0[c]
+    return t1, t2
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_groups_kernel(xt, x0, xc0, qweight, scales, gw, lgg, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind,
+                        chunks, out):
+    """Batch 1 with groups of ``gw`` whole words, ``1 << lgg`` columns (2/4/8-bit codes, symmetric or
+    asymmetric grid):
+    each row's scale and scaled offset spread over its words once, then its scaled slot dot
+    (:func:`_slot_kernels`) and its outliers (:func:`_outlier_dot_groups`)."""
+    per, nwu = xt.shape
+    rows = qweight.shape[0]
+    n_groups = scales.shape[1]
+    asym = grid == GRID_ASYMMETRIC
+    lg = 3 if bits == 4 else (4 if bits == 2 else 2)
+    rows_per = (rows + chunks - 1) // chunks
+    for ch in prange(chunks):
+        sw = np.empty(nwu, np.float32)
+        bw = np.empty(nwu, np.float32)
+        for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
+            q = qweight[r]
+            for j in range(n_groups):
+                w0 = j * gw
+                w1 = min(nwu, w0 + gw)
+                s = scales[r, j]
+                sw[w0:w1] = s
+                bw[w0:w1] = (-zeros[r, j] if asym else qmin) * s
+            if bits == 4:
+                t = _slot_scaled4(q, xt, sw, bw)
+            elif bits == 2:
+                t = _slot_scaled2(q, xt, sw, bw)
+            else:
+                t = _slot_scaled8(q, xt, sw, bw)
+            p0 = rowptr[r]
+            p1 = rowptr[r + 1]
+            if p1 > p0:
+                t1, t2 = _outlier_dot_groups(q, r, ocols[p0:p1], ovals[p0:p1], kind, x0, xc0, scales, zeros, asym, qmin,
+                                             bits, lg, lgg)
+                t += t1 - t2
+            out[0, r] = t
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv_kernel(xt, xsum, x0, xc0, qweight, scales, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind, chunks,
                  out):
@@ -398,8 +468,12 @@ def matmul(x, qt) -> np.ndarray:
             _dynamic(_gemv_kernel, xt[0], np.float32(xt.sum(dtype=np.float64)), x[0], xc[0], qw, scales, bits, qmin,
                      grid, zeros, rowptr, ocols, ovals, kind, chunks, out)
             return out
-        xt = xt.reshape(batch, nwu * per)
         gw = -(-g // per)
+        if batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
+            _dynamic(_gemv_groups_kernel, xt[0], x[0], xc[0], qw, scales, gw, g.bit_length() - 1, bits, qmin, grid,
+                     zeros, rowptr, ocols, ovals, kind, chunks, out)
+            return out
+        xt = xt.reshape(batch, nwu * per)
     else:
         xt, nwu, gw = xc, 0, 0
     _dynamic(_block_kernel, xt, x, qw, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols,
