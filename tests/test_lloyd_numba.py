@@ -117,3 +117,13 @@ def test_ties_few_values(grid, codebook, bits):
         x[:50] = x[:50, :1]  # one value repeated
         x[50:60] = 0.0
         assert_same(x, QuantConfig(bits=bits, grid=grid, codebook=codebook, group_size=None, solver="lloyd"))
+
+
+def test_vector_leaves_are_numpys():
+    """The four-chain vector leaf sum (an LLVM intrinsic) equals NumPy's pairwise leaf bit for bit."""
+    rng = np.random.default_rng(7)
+    for m in range(1, 129):
+        b = [rng.standard_normal(128) * np.exp(rng.uniform(-30, 30, 128)) for _ in range(4)]
+        got = np.array(lloyd_numba._leaf4(*b, m))
+        expect = np.array([r[:m].sum() for r in b])  # NumPy's 0.0 + pairwise sum
+        np.testing.assert_array_equal((0.0 + got).view(np.uint64), expect.view(np.uint64))

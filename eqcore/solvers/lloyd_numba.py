@@ -1,8 +1,11 @@
 """Lloyd's alternating solver (:mod:`eqcore.solvers.lloyd`) compiled with Numba for the CPU.
 
 Parallel over chunks of rows, one group at a time in a per-chunk workspace of a few
-group-length vectors (no (rows, cols) temporaries). It does the reference's arithmetic in the
-reference's order, so scales and zero-points are bit-identical to it:
+group-length vectors (no (rows, cols) temporaries); each score runs over the group a summation
+leaf (<= 128 entries) at a time: one loop for the entries' terms, then their four leaf sums as
+four interleaved <8 x double> chains (:func:`_lanes4`). Codebooks of up to 16 levels find each
+level by 15 selects in registers; larger ones (8 bits) by a binary search. It does the
+reference's arithmetic in the reference's order, so scales and zero-points are bit-identical:
 
 * every per-element product and quotient is the same IEEE operation (float32 quotients and
   levels, float64 products grouped as NumPy groups them, e.g. ``(w * lev) * lev``);
@@ -10,8 +13,8 @@ reference's order, so scales and zero-points are bit-identical to it:
   pairwise summation (runs of < 8 in order, blocks of <= 128 in 8 strided accumulators, longer
   runs halved at a multiple of 8), over all ``g`` positions of the padded group, the padding
   and the outliers contributing exact zeros as in the reference;
-* without column scales it uses columns of 1.0 and without a mask a mask of ones, which changes
-  no result (x / 1, v * 1, real * e and 1 * (1 * 1) are exact).
+* without column scales its loops read x alone, and without a mask it uses a mask of ones: the
+  reference's x / 1, v * 1, real * e and 1 * (1 * 1) are exact, so neither changes a result.
 
 It stops a group early once its parameters repeat (the same (s, z) as one or two alternations
 before): each alternation is a function of (s, z) alone, so every later candidate would be one
@@ -35,8 +38,10 @@ from .lloyd import ITERS
 
 cache.install_numba_locator()
 
+# error_model="numpy": no zero-divisor tests; every divisor is tested > 0 first, or divides as NumPy does (IEEE).
+# The hot helpers are inlined into _score at the Numba level: called instead, each call costs reference counts.
 _jit = njit(error_model="numpy")
-_inline = njit(error_model="numpy", inline="always")  # no zero-divisor tests: every divisor here is tested > 0 (or IEEE as in NumPy)
+_inline = njit(error_model="numpy", inline="always")
 SMALL_MIDS = 15  # codebooks of up to 16 levels (padded to 16): levels by 15 selects in registers
 
 
@@ -520,6 +525,6 @@ def solve(x, config, smax=None, codebook=None, col=None, keep=None):
     out_s = np.empty((rows, n_groups), np.float32)
     out_z = np.empty((rows, n_groups), np.float32)
     chunks = max(1, min(rows, 4 * numba.get_num_threads()))
-    _lloyd_kernel(x, c32, kp, g, sum_plan(g), grid, config.bits, np.float32(qmin), np.float32(qmax), top, smax, mids, cb, ITERS,
-                  chunks, out_s, out_z)
+    _lloyd_kernel(x, c32, kp, g, sum_plan(g), grid, config.bits, np.float32(qmin), np.float32(qmax), top, smax, mids,
+                  cb, ITERS, chunks, out_s, out_z)
     return out_s, (out_z if grid == GRID_ASYMMETRIC else None)
