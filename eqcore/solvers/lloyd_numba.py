@@ -114,10 +114,13 @@ def _lanes4(typingctx, b0, b1, b2, b3, m):
 @_inline
 def _leaf4(B0, B1, B2, B3, m):
     """(_leaf(Bk, 0, m) for k = 0..3), bit for bit, with the vector chains of :func:`_lanes4`."""
-    if m < 8:
-        return _leaf(B0, 0, m), _leaf(B1, 0, m), _leaf(B2, 0, m), _leaf(B3, 0, m)
-    r0, r1, r2, r3 = _lanes4(B0, B1, B2, B3, m)
-    for k in range(m - m % 8, m):
+    if m < 8:  # NumPy adds a short run in order from 0.0
+        r0 = r1 = r2 = r3 = 0.0
+        start = 0
+    else:
+        r0, r1, r2, r3 = _lanes4(B0, B1, B2, B3, m)
+        start = m - m % 8
+    for k in range(start, m):
         r0 += B0[k]
         r1 += B1[k]
         r2 += B2[k]
@@ -380,8 +383,7 @@ def _fixed_sums(has_col, xr, yv, rv, wv, n, plan, stack, leaves, B0, B1):
         for i in range(c, m):
             B0[i] = 0.0
             B1[i] = 0.0
-        leaves[0, li] = _leaf(B0, 0, m)
-        leaves[1, li] = _leaf(B1, 0, m)
+        leaves[0, li], leaves[1, li], _, _ = _leaf4(B0, B1, B0, B1, m)
         li += 1
     return _combine(plan, leaves, 0, stack), _combine(plan, leaves, 1, stack)
 
