@@ -6,10 +6,10 @@ summation order, |y - y_dense| <= 1e-5 * (|x| @ |W|^T) + 1e-30 (tests/test_matmu
 
 Two kernels, W never formed whole:
 
-- batch 1, 2/4/8-bit codes on the symmetric or asymmetric grid, one scale per row or groups of
-  whole words: a slot dot (:func:`_slot_kernels`), codes unpacked in registers and multiplied
-  into x (with groups, each code times its word's scale plus scaled offset first), the row's
-  outliers added as a sparse correction;
+- batch 1 (2 with one scale per row), 2/4/8-bit codes on the symmetric or asymmetric grid, one
+  scale per row or groups of 2**k columns: a slot dot (:func:`_slot_kernels`), codes unpacked in
+  registers and multiplied into x (with groups, each code times its word's scale plus scaled
+  offset first), the row's outliers added as a sparse correction;
 - everything else (any batch, groups, codebooks, 3 bits): rows in blocks of :data:`RB`; each block's
   scaled levels are formed once (each outlier's exact value in its slot), then multiplied into x
   :data:`RB` rows of W by 4 rows of x at a time (16 accumulators: each level and x value loaded
@@ -33,9 +33,11 @@ from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRIDS, group_layout, qrange
 
 RB = 4  # rows of W per block: their levels are formed once, then meet x four rows of x at a time
-KB = 1024  # columns per slice of a block's levels (4 rows x 2 KiB: L1-resident across the rows of x)
-
-
+KB = 1024  # columns per slice of a block's levels (4 rows x 4 KiB, L1-resident while every row of x meets it;
+# 256 / 512 / 4096 measured no faster)
+GEMV_BATCH = 2  # up to this many rows of x, one scale per row: slot dots, codes unpacked in registers (batch 2:
+# 2.8 vs 3.6 ms through the block kernel, 4096x4096 on one thread; equal at 3; a slot dot of one row with four rows of
+# x at a time was slower than the block kernel at 4-8)
 CHUNKS_PER_THREAD = 16  # chunks of rows per thread, handed out one at a time (dynamic scheduling)
 
 
@@ -397,34 +399,40 @@ def _gemv_groups_kernel(xt, x0, xc0, qweight, scales, gw, lgg, bits, qmin, grid,
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_kernel(xt, xsum, x0, xc0, qweight, scales, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind, chunks,
-                 out):
-    """Batch 1, one scale per row, 2/4/8-bit codes on the symmetric or asymmetric grid: each row's
-    slot dot (:func:`_slot_kernels`) of its codes, plus off * (sum of x), times its scale, then
-    its outliers (:func:`_outlier_dot`). ``xt`` is (per, nwu): x (column-scaled) in slot-major
-    order, ``xsum`` its sum; ``x0`` is x, ``xc0`` column-scaled x, both in column order."""
+def _gemv_kernel(xt, xsum, x, xc, qweight, scales, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind, chunks, out):
+    """Batches up to GEMV_BATCH, one scale per row, 2/4/8-bit codes on the symmetric or asymmetric
+    grid: each row's slot dot (:func:`_slot_kernels`) with each row of x, plus off * (sum of that
+    row of x), minus the code terms at its outliers plus their exact terms (:func:`_outlier_dot`),
+    times its scale. ``xt`` is (batch, per, nwu): x (column-scaled)
+    in slot-major order, ``xsum`` the sum of each row of it; ``x``, ``xc`` (column-scaled) in
+    column order."""
+    batch = xt.shape[0]
     rows = qweight.shape[0]
     asym = grid == GRID_ASYMMETRIC
     lg = 3 if bits == 4 else (4 if bits == 2 else 2)
     rows_per = (rows + chunks - 1) // chunks
     for ch in prange(chunks):
+        acc = np.empty(batch, np.float32)
         for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
             q = qweight[r]
+            for b in range(batch):
+                if bits == 4:
+                    acc[b] = _slot_dot4(q, xt[b])
+                elif bits == 2:
+                    acc[b] = _slot_dot2(q, xt[b])
+                else:
+                    acc[b] = _slot_dot8(q, xt[b])
             off = -zeros[r, 0] if asym else qmin
-            if bits == 4:
-                t = _slot_dot4(q, xt)
-            elif bits == 2:
-                t = _slot_dot2(q, xt)
-            else:
-                t = _slot_dot8(q, xt)
-            t += off * xsum
+            s = scales[r, 0]
             p0 = rowptr[r]
             p1 = rowptr[r + 1]
-            if p1 > p0:
-                t1, t2 = _outlier_dot(q, ocols[p0:p1], ovals[p0:p1], kind, x0, xc0, off, bits, lg)
-                out[0, r] = (t - t2) * scales[r, 0] + t1
-            else:
-                out[0, r] = t * scales[r, 0]
+            for b in range(batch):
+                t = acc[b] + off * xsum[b]
+                if p1 > p0:
+                    t1, t2 = _outlier_dot(q, ocols[p0:p1], ovals[p0:p1], kind, x[b], xc[b], off, bits, lg)
+                    out[b, r] = (t - t2) * s + t1
+                else:
+                    out[b, r] = t * s
 
 
 def _f32(a, shape=None):
@@ -464,9 +472,10 @@ def matmul(x, qt) -> np.ndarray:
         xt = np.zeros((batch, nwu * per), np.float32)
         xt[:, :cols] = xc
         xt = np.ascontiguousarray(xt.reshape(batch, nwu, per).transpose(0, 2, 1))
-        if batch == 1 and n_groups == 1 and grid != GRID_CODEBOOK:
-            _dynamic(_gemv_kernel, xt[0], np.float32(xt.sum(dtype=np.float64)), x[0], xc[0], qw, scales, bits, qmin,
-                     grid, zeros, rowptr, ocols, ovals, kind, chunks, out)
+        if batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK:
+            xsum = xt.sum(axis=(1, 2), dtype=np.float64).astype(np.float32)
+            _dynamic(_gemv_kernel, xt, xsum, x, xc, qw, scales, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind,
+                     chunks, out)
             return out
         gw = -(-g // per)
         if batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
