@@ -60,11 +60,13 @@ def test_bad_inputs_are_refused(x, match):
         eqcore.matmul(np.zeros((1, 32), np.float32), "not a tensor")
 
 
+@pytest.mark.parametrize("group", [None, 32])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
-@pytest.mark.parametrize("batch", [1, 2, 4, 7, 8, 9, 70])
-def test_blocks_of_rows_and_of_x(rows, batch):
-    """Rows of W in blocks of nb.RB and rows of x in fours: every remainder of either, outliers included."""
-    qt = eqcore.quantize(weights(rows, 96, seed=rows), bits=4, group_size=32, grid="asymmetric", sigma=1.5)
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 8, 9, 70])
+def test_blocks_of_rows_and_of_x(rows, batch, group):
+    """Rows of W in blocks of nb.RB and rows of x in fours (every remainder of either), and the slot
+    dots of batches up to nb.GEMV_BATCH, outliers included."""
+    qt = eqcore.quantize(weights(rows, 96, seed=rows), bits=4, group_size=group, grid="asymmetric", sigma=1.5)
     assert qt.outlier_vals.size > 0
     x = np.random.default_rng(batch).normal(size=(batch, 96)).astype(np.float32)
     close(eqcore.matmul(x, qt), x, qt)
