@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from .. import cache
 from ..dtypes import bfloat16, finite_max, saturate, weight_dtype
 from ..layout import (BLOCK, GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, check_bits, col_index_dtype,
                       group_layout, packed_cols, qrange)
+from .numba_bits import f32_to_bf16_bits, f32_to_f16_bits, half_bits_to_f32, unpack_stream as _unpack_stream
 from .numpy import check_codes, check_packed
 
 name = "numba"
@@ -39,46 +38,6 @@ def quant_code(x, s, qmin, qmax):
     a fast-math loop.
     """
     return min(max(np.rint(x / s), qmin), qmax)
-
-
-@njit(inline="always")
-def f32_to_bf16_bits(f):
-    """bfloat16 bits of float32 ``f``, round to nearest even (NaN stays a quiet NaN). In int32
-    arithmetic, selects only, so loops of it vectorise 16 lanes wide."""
-    i32 = np.int32
-    b = np.float32(f).view(np.int32)
-    hi = i32(i32(b >> 16) & i32(0xFFFF))
-    r = i32(i32(i32(i32(b + i32(0x7FFF)) + i32(hi & i32(1))) >> 16) & i32(0xFFFF))
-    r = i32(hi | i32(0x40)) if i32(b & i32(0x7FFFFFFF)) > i32(0x7F800000) else r
-    return np.uint16(r)
-
-
-@intrinsic
-def f32_to_f16_bits(typingctx, f):
-    """IEEE float16 bits (uint16) of float32 ``f`` by LLVM's own conversion (fptrunc: round to
-    nearest even, subnormals, overflow to inf and NaN as IEEE says; one vcvtps2ph per 16 values
-    where vectorised). Equal to NumPy's astype(float16) on all 2^32 inputs (checked once, and
-    on every rounding boundary in the tests)."""
-    if f != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
-@intrinsic
-def half_bits_to_f32(typingctx, h):
-    """float32 value of IEEE float16 bits ``h`` (uint16) by LLVM's own conversion (fpext: exact;
-    one vcvtph2ps per 16 values where vectorised)."""
-    if h != types.uint16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
 
 
 _W_F32, _W_F16, _W_BF16 = 0, 1, 2  # how split_outliers reads a weight element
@@ -141,20 +100,6 @@ def _unpack_pow2(words, bits, lg, out):
     m32 = np.uint32((1 << bits) - 1)
     for c in range(out.shape[0]):
         out[c] = np.uint8((words[c >> lg] >> np.uint32((c & low) * bits)) & m32)
-
-
-@njit
-def _unpack_stream(words, bits, out):
-    """Codes of width ``bits`` read across words (a code may straddle two)."""
-    mask = np.uint64((1 << bits) - 1)
-    for c in range(out.shape[0]):
-        b = c * bits
-        w = b >> 5
-        sh = b & 31
-        v = np.uint64(words[w]) >> np.uint64(sh)
-        if sh + bits > 32:
-            v |= np.uint64(words[w + 1]) << np.uint64(32 - sh)
-        out[c] = np.uint8(v & mask)
 
 
 def _by_width(whole_words, stream):

@@ -19,18 +19,18 @@ Two kernels, W never formed whole:
 Codes of 2/4/8 bits in groups of whole words run in slot-major order: slot k of every word meets a
 contiguous run of x, ``xt[b, k * nwu + w]`` = x[b, w * per + k], so unpacking is a constant shift
 and mask over contiguous words. The general order (3 bits, groups that split a word) unpacks codes
-one at a time. This module imports only the contract (:mod:`eqcore.layout`), not the codec backend.
+one at a time. This module imports only the contract (:mod:`eqcore.layout`) and the shared bit primitives
+(:mod:`eqcore.backends.numba_bits`), not the codec backend.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRIDS, group_layout, qrange
+from .numba_bits import half_bits_to_f32, unpack_stream
 
 RB = 4  # rows of W per block: their levels are formed once, then meet x four rows of x at a time
 KB = 1024  # columns per slice of a block's levels (4 rows x 4 KiB, L1-resident while every row of x meets it;
@@ -56,20 +56,6 @@ def _dynamic(kernel, *args):
         numba.set_parallel_chunksize(old)
 
 
-@intrinsic
-def _half_to_f32(typingctx, h):
-    """float32 value of IEEE float16 bits ``h`` (uint16) by LLVM's fpext (exact). The same as
-    eqcore.backends.numba.half_bits_to_f32, written again here because this module may not import
-    that one (it imports this one)."""
-    if h != types.uint16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
 _V_F32, _V_F16, _V_BF16 = 0, 1, 2  # outlier values as stored: float32 (as uint32 bits), float16 or bfloat16 bits
 
 
@@ -78,7 +64,7 @@ def _oval(v, kind):
     """float32 value of a stored outlier value: float32, float16 or bfloat16 bits (converting
     in the kernel: NumPy's float16 -> float32 cast of 224k values took 0.3 ms a call)."""
     if kind == _V_F16:
-        return _half_to_f32(np.uint16(v))
+        return half_bits_to_f32(np.uint16(v))
     if kind == _V_BF16:
         return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
     return np.uint32(v).view(np.float32)
@@ -192,20 +178,6 @@ def _dot4x1(l0, l1, l2, l3, x0):
     return a0, a1, a2, a3
 
 
-@njit
-def _unpack_codes(q, bits, out):
-    """Codes of width ``bits`` read in order across the row's words (a code may straddle two)."""
-    mask = np.uint64((1 << bits) - 1)
-    for c in range(out.shape[0]):
-        b = c * bits
-        w = b >> 5
-        sh = b & 31
-        v = np.uint64(q[w]) >> np.uint64(sh)
-        if sh + bits > 32:
-            v |= np.uint64(q[w + 1]) << np.uint64(32 - sh)
-        out[c] = np.uint8(v & mask)
-
-
 @njit(fastmath=True)
 def _natural_levels(codes, r, g, grid, qmin, scales, zeros, codebook, lev):
     """lev[c] = level of code c times its group's scale, in column order."""
@@ -249,7 +221,7 @@ def _row_levels(q, r, bits, g, gw, grid, qmin, scales, zeros, codebook, slot, co
         else:
             _slot_levels8(q, sw, offw, lv)
     else:
-        _unpack_codes(q, bits, codes)
+        unpack_stream(q, bits, codes)
         _natural_levels(codes, r, g, grid, qmin, scales, zeros, codebook, lev)
 
 
