@@ -51,7 +51,9 @@ def nf_codebook(bits: int) -> np.ndarray:
 
 
 def _normalised(y, group_size):
-    """Each group of ``y`` divided by its largest magnitude, flattened (all-zero groups dropped)."""
+    """Each group of ``y`` divided by its largest magnitude, flattened group by group (all-zero
+    groups dropped): the values the codebook is fitted to (on NumPy, :func:`_normalised_sample`
+    takes fit_codebook's sample of them directly)."""
     xp = array_module(y)
     rows, cols = y.shape
     g, n_groups = group_layout(cols, group_size)
@@ -62,6 +64,46 @@ def _normalised(y, group_size):
         keep = amax[:, 0] > 0
         parts.append((part[keep] / amax[keep]).reshape(-1))
     return xp.concatenate(parts)
+
+
+@njit(cache=True)
+def _normalised_sample(y, g, n_groups, n, limit):
+    """What fit_codebook samples from :func:`_normalised` (``y`` float32 C-contiguous, groups of
+    ``g``): its nonzero values if there are at least ``n`` (else all), every step-th of them so that
+    at most ``limit`` remain; in the same order (group by group, then row by row)."""
+    rows, cols = y.shape
+    amax = np.zeros((n_groups, rows), np.float32)
+    total, nonzero = 0, 0
+    for j in range(n_groups):
+        c0, c1 = j * g, min(j * g + g, cols)
+        for r in range(rows):
+            a = np.float32(0)
+            for c in range(c0, c1):
+                a = max(a, abs(y[r, c]))
+            amax[j, r] = a
+            if a > 0:
+                total += c1 - c0
+                for c in range(c0, c1):
+                    if np.float32(y[r, c] / a) != 0:
+                        nonzero += 1
+    drop_zeros = nonzero >= n
+    size = nonzero if drop_zeros else total
+    step = -(-size // limit) if size > limit else 1
+    out = np.empty(-(-size // step), np.float32)
+    i, k = 0, 0
+    for j in range(n_groups):
+        c0, c1 = j * g, min(j * g + g, cols)
+        for r in range(rows):
+            a = amax[j, r]
+            if a > 0:
+                for c in range(c0, c1):
+                    q = np.float32(y[r, c] / a)
+                    if q != 0 or not drop_zeros:
+                        if i % step == 0:
+                            out[k] = q
+                            k += 1
+                        i += 1
+    return out
 
 
 @njit(cache=True)
@@ -89,11 +131,16 @@ def fit_codebook(y, bits: int, group_size: int | None) -> np.ndarray:
     """2^bits levels fitted to ``y`` (float32, outliers zeroed), float32, increasing, max |level| 1;
     one of them 0 at ``ZERO_LEVEL_BITS`` bits or fewer."""
     xp = array_module(y)
-    v = _normalised(xp.asarray(y, dtype=np.float32), group_size)
-    v = v[v != 0] if int((v != 0).sum()) >= (1 << bits) else v
-    if v.size > FIT_SAMPLE:
-        v = v[:: -(-v.size // FIT_SAMPLE)]
-    v = np.sort(v.get() if hasattr(v, "get") else v).astype(np.float64)  # on the host: the same levels from CuPy
+    y = xp.asarray(y, dtype=np.float32)
+    if xp is np:  # the same sample in two passes over y, without the normalised copy
+        v = _normalised_sample(np.ascontiguousarray(y), *group_layout(y.shape[1], group_size), 1 << bits, FIT_SAMPLE)
+    else:
+        v = _normalised(y, group_size)
+        v = v[v != 0] if int((v != 0).sum()) >= (1 << bits) else v
+        if v.size > FIT_SAMPLE:
+            v = v[:: -(-v.size // FIT_SAMPLE)]
+        v = v.get()  # the fit runs on the host: the same levels as from NumPy
+    v = np.sort(v).astype(np.float64)
     n = 1 << bits
     if v.size < n:
         return nf_codebook(bits)
