@@ -12,7 +12,7 @@ from .dtypes import FLOAT32_MAX, NONFINITE, all_finite, dtype_name, finite_max, 
 from .grids import codebook_for, column_scales
 from .interop import array_module, as_array
 from .layout import SCALE_DTYPES, group_layout, max_scale, packed_cols, round_scales, round_zeros
-from .outliers import select, to_csr
+from .outliers import kept, select, to_csr
 from .solvers.objective import dequant_error
 from .tensor import QuantizedTensor
 
@@ -60,7 +60,7 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
         check_weight(w)
     step = max(1, ROW_BLOCK_ELEMENTS // w.shape[1])
     if name != "cupy" and config.rows_independent and w.shape[0] > step:  # bounded memory, same result
-        if fused:  # into the result's arrays, one float32 workspace for every block
+        if fused and config.grid == "symmetric":  # into the result's arrays, one float32 workspace for every block
             out = _Blocks(w, config, step)
             for r in range(0, w.shape[0], step):
                 _quantize_checked(w[r:r + step], config, name, out)
@@ -75,10 +75,9 @@ ROW_BLOCK_ELEMENTS = 1 << 22  # on the CPU, weights whose rows are independent g
 
 def _fused_split(be, config: QuantConfig, dtype) -> bool:
     """Whether backend ``be`` splits the outliers of a ``dtype`` weight in one fused pass (the
-    default settings on Numba; it also refuses NaN and Inf there)."""
+    default per-row sigma rule on Numba, any grid; it also refuses NaN and Inf there)."""
     return getattr(be, "split_outliers", None) is not None and config.outliers == "sigma" \
-        and config.outlier_stats == "row" and config.grid == "symmetric" and config.sigma is not None \
-        and np.dtype(dtype) in be.SPLIT_DTYPES
+        and config.outlier_stats == "row" and config.sigma is not None and np.dtype(dtype) in be.SPLIT_DTYPES
 
 
 class _Blocks:
@@ -115,10 +114,11 @@ def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = N
     """:func:`quantize` of a checked weight on backend ``name``'s arrays; with ``out`` (the fused
     split only), its rows go into ``out`` (returns None)."""
     be = backends.get(name)
-    if _fused_split(be, config, w.dtype):  # the default settings: one fused pass
+    if _fused_split(be, config, w.dtype):  # the default outlier rule: one fused pass
         x, outliers = be.split_outliers(w, config.sigma, *(() if out is None else (out.x[:w.shape[0]], out.work)))
-        if out is None:
-            return quantize_split(w, x, outliers, config, None, backend=name)
+        if out is None:  # the other grids weigh only the entries kept (as quantize_masked)
+            keep = None if config.grid == "symmetric" or outliers.nnz == 0 else kept(outliers, w.shape)
+            return quantize_split(w, x, outliers, config, keep, backend=name)
         solve = solvers.get(config.solver_name, name)  # rows independent, symmetric: scales only
         scales = fit_grid(x, config, solve, max_scale(w.dtype, config.qmax, config.scale_dtype), w.dtype)[0]
         be.encode(x, _float32(scales), config.bits, config.group_size, out=out.qweight[out.row:out.row + w.shape[0]])

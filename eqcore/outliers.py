@@ -230,6 +230,14 @@ def to_csr(w: np.ndarray, mask: np.ndarray) -> Outliers:
     return Outliers(rowptr.astype(np.int32), cols.astype(col_index_dtype(w.shape[1])), w[rows, cols])
 
 
+def kept(outliers: Outliers, shape):
+    """The bool mask (NumPy) that is False exactly at the outliers of a CSR."""
+    mask = np.ones(shape, dtype=bool)
+    rows = np.repeat(np.arange(shape[0]), np.diff(np.asarray(outliers.rowptr)))
+    mask[rows, np.asarray(outliers.cols)] = False
+    return mask
+
+
 def find_outliers(w: np.ndarray, sigma: float | None = 3.0, stats: str = "tensor") -> tuple[Outliers, np.ndarray]:
     """Split ``w`` into its outliers (CSR) and the boolean mask that selected them (the sigma rule)."""
     mask = outlier_mask(w, sigma, stats)

@@ -217,3 +217,32 @@ def test_typical_rows_are_decided_without_the_rows_own_loops():
         assert np.isnan(cpu._split_stats(x, *sums, cpu.SPLIT_KINDS[np.dtype(WEIGHT_DTYPES[src])], 3.0)[1])
     w = (1000.0 + weights(3, 500, 2)).astype(np.float32)
     assert_reference_split(w, 2.0)
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 40), cols=st.integers(1, 150), bits=st.sampled_from([2, 3, 4, 8]),
+       grid=st.sampled_from([("asymmetric", "fit"), ("codebook", "fit"), ("codebook", "nf")]),
+       group=st.sampled_from([None, 16, 33]), dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_other_grids_take_the_fused_split_and_match_the_reference(rows, cols, bits, grid, group, dtype, seed):
+    """The per-row sigma rule goes through the fused split on every grid (the mask of kept
+    entries rebuilt from its CSR), with the reference's result to the bit."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, (rows, cols)) * 0.02).astype(WEIGHT_DTYPES[dtype])
+    calls = []
+    split = cpu.split_outliers
+
+    def counted(*a, **k):
+        calls.append(1)
+        return split(*a, **k)
+
+    cpu.split_outliers = counted
+    try:
+        kw = dict(bits=bits, grid=grid[0], codebook=grid[1], group_size=group)
+        got = eqcore.quantize(w, backend="numba", **kw)
+    finally:
+        cpu.split_outliers = split
+    assert calls, "the fused split was not used"
+    want = eqcore.quantize(w, backend="numpy", **kw)
+    for f, a in want.arrays().items():
+        np.testing.assert_array_equal(np.asarray(got.arrays()[f]).view(np.uint8), a.view(np.uint8), err_msg=f)
