@@ -33,6 +33,7 @@ import eqcore  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
 from bench.timing import best_time  # noqa: E402
 
+DEFAULT_BATCHES = [1, 4, 16, 64]
 TARGETS = ("batch 1: >= 3x torch fp32 and >= 1.5x torch bf16, >= 60% of the copy bandwidth; "
            "never slower than dequantize + F.linear")
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
@@ -100,6 +101,9 @@ def main(argv=None) -> int:
              f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; "
              f"1-min load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}",
              f"- command: `python bench/matmul.py {' '.join(sys.argv[1:])}`".rstrip(),
+             *([f"- batches {' '.join(map(str, a.batches))} only (not all of the default "
+                f"{' '.join(map(str, DEFAULT_BATCHES))}): the other batches' rows are in this file's git history"]
+               if not set(DEFAULT_BATCHES) <= set(a.batches) else []),
              f"- memory bandwidth (np.copyto of 256 MiB, bytes read + written): {bw / 1e9:.1f} GB/s",
              f"- weight: Student-t(4) * 0.02, {a.bits}-bit eqcore defaults (per-row scales, 3-sigma row outliers);"
              f" best of {a.rounds} rounds x {a.repeat} calls (each after a warm-up); torch {torch.__version__} with "

@@ -77,3 +77,54 @@ def test_row_block_is_those_rows():
     full = eqcore.dequantize(qt)
     for a, b in ((0, 20), (3, 11), (19, 20)):
         np.testing.assert_array_equal(eqcore.dequantize(qt.row_block(a, b)), full[a:b])
+
+
+@given(st.sampled_from([2, 4, 8]), st.sampled_from(["symmetric", "asymmetric"]), st.booleans(),
+       st.sampled_from(["float16", "float32", "bfloat16"]), st.integers(1, 2), st.integers(4, 23), st.integers(1, 70),
+       st.integers(-40, 33), st.integers(0, 10))
+@settings(max_examples=60, deadline=None)
+def test_masked_slot_dots_match_the_dense_product(bits, grid, col, dtype, batch, rows, cols, exp, seed):
+    """Batch 1-2, one scale per row: the masked slot dots of 4 rows (codes unpacked in place) and
+    the shifting slot dot they fall back to (sum |x| >= nb.MASKED_ABS_SUM, or forced here) both
+    meet the contract, for |x| from 1e-40 (subnormal) to 1e33 (past the guard), outliers stored
+    as float16, float32 and bfloat16, with and without column scales."""
+    from unittest import mock
+
+    from eqcore.dtypes import bfloat16
+
+    w = weights(rows, cols, seed=seed).astype(bfloat16 if dtype == "bfloat16" else dtype)
+    qt = eqcore.quantize(w, bits=bits, grid=grid, col_scales=col, sigma=1.5, steps=3)
+    x = (np.random.default_rng(seed).normal(size=(batch, cols)) * 10.0 ** exp).astype(np.float32)
+    y = eqcore.matmul(x, qt)
+    close(y, x, qt)
+    with mock.patch.object(nb, "_masked_ok", lambda xt: False):
+        close(eqcore.matmul(x, qt), x, qt)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_masked_slot_dot_at_the_guard(bits):
+    """Every code at its largest and sum |x| just under nb.MASKED_ABS_SUM: the masked slot dots'
+    partial sums (codes placed up to bit 32 - bits) stay finite and equal the shifting slot dot's."""
+    per = 32 // bits
+    nwu = 37
+    q = np.full((4, nwu), 0xFFFFFFFF, np.uint32)
+    q[1, ::3] = 0x12345678
+    q[2] = np.random.default_rng(bits).integers(0, 2 ** 32, nwu, dtype=np.uint32)
+    xt = np.random.default_rng(0).uniform(0.5, 1.0, (per, nwu)).astype(np.float32)
+    xt *= np.float32(nb.MASKED_ABS_SUM * 0.99 / np.abs(xt).astype(np.float64).sum())
+    assert nb._masked_ok(xt[None])
+    assert not nb._masked_ok(2 * xt[None])
+    masked = {2: nb._slot_masked2, 4: nb._slot_masked4, 8: nb._slot_masked8}[bits]
+    dot = {2: nb._slot_dot2, 4: nb._slot_dot4, 8: nb._slot_dot8}[bits]
+    got = np.array(masked(q[0], q[1], q[2], q[3], xt), np.float64)
+    want = np.array([dot(q[i], xt) for i in range(4)], np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_masked_guard_refuses_inf_and_nan():
+    xt = np.ones((1, 8, 4), np.float32)
+    assert nb._masked_ok(xt)
+    for bad in (np.inf, -np.inf, np.nan):
+        xt[0, 3, 1] = bad
+        assert not nb._masked_ok(xt)
