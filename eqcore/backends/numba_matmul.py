@@ -87,14 +87,15 @@ def _masked4_source(bits: int):
     in 64-bit lanes: 2.4x slower)."""
     per, m = 32 // bits, (1 << bits) - 1
     top = 32 - 2 * bits  # the top slot, shifted down by ``bits``, sits at this bit (below 2**31)
-    lines = ["def slot_dot_masked4(q0, q1, q2, q3, xt):", "    t0 = t1 = t2 = t3 = np.float32(0)"]
+    lines = ["def slot_dot_masked4(q0, q1, q2, q3, o0, o1, o2, o3, xt):", "    t0 = t1 = t2 = t3 = np.float32(0)"]
     for k in range(per):
         sh, at = (0, k * bits) if k < per - 1 else (bits, top)
-        lines += [f"    xk = xt[{k}]", "    s0 = s1 = s2 = s3 = np.float32(0)", "    for w in range(xk.shape[0]):",
-                  "        v = xk[w]"]
+        lines += [f"    xk = xt[{k}]", "    s0 = s1 = s2 = s3 = np.float32(0)"]
+        lines += [f"    p{i} = o{i} * np.float32({2.0 ** at!r})" for i in range(4)]  # the offset, scaled alike
+        lines += ["    for w in range(xk.shape[0]):", "        v = xk[w]"]
         for i in range(4):
             word = f"q{i}[w]" if sh == 0 else f"(q{i}[w] >> np.uint32({sh}))"
-            lines.append(f"        s{i} += np.float32({word} & np.uint32({m << at})) * v")
+            lines.append(f"        s{i} += (np.float32({word} & np.uint32({m << at})) + p{i}) * v")
         lines += [f"    t{i} += s{i} * np.float32({2.0 ** -at!r})" for i in range(4)]
     lines.append("    return t0, t1, t2, t3")
     ns = {"np": np}
@@ -108,32 +109,33 @@ def _slot_kernels(bits: int):
     compile-time constant, so the loop over code slots unrolls and every shift is a constant (a
     runtime width made the vectorised loops 3x slower).
 
-    slot_dot(q, xt): the sum over slots k and words w of (code k of q[w]) * xt[k, w], a
-    constant-shift unpack fused with a multiply-add (the grid offset is added once per row, as
-    offset * sum of x); slot_dot_scaled(q, xt, sw, bw): the same with a scale and a scaled offset
+    slot_dot(q, xt, off): the sum over slots k and words w of (code k of q[w] + off) * xt[k, w], a
+    constant-shift unpack fused with a multiply-add (each level whole: adding off * sum of x once
+    per row instead cancelled catastrophically when most levels are near 0); slot_dot_scaled(q, xt, sw, bw): the same with a scale and a scaled offset
     per word (groups): the sum of (code k of q[w] * sw[w] + bw[w]) * xt[k, w]. slot_levels(q, sw, offw, lev):
     lev[k, w] = (code k of q[w] + offw[w]) * sw[w], a row's scaled levels in slot-major order;
     slot_table(q, sw, table, lev): lev[k, w] = table[code k of q[w]] * sw[w] (codebook grid).
-    slot_dot_masked4(q0, q1, q2, q3, xt): the slot dots of 4 rows, each xt value loaded serving all
-    four, with codes unpacked in place: (q & (m << k * bits)) as float is code * 2**(k * bits)
-    exactly (the top slot shifted down by ``bits`` so the word stays below 2**31 and converts
-    signed), so slot k's sum is scaled back by 2**-(k * bits) once per row (exact: a power of two,
-    the only rounding a result below float32's normal range). One shift less per 16 codes than
+    slot_dot_masked4(q0, q1, q2, q3, o0, o1, o2, o3, xt): the slot dots of 4 rows (offsets o0..o3),
+    each xt value loaded serving all four, with codes unpacked in place: (q & (m << k * bits)) as
+    float is code * 2**(k * bits) exactly (the top slot shifted down by ``bits`` so the word stays
+    below 2**31 and converts signed), the offset is added scaled alike (so each level is rounded as
+    code + off would be), and slot k's sum is scaled back by 2**-(k * bits) once per row (exact: a
+    power of two, the only rounding a result below float32's normal range). One shift less per 16 codes than
     slot_dot and one load of x per 4 rows: 0.70 vs 0.88 ms for 4096x4096 4-bit on one thread
     (2 rows: 0.80, 8 rows: 1.85, spilled; one row masked: 1.03, slower than shifting; all slots
     in one pass over the words, 8 streams of x: 1.4). The unpacked values reach 2**(32 - bits), so
-    the caller takes this path only when 2**(32 - bits) * sum |x| stays finite (:func:`_masked_ok`).
+    the caller takes this path only when its partial sums stay finite (:func:`_masked_ok`).
     Loops start at 0 over views (a runtime start offset kept LLVM from vectorising them)."""
     per, m = 32 // bits, np.uint32((1 << bits) - 1)
 
     @njit(fastmath=True)
-    def slot_dot(q, xt):
+    def slot_dot(q, xt, off):
         t = np.float32(0)
         for k in range(per):
             sh = np.uint32(k * bits)
             xk = xt[k]
             for w in range(xk.shape[0]):
-                t += np.float32((q[w] >> sh) & m) * xk[w]
+                t += (np.float32((q[w] >> sh) & m) + off) * xk[w]
         return t
 
     @njit(fastmath=True)
@@ -170,16 +172,17 @@ def _slot_kernels(bits: int):
     (_slot_dot4, _slot_scaled4, _slot_levels4, _slot_table4, _slot_masked4), \
     (_slot_dot8, _slot_scaled8, _slot_levels8, _slot_table8, _slot_masked8) = map(_slot_kernels, (2, 4, 8))
 
-MASKED_ABS_SUM = 2.0 ** 95  # sum |x| below this: no partial sum of a masked slot dot can overflow float32
+MASKED_LIMIT = 2.0 ** 126  # bound on every partial sum of a masked slot dot (float32's largest value is below 2**128)
 
 
-def _masked_ok(xt) -> bool:
+def _masked_ok(xt, level: float, bits: int) -> bool:
     """Whether the masked slot dots (:func:`_slot_kernels`) may take every row of ``xt``: each
-    unpacked value is below 2**(32 - bits) <= 2**30, so every partial sum is below 2**30 * sum |x|
-    and sum |x| < 2**95 keeps it under float32's largest value, 2**128; inf or nan in x also gives
-    False (the shifting slot dot then returns what the dense product would)."""
+    unpacked level (code + off, scaled by at most 2**(32 - 2 * bits)) is at most ``level`` *
+    2**(32 - 2 * bits) in magnitude, so every partial sum is below that times sum |x|, which must stay
+    under MASKED_LIMIT; inf or nan in x also gives False (the shifting slot dot then returns what
+    the dense product would)."""
     s = np.abs(xt).sum(axis=tuple(range(1, xt.ndim)), dtype=np.float64).max()
-    return bool(s < MASKED_ABS_SUM)
+    return bool(s * level * 2.0 ** (32 - 2 * bits) < MASKED_LIMIT)
 
 
 @njit(fastmath=True)
@@ -449,17 +452,16 @@ def _gemv_groups_kernel(xt, x0, xc0, qweight, scales, gw, lgg, bits, qmin, grid,
 
 
 @njit(fastmath=True, inline="always")  # a call, with its arrays' reference counts, cost 100 ns a row
-def _gemv_row(q, xt, xsum, x, xc, has_col, acc, r, bits, asym, qmin, zeros, scales, rowptr, ocols, ovals, kind, lg,
-              out):
-    """out[b, r] from row r's slot dots ``acc[b]`` (one per row of x): plus off * (sum of that row of
-    x), minus the code terms at its outliers plus their exact terms, times its scale (without column
-    scales, ``xc`` is ``x``: the outliers in one sum, :func:`_outlier_delta_dot`)."""
+def _gemv_row(q, xt, x, xc, has_col, acc, r, bits, asym, qmin, zeros, scales, rowptr, ocols, ovals, kind, lg, out):
+    """out[b, r] from row r's slot dots ``acc[b]`` (one per row of x): minus the level terms at its
+    outliers plus their exact terms, times its scale (without column scales, ``xc`` is ``x``: the
+    outliers in one sum, :func:`_outlier_delta_dot`)."""
     off = -zeros[r, 0] if asym else qmin
     s = scales[r, 0]
     p0 = rowptr[r]
     p1 = rowptr[r + 1]
     for b in range(xt.shape[0]):
-        t = acc[b] + off * xsum[b]
+        t = acc[b]
         if p1 > p0 and not has_col:
             oc, ov = ocols[p0:p1], ovals[p0:p1]
             if kind == _V_F16:
@@ -477,13 +479,13 @@ def _gemv_row(q, xt, xsum, x, xc, has_col, acc, r, bits, asym, qmin, zeros, scal
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_kernel(xt, xsum, x, xc, has_col, qweight, scales, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind, masked,
+def _gemv_kernel(xt, x, xc, has_col, qweight, scales, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind, masked,
                  chunks, out):
     """Batches up to GEMV_BATCH, one scale per row, 2/4/8-bit codes on the symmetric or asymmetric
     grid: rows in blocks of 4, each block's masked slot dots (:func:`_slot_kernels`) with each row
     of x when ``masked`` (see :func:`_masked_ok`; else, and for the last rows, each row's shifting
     slot dot), then :func:`_gemv_row`. ``xt`` is (batch, per, nwu): x (column-scaled)
-    in slot-major order, ``xsum`` the sum of each row of it; ``x``, ``xc`` (column-scaled) in
+    in slot-major order; ``x``, ``xc`` (column-scaled) in
     column order, ``has_col`` whether there are column scales."""
     batch = xt.shape[0]
     rows = qweight.shape[0]
@@ -498,13 +500,17 @@ def _gemv_kernel(xt, xsum, x, xc, has_col, qweight, scales, bits, qmin, grid, ze
             nr = min(4, rows - r0)
             if masked and nr == 4:
                 q0, q1, q2, q3 = qweight[r0], qweight[r0 + 1], qweight[r0 + 2], qweight[r0 + 3]
+                if asym:
+                    o0, o1, o2, o3 = -zeros[r0, 0], -zeros[r0 + 1, 0], -zeros[r0 + 2, 0], -zeros[r0 + 3, 0]
+                else:
+                    o0 = o1 = o2 = o3 = qmin
                 for b in range(batch):
                     if bits == 4:
-                        a0, a1, a2, a3 = _slot_masked4(q0, q1, q2, q3, xt[b])
+                        a0, a1, a2, a3 = _slot_masked4(q0, q1, q2, q3, o0, o1, o2, o3, xt[b])
                     elif bits == 2:
-                        a0, a1, a2, a3 = _slot_masked2(q0, q1, q2, q3, xt[b])
+                        a0, a1, a2, a3 = _slot_masked2(q0, q1, q2, q3, o0, o1, o2, o3, xt[b])
                     else:
-                        a0, a1, a2, a3 = _slot_masked8(q0, q1, q2, q3, xt[b])
+                        a0, a1, a2, a3 = _slot_masked8(q0, q1, q2, q3, o0, o1, o2, o3, xt[b])
                     acc[0, b] = a0
                     acc[1, b] = a1
                     acc[2, b] = a2
@@ -512,16 +518,25 @@ def _gemv_kernel(xt, xsum, x, xc, has_col, qweight, scales, bits, qmin, grid, ze
             else:
                 for i in range(nr):
                     q = qweight[r0 + i]
+                    off = -zeros[r0 + i, 0] if asym else qmin
                     for b in range(batch):
                         if bits == 4:
-                            acc[i, b] = _slot_dot4(q, xt[b])
+                            acc[i, b] = _slot_dot4(q, xt[b], off)
                         elif bits == 2:
-                            acc[i, b] = _slot_dot2(q, xt[b])
+                            acc[i, b] = _slot_dot2(q, xt[b], off)
                         else:
-                            acc[i, b] = _slot_dot8(q, xt[b])
+                            acc[i, b] = _slot_dot8(q, xt[b], off)
             for i in range(nr):
-                _gemv_row(qweight[r0 + i], xt, xsum, x, xc, has_col, acc[i], r0 + i, bits, asym, qmin, zeros, scales,
-                          rowptr, ocols, ovals, kind, lg, out)
+                _gemv_row(qweight[r0 + i], xt, x, xc, has_col, acc[i], r0 + i, bits, asym, qmin, zeros, scales, rowptr,
+                          ocols, ovals, kind, lg, out)
+
+
+def _largest_level(qt, bits: int) -> float:
+    """The largest |code + off| of a symmetric or asymmetric tensor's rows (off = qmin or -zero)."""
+    if qt.zeros is None:
+        return float(1 << (bits - 1))
+    z = np.abs(np.asarray(qt.zeros, dtype=np.float64))
+    return float(np.maximum(z, np.abs((1 << bits) - 1 - z)).max()) if z.size else 0.0
 
 
 def _f32(a, shape=None):
@@ -562,9 +577,8 @@ def matmul(x, qt) -> np.ndarray:
         xt[:, :cols] = xc
         xt = np.ascontiguousarray(xt.reshape(batch, nwu, per).transpose(0, 2, 1))
         if batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK:
-            xsum = xt.sum(axis=(1, 2), dtype=np.float64).astype(np.float32)
-            _dynamic(_gemv_kernel, xt, xsum, x, xc, qt.col_scales is not None, qw, scales, bits, qmin, grid, zeros,
-                     rowptr, ocols, ovals, kind, _masked_ok(xt), _chunks(-(-rows // 4)), out)
+            _dynamic(_gemv_kernel, xt, x, xc, qt.col_scales is not None, qw, scales, bits, qmin, grid, zeros,
+                     rowptr, ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4)), out)
             return out
         gw = -(-g // per)
         if batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
