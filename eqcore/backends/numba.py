@@ -142,16 +142,6 @@ def grid_code(t, grid, bits, qmin, qmax, z, mids):
 
 
 @njit
-def grid_level(u, grid, qmin, z, codebook):
-    """float32 level of code ``u``: u + qmin, u - z (float32) or codebook[u]."""
-    if grid == GRID_CODEBOOK:
-        return codebook[u]
-    if grid == GRID_ASYMMETRIC:
-        return np.float32(np.float32(u) - z)
-    return np.float32(u) + qmin
-
-
-@njit
 def _symmetric_codes(x, s, qmin, qmax, codes):
     """codes[i] = clamp(rint(x[i] / s)) - qmin: the symmetric grid's codes of one group."""
     for i in range(x.shape[0]):
