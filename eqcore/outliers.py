@@ -230,11 +230,16 @@ def to_csr(w: np.ndarray, mask: np.ndarray) -> Outliers:
     return Outliers(rowptr.astype(np.int32), cols.astype(col_index_dtype(w.shape[1])), w[rows, cols])
 
 
+def csr_rows(rowptr) -> np.ndarray:
+    """The row of each entry of a CSR with row pointers ``rowptr`` (NumPy)."""
+    rowptr = np.asarray(rowptr)
+    return np.repeat(np.arange(rowptr.shape[0] - 1), np.diff(rowptr))
+
+
 def kept(outliers: Outliers, shape):
     """The bool mask (NumPy) that is False exactly at the outliers of a CSR."""
     mask = np.ones(shape, dtype=bool)
-    rows = np.repeat(np.arange(shape[0]), np.diff(np.asarray(outliers.rowptr)))
-    mask[rows, np.asarray(outliers.cols)] = False
+    mask[csr_rows(outliers.rowptr), np.asarray(outliers.cols)] = False
     return mask
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from ..dtypes import finite_max, saturate, weight_dtype
 from ..interop import array_module, is_cupy
 from ..layout import BLOCK, check_bits, group_layout, packed_cols, qrange
+from ..outliers import csr_rows
 
 name = "numpy"
 
@@ -134,7 +135,7 @@ def dequantize(qt, dtype=None) -> np.ndarray:
     finite range, cast (round to nearest even) to ``dtype`` (default: the weight's), then the
     outlier values (clamped and cast the same way) written at their positions."""
     dtype = weight_dtype(dtype or qt.dtype)
-    rows, cols = qt.shape
+    cols = qt.shape[1]
     u = unpack(qt.qweight, qt.bits, cols)
     level = grid_levels(u, qt.bits, _per_element(qt.zeros, cols, qt.group_size), qt.codebook)
     top = np.float32(finite_max(dtype))
@@ -143,8 +144,7 @@ def dequantize(qt, dtype=None) -> np.ndarray:
         if qt.col_scales is not None:
             v = v * qt.col_scales.astype(np.float32)
         out = np.clip(v, -top, top).astype(dtype)
-    r = np.repeat(np.arange(rows), np.diff(qt.outlier_rowptr))
-    out[r, qt.outlier_cols.astype(np.int64)] = saturate(qt.outlier_vals, dtype)
+    out[csr_rows(qt.outlier_rowptr), qt.outlier_cols.astype(np.int64)] = saturate(qt.outlier_vals, dtype)
     return out
 
 
