@@ -14,7 +14,7 @@ from .dtypes import bfloat16, finite_max
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 BLOCK = 32  # codes per packing block; a block of k-bit codes is exactly k uint32 words
-INDEX_DTYPES = ("uint16", "int32")  # outlier column indices: uint16 up to 65536 columns
+INDEX_DTYPES = ("uint16", "int32")  # outlier column indices (up to 65536 columns) and row pointers (up to 65535 outliers)
 GRIDS = ("symmetric", "asymmetric", "codebook")  # how a code becomes a level; the index is the kernels' grid id
 GRID_SYMMETRIC, GRID_ASYMMETRIC, GRID_CODEBOOK = range(3)
 SCALE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": bfloat16}
@@ -50,6 +50,22 @@ def group_layout(cols: int, group_size: int | None) -> tuple[int, int]:
 def col_index_dtype(n_cols: int) -> np.dtype:
     """Narrowest column-index dtype for a matrix with ``n_cols`` columns."""
     return np.dtype(np.uint16) if n_cols <= 65536 else np.dtype(np.int32)
+
+
+def rowptr_dtype(nnz: int) -> np.dtype:
+    """Narrowest outlier row-pointer dtype for a tensor with ``nnz`` outliers: uint16 up to
+    65535 (the pointers run from 0 to nnz), int32 beyond (:func:`eqcore.outliers.check_csr`
+    accepts int32 at any count, as files written before format 3 hold it)."""
+    return np.dtype(np.uint16) if nnz <= np.iinfo(np.uint16).max else np.dtype(np.int32)
+
+
+def narrow_rowptr(rowptr):
+    """Row pointers (any integer dtype, NumPy or CuPy) in :func:`rowptr_dtype` of their last entry;
+    ValueError past int32."""
+    nnz = int(rowptr[-1])
+    if nnz > np.iinfo(np.int32).max:
+        raise ValueError(f"too many outliers ({nnz}) for int32 row pointers")
+    return rowptr.astype(rowptr_dtype(nnz), copy=False)
 
 
 def max_scale(dtype, qmax: int, scale_dtype="float32") -> np.float32:
@@ -88,15 +104,15 @@ def round_zeros(zeros, scale_dtype: str):
 def stored_bytes(shape, bits: int, group_size: int | None = None, *, nnz: int = 0, weight_itemsize: int = 2,
                  grid: str = "symmetric", scale_dtype: str = "float32", col_scales: bool = False) -> int:
     """Bytes a QuantizedTensor of this layout stores (``QuantizedTensor.nbytes``): packed codes,
-    scales (and zero-points), the codebook, column scales, and the outlier CSR (row pointers,
-    column indices, values in the weight's dtype)."""
+    scales (and zero-points), the codebook, column scales, and the outlier CSR (row pointers in
+    :func:`rowptr_dtype`, column indices, values in the weight's dtype)."""
     rows, cols = shape
     scale = SCALE_DTYPES[scale_dtype].itemsize
     n_groups = group_layout(cols, group_size)[1]
     size = rows * packed_cols(cols, bits) * 4 + rows * n_groups * scale * (2 if grid == "asymmetric" else 1)
     size += (4 << bits) if grid == "codebook" else 0
     size += cols * scale if col_scales else 0
-    return size + (rows + 1) * 4 + nnz * (col_index_dtype(cols).itemsize + weight_itemsize)
+    return size + (rows + 1) * rowptr_dtype(nnz).itemsize + nnz * (col_index_dtype(cols).itemsize + weight_itemsize)
 
 
 def cuda_defines() -> list[str]:

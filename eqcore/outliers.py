@@ -24,13 +24,14 @@ import numpy as np
 
 from .dtypes import all_finite
 from .interop import array_module
-from .layout import col_index_dtype
+from .layout import col_index_dtype, narrow_rowptr
 
 
 class Outliers(NamedTuple):
     """CSR of the outliers of a (rows, cols) matrix.
 
-    rowptr  int32 (rows + 1,): outliers of row r are entries rowptr[r]:rowptr[r+1]
+    rowptr  (rows + 1,): outliers of row r are entries rowptr[r]:rowptr[r+1]; uint16 when there
+            are at most 65535 outliers, else int32 (:func:`eqcore.layout.rowptr_dtype`)
     cols    uint16 when cols <= 65536, else int32; increasing within a row
     vals    the original values, in the weight's own dtype
     """
@@ -50,10 +51,10 @@ def check_csr(rowptr, cols, vals, shape) -> None:
     values. O(rows + nnz), on NumPy or CuPy arrays; run before anything writes through it."""
     xp = array_module(rowptr)
     rows, n_cols = shape
-    if rowptr.dtype != np.int32 or tuple(rowptr.shape) != (rows + 1,):
-        raise ValueError(f"outlier_rowptr must be int32 ({rows + 1},), got {rowptr.dtype} {tuple(rowptr.shape)}")
+    if rowptr.dtype not in (np.int32, np.uint16) or tuple(rowptr.shape) != (rows + 1,):
+        raise ValueError(f"outlier_rowptr must be int32 or uint16 ({rows + 1},), got {rowptr.dtype} {tuple(rowptr.shape)}")
     nnz = int(rowptr[-1])
-    if int(rowptr[0]) != 0 or bool((xp.diff(rowptr) < 0).any()):
+    if int(rowptr[0]) != 0 or bool((xp.diff(rowptr.astype(np.int64)) < 0).any()):
         raise ValueError("outlier_rowptr must start at 0 and be non-decreasing")
     if cols.dtype != col_index_dtype(n_cols) or tuple(cols.shape) != (nnz,):
         raise ValueError(f"outlier_cols must be {col_index_dtype(n_cols)} ({nnz},) as outlier_rowptr[-1] says, "
@@ -224,10 +225,7 @@ def to_csr(w: np.ndarray, mask: np.ndarray) -> Outliers:
     rows, cols = xp.nonzero(mask)
     rowptr = xp.zeros(w.shape[0] + 1, dtype=np.int64)
     rowptr[1:] = xp.cumsum(xp.bincount(rows, minlength=w.shape[0]))
-    nnz = int(rowptr[-1])
-    if nnz > np.iinfo(np.int32).max:
-        raise ValueError(f"too many outliers ({nnz}) for int32 row pointers")
-    return Outliers(rowptr.astype(np.int32), cols.astype(col_index_dtype(w.shape[1])), w[rows, cols])
+    return Outliers(narrow_rowptr(rowptr), cols.astype(col_index_dtype(w.shape[1])), w[rows, cols])
 
 
 def csr_rows(rowptr) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 from .interop import array_module
 from .dtypes import dtype_name, finite_max, weight_dtype
 from .errors import FormatError
-from .layout import GRIDS, SCALE_DTYPES, check_bits, group_layout, packed_cols, qrange
+from .layout import GRIDS, SCALE_DTYPES, check_bits, group_layout, narrow_rowptr, packed_cols, qrange
 from .outliers import Outliers, check_csr
 
 FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
@@ -23,7 +23,8 @@ class QuantizedTensor:
 
     qweight         (rows, ceil(cols/32) * bits) uint32, layout in :mod:`eqcore.backends.numpy`
     scales          (rows, n_groups) float32, float16 or bfloat16
-    outlier_rowptr  (rows + 1,) int32; outlier_cols, outlier_vals: CSR entries
+    outlier_rowptr  (rows + 1,) uint16 (at most 65535 outliers) or int32; outlier_cols,
+                    outlier_vals: CSR entries (see :class:`eqcore.outliers.Outliers`)
     shape, dtype    the original matrix shape and dtype name
     bits, group_size, sigma  how it was quantized (sigma None: no outliers isolated)
     grid            how a code u becomes a level: "symmetric" (u + qmin), "asymmetric"
@@ -110,10 +111,8 @@ class QuantizedTensor:
             if not same:
                 raise ValueError("row blocks of different tensors or settings cannot be stacked")
         nnz = np.cumsum([0] + [len(b.outlier_vals) for b in blocks])
-        if nnz[-1] > np.iinfo(np.int32).max:
-            raise ValueError(f"too many outliers ({nnz[-1]}) for int32 row pointers")
-        rowptr = np.concatenate([blocks[0].outlier_rowptr[:1]] +
-                                [b.outlier_rowptr[1:] + np.int32(n) for b, n in zip(blocks, nnz)])
+        rowptr = narrow_rowptr(np.concatenate([np.zeros(1, np.int64)] +
+                                              [b.outlier_rowptr[1:].astype(np.int64) + n for b, n in zip(blocks, nnz)]))
         stack = {f: np.concatenate([getattr(b, f) for b in blocks])
                  for f in ("qweight", "scales", "zeros", "outlier_cols", "outlier_vals") if getattr(first, f) is not None}
         return dataclasses.replace(first, **stack, outlier_rowptr=rowptr,

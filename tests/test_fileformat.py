@@ -1,4 +1,5 @@
 """Quantized safetensors files: round trip, interoperability, and refusal of malformed files."""
+import dataclasses
 import json
 import struct
 
@@ -36,9 +37,12 @@ def test_save_load_roundtrip_is_bit_exact(tmp_path, dtype, bits, group):
     assert back["layer.norm"].tobytes() == norm.tobytes() and back["layer.norm"].dtype == norm.dtype
 
 
-@pytest.mark.parametrize("scale_dtype, version", [("float32", "1"), ("float16", "2")])
-def test_files_are_readable_by_the_safetensors_package(tmp_path, scale_dtype, version):
+@pytest.mark.parametrize("scale_dtype, rowptr, version", [("float32", np.int32, "1"), ("float16", np.int32, "2"),
+                                                           ("float32", np.uint16, "3"), ("float16", np.uint16, "3")])
+def test_files_are_readable_by_the_safetensors_package(tmp_path, scale_dtype, rowptr, version):
     qt = _qt(np.float32, scale_dtype=scale_dtype)
+    assert qt.outlier_rowptr.dtype == np.uint16  # few outliers: the narrow row pointers
+    qt = dataclasses.replace(qt, outlier_rowptr=qt.outlier_rowptr.astype(rowptr))
     save_file({"w": qt, "b": np.ones(3, np.float32)}, tmp_path / "m.safetensors")
     with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
         assert set(f.keys()) == {"w", "w.qweight", "w.scales", "w.outlier_rowptr", "w.outlier_cols", "w.outlier_vals",

@@ -1,5 +1,6 @@
 """Cheaper metadata and other outlier selectors: float16 / bfloat16 scales, the AdpQ and budget
 selectors; every option round-trips through the file format and dequantizes alike everywhere."""
+import dataclasses
 import json
 
 import ml_dtypes
@@ -46,19 +47,26 @@ def test_float16_scales_of_tiny_or_huge_weights():
     assert np.all(np.isfinite(qt.scales.astype(np.float32))) and np.all(np.isfinite(eqcore.dequantize(qt)))
 
 
-def test_files_say_version_2_only_when_they_need_it(tmp_path):
+def test_files_say_version_2_or_3_only_when_they_need_it(tmp_path):
     w = weights(8, 96, seed=4, dtype=np.float16)
+
+    def wide(qt):  # int32 row pointers, as files before version 3 hold them
+        return dataclasses.replace(qt, outlier_rowptr=qt.outlier_rowptr.astype(np.int32))
+
     v1 = dict(steps=2, scale_dtype="float32")  # what version 1 holds (the default fp16 scales need version 2)
-    save_file({"a": eqcore.quantize(w, **v1)}, tmp_path / "v1.safetensors")
-    save_file({"a": eqcore.quantize(w, **v1), "b": eqcore.quantize(w, steps=2, scale_dtype="float16")},
-              tmp_path / "v2.safetensors")
-    for name, version in (("v1", "1"), ("v2", "2")):
+    a, b = eqcore.quantize(w, **v1), eqcore.quantize(w, steps=2, scale_dtype="float16")
+    assert a.outlier_rowptr.dtype == b.outlier_rowptr.dtype == np.uint16  # what version 3 adds
+    save_file({"a": wide(a)}, tmp_path / "v1.safetensors")
+    save_file({"a": wide(a), "b": wide(b)}, tmp_path / "v2.safetensors")
+    save_file({"a": wide(a), "b": b}, tmp_path / "v3.safetensors")
+    for name, version in (("v1", "1"), ("v2", "2"), ("v3", "3")):
         with SafetensorsReader(tmp_path / f"{name}.safetensors") as r:
             assert r.metadata["eqcore.format_version"] == version
-    back = load_file(tmp_path / "v2.safetensors")
+    back = load_file(tmp_path / "v3.safetensors")
     assert back["b"].scales.dtype == np.float16 and back["a"].scales.dtype == np.float32
-    np.testing.assert_array_equal(eqcore.dequantize(back["b"]), eqcore.dequantize(
-        eqcore.quantize(w, steps=2, scale_dtype="float16")))
+    assert back["a"].outlier_rowptr.dtype == np.int32 and back["b"].outlier_rowptr.dtype == np.uint16
+    for name in "ab":
+        np.testing.assert_array_equal(eqcore.dequantize(back[name]), eqcore.dequantize({"a": a, "b": b}[name]))
 
 
 def test_adpq_threshold_is_robust_to_the_outliers_themselves():

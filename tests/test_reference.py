@@ -1,4 +1,6 @@
 """The NumPy reference: the readable specification every fast path is held to."""
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ from eqcore.config import QuantConfig
 from eqcore.backends.numpy import dequantize as dequantize_reference
 from eqcore.outliers import find_outliers
 from eqcore.backends.numpy import pack, unpack
-from eqcore.layout import packed_cols
+from eqcore.layout import narrow_rowptr, packed_cols, rowptr_dtype, stored_bytes
+from eqcore.tensor import QuantizedTensor
 from eqcore.solvers.adam import optimize_scales as optimize_scales_reference
 from eqcore.solvers.objective import group_view, initial_scales, loss_and_grad, reconstruction_loss
 
@@ -58,7 +61,7 @@ def test_outliers_are_the_n_sigma_entries_in_csr():
     expected = np.abs(w.astype(np.float64) - w.mean(dtype=np.float64)) >= 2.5 * w.astype(np.float64).std()
     np.testing.assert_array_equal(mask, expected)
     assert out.nnz == expected.sum() > 0
-    assert out.rowptr.dtype == np.int32 and out.cols.dtype == np.uint16 and out.vals.dtype == w.dtype
+    assert out.rowptr.dtype == np.uint16 and out.cols.dtype == np.uint16 and out.vals.dtype == w.dtype
     for r in range(20):
         cols = out.cols[out.rowptr[r]:out.rowptr[r + 1]]
         np.testing.assert_array_equal(cols, np.nonzero(expected[r])[0])
@@ -204,9 +207,30 @@ def test_bits_per_weight_counts_codes_scales_and_outliers(scale_dtype, scale_bit
     w = weights(64, 256, seed=10)
     qt = eqcore.quantize(w, bits=4, steps=0, scale_dtype=scale_dtype, backend="numpy")
     nnz = qt.outlier_vals.size
-    expected = (64 * 256 * 4 + 64 * scale_bits + 65 * 32 + nnz * (16 + 32)) / (64 * 256)
+    expected = (64 * 256 * 4 + 64 * scale_bits + 65 * 16 + nnz * (16 + 32)) / (64 * 256)  # uint16 row pointers
     assert qt.bits_per_weight == pytest.approx(expected)
     assert qt.outlier_fraction == nnz / (64 * 256)
+
+
+def test_row_pointers_are_uint16_up_to_65535_outliers_then_int32():
+    assert rowptr_dtype(65535) == np.uint16 and rowptr_dtype(65536) == np.int32
+    w = weights(320, 1024, seed=12)
+    qt = eqcore.quantize(w, bits=4, sigma=1.0, steps=0)  # about a third of the entries: past 65535
+    assert qt.outlier_vals.size > 65535 and qt.outlier_rowptr.dtype == np.int32
+    assert qt.nbytes == stored_bytes(w.shape, 4, nnz=qt.outlier_vals.size, weight_itemsize=4, scale_dtype="float16")
+    half = [qt.row_block(0, 160), qt.row_block(160, 320)]
+    narrow = [dataclasses.replace(b, outlier_rowptr=narrow_rowptr(b.outlier_rowptr)) for b in half]
+    assert all(b.outlier_rowptr.dtype == np.uint16 for b in narrow)  # each half holds fewer than 65536
+    back = QuantizedTensor.stack_rows(narrow)  # together they need int32 again
+    assert back.outlier_rowptr.dtype == np.int32
+    np.testing.assert_array_equal(back.outlier_rowptr, qt.outlier_rowptr)
+    np.testing.assert_array_equal(eqcore.dequantize(back), eqcore.dequantize(qt))
+    wide = dataclasses.replace(narrow[0], outlier_rowptr=narrow[0].outlier_rowptr.astype(np.int32))
+    np.testing.assert_array_equal(eqcore.dequantize(wide), eqcore.dequantize(narrow[0]))  # both dtypes read alike
+    bad = narrow[0].outlier_rowptr.copy()
+    bad[3] = bad[4] + 1  # a decrease that uint16 differences would wrap around
+    with pytest.raises(ValueError, match="non-decreasing"):
+        dataclasses.replace(narrow[0], outlier_rowptr=bad)
 
 
 def test_readme_example_runs(tmp_path):

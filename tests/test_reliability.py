@@ -236,9 +236,9 @@ how, backend = sys.argv[1], sys.argv[2]
 if how == "cols":
     qt.outlier_cols[:] = 60000
 elif how == "rowptr":
-    qt.outlier_rowptr[-1] += 10**6
+    qt.outlier_rowptr[-1] += 60000  # past every entry, in the range of the uint16 row pointers
 elif how == "rowptr_mid":
-    qt.outlier_rowptr[5] = 10**6
+    qt.outlier_rowptr[5] = 60000
 try:
     eqcore.dequantize(qt, backend=backend)
 except (ValueError, eqcore.FormatError) as e:

@@ -93,6 +93,11 @@ METHODS: dict[str, MethodSpec] = {
     "eqcore-cb-g128": MethodSpec("eqcore-cb-g128", "eqcore", "eqcore fitted codebook g128, row σ=3, fp16", 128,
                                  (("grid", "codebook"), ("group_size", 128), ("outlier_stats", "row"),
                                   ("scale_dtype", "float16"))),
+    # sigma 3.2: the best tune-split point at <= 4.25 bits at 4 bits among groups of 128 with sigma 3 to 3.5,
+    # the error budget (0.25%), groups of 160 and 192 and per row (bench/results/frontier_tune_codebook.md)
+    "eqcore-cb-g128-s3.2": MethodSpec("eqcore-cb-g128-s3.2", "eqcore", "eqcore fitted codebook g128, row σ=3.2, fp16",
+                                      128, (("grid", "codebook"), ("group_size", 128), ("outlier_stats", "row"),
+                                            ("scale_dtype", "float16"), ("sigma", 3.2))),
     "eqcore-row-g64": MethodSpec("eqcore-row-g64", "eqcore", "eqcore g64, row σ=3, fp16 scales, exact", 64,
                                  (("group_size", 64), ("outlier_stats", "row"), ("scale_dtype", "float16"),
                                   ("solver", "exact"))),
@@ -532,8 +537,11 @@ def format_markdown(res: dict, command: str | None = None) -> str:
               f"ctx {lm['ctx']}, stride {lm['stride']} (disjoint windows), ppl = exp(mean NLL). "
               "Same weights and same tokens for every method; each method quantizes once.", "",
               lm_table(res), "",
-              "bits/weight: eqcore = codes + fp32 scales + outliers (CSR: int32 rowptr, uint16 cols, fp32 values); "
-              "HQQ = codes + fp16 scale + fp16 zero per group (as HQQLinear stores them). Quantize time: "
+              "bits/weight: eqcore = everything it stores: codes + scales (fp16 unless the row says otherwise) "
+              "+ codebook + outliers (CSR: uint16 row pointers up to 65535 outliers per tensor, else int32; "
+              "uint16 columns; values in the weight's dtype, fp16: eqcore quantizes the fp16 cast of each weight, "
+              "as from an fp16 checkpoint); HQQ = codes + fp16 scale + fp16 zero per group, SINQ the same + fp16 "
+              "column scales (as they store them); NF4 = codes + fp32 absmax per 64; Q4_0 = codes + fp16 scale per 32. Quantize time: "
               "all linear weights, this machine (eqcore: Numba CPU backend; HQQ: torch CPU).", ""]
     tc = [t for t in (target_check(res, b, m) for b in (4, 3) for m in ("easyquant", "easyquant-tuned")) if t]
     if tc:

@@ -174,8 +174,9 @@ def _tensor_params(rows: int, cols: int, qweight, scales, rowptr, ocols, ovals, 
     _check(qweight, "qweight", np.uint32, (rows, packed_cols(cols, bits)))
     _check(scales, "scales", np.float32, (rows, ng))
     grid, z, cb, c, has_col = _grid_params(qweight, rows, ng, cols, bits, zeros, codebook, col)
-    _check(rowptr, "outlier_rowptr", np.int32, (rows + 1,))
     check_csr(rowptr, ocols, ovals, (rows, cols))
+    rowptr = rowptr.astype(np.int32, copy=False)  # the kernels' index type (uint16 widened: rows + 1 entries)
+    _check(rowptr, "outlier_rowptr", np.int32, (rows + 1,))
     _check(ocols, "outlier_cols", ocols.dtype, ocols.shape)
     vname = "bfloat16" if ovals.dtype == bfloat16 else ovals.dtype.name
     if vname not in VTYPE:

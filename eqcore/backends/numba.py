@@ -14,7 +14,7 @@ from numba import njit, prange
 from .. import cache
 from ..dtypes import bfloat16, finite_max, saturate, weight_dtype
 from ..layout import (BLOCK, GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, check_bits, col_index_dtype,
-                      group_layout, packed_cols, qrange)
+                      group_layout, narrow_rowptr, packed_cols, qrange)
 from .numba_bits import f32_to_bf16_bits, f32_to_f16_bits, half_bits_to_f32, unpack_stream as _unpack_stream
 from .numpy import check_codes, check_packed
 
@@ -692,13 +692,12 @@ def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, w
         raise ValueError(NONFINITE)
     rowptr = np.zeros(rows + 1, np.int64)
     np.cumsum(counts, out=rowptr[1:])
+    narrow = narrow_rowptr(rowptr)  # checks the count first
     nnz = int(rowptr[-1])
-    if nnz > np.iinfo(np.int32).max:
-        raise ValueError(f"too many outliers ({nnz}) for int32 row pointers")
     ocols, ovals = np.empty(nnz, col_index_dtype(cols)), np.empty(nnz, wv.dtype)
     if nnz:
         _split_fill(wv, kind, mean, thr, bounds, rowptr, scols, svals, ocols, ovals)
-    return out, Outliers(rowptr.astype(np.int32), ocols, ovals.view(dt))
+    return out, Outliers(narrow, ocols, ovals.view(dt))
 
 
 def _chunks(rows: int) -> int:
