@@ -514,8 +514,10 @@ def _leftovers(folder, keep):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_clean_up_and_say_so(tmp_path, sig, code):
     m = _slow_model(tmp_path / "m")
+    # SIGINT as a terminal delivers it, even where the test runs in a background job (which inherits it ignored)
     proc = subprocess.Popen([sys.executable, "-m", "eqcore.cli", "quantize", str(m), str(tmp_path / "q"),
-                             "--solver", "adam", "--steps", "100000", "--no-progress"], stderr=subprocess.PIPE, text=True)
+                             "--solver", "adam", "--steps", "100000", "--no-progress"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any(".eqcore" in n for n in os.listdir(tmp_path)):
         time.sleep(0.05)
