@@ -11,8 +11,8 @@ from .config import QuantConfig
 from .dtypes import FLOAT32_MAX, NONFINITE, all_finite, dtype_name, finite_max, weight_dtype
 from .grids import codebook_for, column_scales
 from .interop import array_module, as_array
-from .layout import SCALE_DTYPES, group_layout, max_scale, narrow_rowptr, packed_cols, round_scales, round_zeros
-from .outliers import kept, select, to_csr
+from .layout import SCALE_DTYPES, group_layout, max_scale, packed_cols, round_scales, round_zeros
+from .outliers import concat_csr, kept, select, to_csr
 from .solvers.objective import dequant_error
 from .tensor import QuantizedTensor
 
@@ -90,25 +90,19 @@ class _Blocks:
         self.scales = np.empty((rows, group_layout(cols, config.group_size)[1]), SCALE_DTYPES[config.scale_dtype])
         self.x = np.empty((min(step, rows), cols), np.float32)
         self.work = {}  # the split's scratch arrays
-        self.row, self.nnz, self.rowptr, self.cols, self.vals = 0, 0, [np.zeros(1, np.int64)], [], []
+        self.row, self.outliers = 0, []  # outliers: each block's CSR
 
     def add(self, scales, outliers):
         """Rows' scales and outliers, after their codes went into ``qweight``."""
         n = scales.shape[0]
         self.scales[self.row:self.row + n] = scales
         self.row += n
-        if self.nnz + outliers.nnz > np.iinfo(np.int32).max:
-            raise ValueError(f"too many outliers ({self.nnz + outliers.nnz}) for int32 row pointers")
-        self.rowptr.append(outliers.rowptr[1:].astype(np.int64) + self.nnz)
-        self.nnz += outliers.nnz
-        self.cols.append(outliers.cols)
-        self.vals.append(outliers.vals)
+        self.outliers.append(outliers)
 
     def tensor(self, w, config: QuantConfig) -> QuantizedTensor:
-        rowptr = narrow_rowptr(np.concatenate(self.rowptr))
-        return QuantizedTensor(self.qweight, self.scales, rowptr, np.concatenate(self.cols), np.concatenate(self.vals),
-                               shape=w.shape, dtype=dtype_name(w.dtype), bits=config.bits,
-                               group_size=config.group_size, sigma=_sigma_of(config), grid=config.grid)
+        return QuantizedTensor(self.qweight, self.scales, *concat_csr(self.outliers), shape=w.shape,
+                               dtype=dtype_name(w.dtype), bits=config.bits, group_size=config.group_size,
+                               sigma=_sigma_of(config), grid=config.grid)
 
 
 def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = None) -> QuantizedTensor | None:

@@ -228,6 +228,16 @@ def to_csr(w: np.ndarray, mask: np.ndarray) -> Outliers:
     return Outliers(narrow_rowptr(rowptr), cols.astype(col_index_dtype(w.shape[1])), w[rows, cols])
 
 
+def concat_csr(parts) -> Outliers:
+    """The CSR of consecutive row blocks (NumPy), given each block's own: row pointers shifted by
+    the entries before the block, in :func:`eqcore.layout.rowptr_dtype` of the total."""
+    nnz = np.cumsum([0] + [p.nnz for p in parts])
+    rowptr = np.concatenate([np.zeros(1, np.int64)] +
+                            [np.asarray(p.rowptr[1:], np.int64) + n for p, n in zip(parts, nnz)])
+    return Outliers(narrow_rowptr(rowptr), np.concatenate([p.cols for p in parts]),
+                    np.concatenate([p.vals for p in parts]))
+
+
 def csr_rows(rowptr) -> np.ndarray:
     """The row of each entry of a CSR with row pointers ``rowptr`` (NumPy)."""
     rowptr = np.asarray(rowptr)

@@ -10,8 +10,8 @@ import numpy as np
 from .interop import array_module
 from .dtypes import dtype_name, finite_max, weight_dtype
 from .errors import FormatError
-from .layout import GRIDS, SCALE_DTYPES, check_bits, group_layout, narrow_rowptr, packed_cols, qrange
-from .outliers import Outliers, check_csr
+from .layout import GRIDS, SCALE_DTYPES, check_bits, group_layout, packed_cols, qrange
+from .outliers import Outliers, check_csr, concat_csr
 
 FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
 OPTIONAL = ("zeros", "codebook", "col_scales")  # present for some grids only
@@ -110,12 +110,10 @@ class QuantizedTensor:
                 same = same and (x is None) == (y is None) and (x is None or np.array_equal(x, y))
             if not same:
                 raise ValueError("row blocks of different tensors or settings cannot be stacked")
-        nnz = np.cumsum([0] + [len(b.outlier_vals) for b in blocks])
-        rowptr = narrow_rowptr(np.concatenate([np.zeros(1, np.int64)] +
-                                              [b.outlier_rowptr[1:].astype(np.int64) + n for b, n in zip(blocks, nnz)]))
+        rowptr, cols, vals = concat_csr([b.outliers for b in blocks])
         stack = {f: np.concatenate([getattr(b, f) for b in blocks])
-                 for f in ("qweight", "scales", "zeros", "outlier_cols", "outlier_vals") if getattr(first, f) is not None}
-        return dataclasses.replace(first, **stack, outlier_rowptr=rowptr,
+                 for f in ("qweight", "scales", "zeros") if getattr(first, f) is not None}
+        return dataclasses.replace(first, **stack, outlier_rowptr=rowptr, outlier_cols=cols, outlier_vals=vals,
                                    shape=(sum(b.shape[0] for b in blocks), first.shape[1]))
 
     # -- (de)serialisation --------------------------------------------------
