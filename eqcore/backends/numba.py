@@ -15,7 +15,7 @@ from .. import cache
 from ..dtypes import bfloat16, finite_max, saturate, weight_dtype
 from ..layout import (BLOCK, GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, check_bits, col_index_dtype,
                       group_layout, narrow_rowptr, packed_cols, qrange)
-from .numba_bits import f32_to_bf16_bits, f32_to_f16_bits, half_bits_to_f32, unpack_stream as _unpack_stream
+from .numba_bits import code_at, f32_to_bf16_bits, f32_to_f16_bits, half_bits_to_f32, unpack_stream as _unpack_stream
 from .numpy import check_codes, check_packed
 
 name = "numba"
@@ -96,10 +96,8 @@ def _pack_stream(codes, bits, out):
 def _unpack_pow2(words, bits, lg, out):
     """Codes of width ``bits`` = 32 >> lg: code c at bits (c % per) * bits of word c >> lg, one
     branch-free loop (vectorised when bits and lg are constants)."""
-    low = (1 << lg) - 1
-    m32 = np.uint32((1 << bits) - 1)
     for c in range(out.shape[0]):
-        out[c] = np.uint8((words[c >> lg] >> np.uint32((c & low) * bits)) & m32)
+        out[c] = np.uint8(code_at(words, c, bits, lg))
 
 
 def _by_width(whole_words, stream):

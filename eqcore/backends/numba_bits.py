@@ -1,6 +1,7 @@
 """Bit-level primitives that the Numba kernels share (a leaf module: it imports no other part of
 eqcore, so that :mod:`eqcore.backends.numba` and :mod:`eqcore.backends.numba_matmul` can both use it):
-float32 <-> float16 / bfloat16 bits with the contract's rounding, and reading codes across words.
+float32 <-> float16 / bfloat16 bits with the contract's rounding, and reading codes (one at a time
+within words, or across words).
 """
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def half_bits_to_f32(typingctx, h):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+@njit(inline="always")
+def code_at(words, c, bits, lg):
+    """Code ``c`` (uint32) of a packed row of ``bits`` = 32 >> lg wide codes: bits (c % per) * bits
+    of word c >> lg."""
+    return (words[c >> lg] >> np.uint32((c & ((1 << lg) - 1)) * bits)) & np.uint32((1 << bits) - 1)
 
 
 @njit

@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRIDS, group_layout, qrange
-from .numba_bits import half_bits_to_f32, unpack_stream
+from .numba_bits import code_at, half_bits_to_f32, unpack_stream
 
 RB = 4  # rows of W per block: their levels are formed once, then meet x four rows of x at a time
 KB = 1024  # columns per slice of a block's levels (4 rows x 4 KiB, L1-resident while every row of x meets it;
@@ -348,15 +348,12 @@ def _outlier_dot(q, oc, ov, kind, x0, xc0, off, bits, lg):
     slot dot summed code terms at these columns; the caller takes them back out. A loop LLVM
     vectorises with gathers (the scalar version, an outlier at a time, cost 12 cycles each:
     half the time of a 4096-column GEMV at 1.3% outliers)."""
-    m = np.uint32((1 << bits) - 1)
-    low = (1 << lg) - 1
     t1 = np.float32(0)
     t2 = np.float32(0)
     for p in range(oc.shape[0]):
         c = np.int64(oc[p])
-        code = (q[c >> lg] >> np.uint32((c & low) * bits)) & m
         t1 += _oval(ov[p], kind) * x0[c]
-        t2 += (np.float32(code) + off) * xc0[c]
+        t2 += (np.float32(code_at(q, c, bits, lg)) + off) * xc0[c]
     return t1, t2
 
 
@@ -383,13 +380,10 @@ def _outlier_delta_dot(q, oc, ov, conv, x0, off, s, bits, lg):
     caller outside the loop (:func:`_oval`'s branch inside it, or in a function between, kept it
     slow): 0.42 -> 0.31 ms for the 224k outliers of a 4096x4096 weight on one thread, against a
     slot dot of 0.7."""
-    m = np.uint32((1 << bits) - 1)
-    low = (1 << lg) - 1
     t = np.float32(0)
     for p in range(oc.shape[0]):
         c = np.int64(oc[p])
-        code = (q[c >> lg] >> np.uint32((c & low) * bits)) & m
-        t += (conv(ov[p]) - (np.float32(code) + off) * s) * x0[c]
+        t += (conv(ov[p]) - (np.float32(code_at(q, c, bits, lg)) + off) * s) * x0[c]
     return t
 
 
@@ -398,17 +392,14 @@ def _outlier_dot_groups(q, r, oc, ov, kind, x0, xc0, scales, zeros, asym, qmin, 
     """:func:`_outlier_dot` for groups of ``1 << lgg`` columns: the second sum is taken with each
     outlier's group scale, (code + off) * s * xc0[c] (a shift, not an int64 division, finds the
     group: with division the outliers took 40% of a 128-column-group GEMV)."""
-    m = np.uint32((1 << bits) - 1)
-    low = (1 << lg) - 1
     t1 = np.float32(0)
     t2 = np.float32(0)
     for p in range(oc.shape[0]):
         c = np.int64(oc[p])
         j = c >> lgg
         off = -zeros[r, j] if asym else qmin
-        code = (q[c >> lg] >> np.uint32((c & low) * bits)) & m
         t1 += _oval(ov[p], kind) * x0[c]
-        t2 += (np.float32(code) + off) * scales[r, j] * xc0[c]
+        t2 += (np.float32(code_at(q, c, bits, lg)) + off) * scales[r, j] * xc0[c]
     return t1, t2
 
 
