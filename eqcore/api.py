@@ -11,7 +11,7 @@ from .config import QuantConfig
 from .dtypes import FLOAT32_MAX, NONFINITE, all_finite, dtype_name, finite_max, weight_dtype
 from .grids import codebook_for, column_scales
 from .interop import array_module, as_array
-from .layout import SCALE_DTYPES, group_layout, max_scale, packed_cols, round_scales, round_zeros
+from .layout import SCALE_DTYPES, group_layout, max_scale, packed_cols, round_scales, round_zeros, stored_scales
 from .outliers import concat_csr, kept, select, to_csr
 from .solvers.objective import dequant_error
 from .tensor import QuantizedTensor
@@ -87,7 +87,9 @@ class _Blocks:
     def __init__(self, w, config: QuantConfig, step: int):
         rows, cols = w.shape
         self.qweight = np.empty((rows, packed_cols(cols, config.bits)), np.uint32)
-        self.scales = np.empty((rows, group_layout(cols, config.group_size)[1]), SCALE_DTYPES[config.scale_dtype])
+        log8 = config.scale_dtype == "log8"  # held as float32 values until the end
+        self.scales = np.empty((rows, group_layout(cols, config.group_size)[1]),
+                               np.float32 if log8 else SCALE_DTYPES[config.scale_dtype])
         self.x = np.empty((min(step, rows), cols), np.float32)
         self.work = {}  # the split's scratch arrays
         self.row, self.outliers = 0, []  # outliers: each block's CSR
@@ -100,9 +102,10 @@ class _Blocks:
         self.outliers.append(outliers)
 
     def tensor(self, w, config: QuantConfig) -> QuantizedTensor:
-        return QuantizedTensor(self.qweight, self.scales, *concat_csr(self.outliers), shape=w.shape,
+        scales, row_scales = stored_scales(self.scales, config.scale_dtype)
+        return QuantizedTensor(self.qweight, scales, *concat_csr(self.outliers), shape=w.shape,
                                dtype=dtype_name(w.dtype), bits=config.bits, group_size=config.group_size,
-                               sigma=_sigma_of(config), grid=config.grid)
+                               sigma=_sigma_of(config), grid=config.grid, row_scales=row_scales)
 
 
 def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = None) -> QuantizedTensor | None:
@@ -156,9 +159,10 @@ def quantize_split(w, x, outliers, config: QuantConfig, keep, *, backend: str) -
     f32 = _float32
     qweight = be.encode(x, f32(scales), config.bits, config.group_size, zeros=f32(zeros), codebook=codebook,
                         col_scales=f32(col))
+    scales, row_scales = stored_scales(scales, config.scale_dtype)
     return QuantizedTensor(qweight, scales, *outliers, shape=w.shape, dtype=dtype_name(w.dtype),
                            bits=config.bits, group_size=config.group_size, sigma=_sigma_of(config),
-                           grid=config.grid, zeros=zeros, codebook=codebook, col_scales=col)
+                           grid=config.grid, zeros=zeros, codebook=codebook, col_scales=col, row_scales=row_scales)
 
 
 def fit_grid(x, config, solve, smax, dtype, keep=None):

@@ -46,7 +46,8 @@ def _quant_options(p):
                    help="share of the weights --outliers budget keeps exact (default %(default)s)")
     p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one scale per row)")
     p.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), default=d.scale_dtype,
-                   help="how scales are stored (default %(default)s)")
+                   help="how scales are stored; log8: a byte per group under a float16 scale per row "
+                        "(default %(default)s)")
     p.add_argument("--grid", choices=GRIDS, default=d.grid,
                    help="the levels codes stand for: symmetric (the paper's), asymmetric (a zero-point per "
                         "group) or codebook (2^bits levels) (default %(default)s)")

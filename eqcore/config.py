@@ -30,7 +30,9 @@ class QuantConfig:
     group_size  scales per group of this many input columns; ``None`` = one per row.
     scale_dtype "float16" (the default), "bfloat16" or "float32" (the paper's): how scales (and
                 zeros, column scales) are stored. Narrower ones are the float32 result rounded to
-                nearest (codes follow).
+                nearest (codes follow). "log8": a uint8 code per group, s = row scale * 2^(-q/32)
+                under a float16 scale per row (a 1.1% step; zeros and column scales float16):
+                half the cost of float16 group scales, for grouped layouts.
     grid        the levels a code stands for: "symmetric" (integers around 0, the paper's),
                 "asymmetric" (integers minus a zero-point per group) or "codebook" (2^bits
                 fitted or normal-float levels), see :mod:`eqcore.grids`.

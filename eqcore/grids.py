@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit
 
 from .interop import array_module
-from .layout import SCALE_DTYPES, group_layout
+from .layout import float_dtype, group_layout
 
 CODEBOOKS = ("fit", "nf")
 COLUMN_ROUNDS = 6
@@ -182,6 +182,6 @@ def column_scales(x, scale_dtype: str = "float32"):
         c = c * xp.sqrt(xp.where(cs > 0, cs / mean, 1.0))
     c = c / float(xp.exp(xp.log(c).mean()))  # geometric mean 1: the row scales carry the magnitude
     c = xp.maximum(c, xp.abs(y0).max(axis=0) * 2.0 ** -126)  # x / c stays finite in float32
-    sd = SCALE_DTYPES[scale_dtype]
+    sd = float_dtype(scale_dtype)
     c = xp.clip(c, float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max)) if sd == np.float16 else c
     return c.astype(np.float32).astype(sd)

@@ -11,13 +11,19 @@ import numbers
 import numpy as np
 
 from .dtypes import bfloat16, finite_max
+from .interop import array_module
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 BLOCK = 32  # codes per packing block; a block of k-bit codes is exactly k uint32 words
 INDEX_DTYPES = ("uint16", "int32")  # outlier column indices (up to 65536 columns) and row pointers (up to 65535 outliers)
 GRIDS = ("symmetric", "asymmetric", "codebook")  # how a code becomes a level; the index is the kernels' grid id
 GRID_SYMMETRIC, GRID_ASYMMETRIC, GRID_CODEBOOK = range(3)
-SCALE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": bfloat16}
+SCALE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": bfloat16,
+                "log8": np.dtype(np.uint8)}
+# "log8": a group's scale is a uint8 code q under a float16 scale per row: s = row_scale * LOG8[q],
+# LOG8[q] = 2^(-q / LOG8_STEP) in float32 (a 1.1% step; 256 codes span a factor of 250)
+LOG8_STEP = 32
+LOG8 = np.exp2(-np.arange(256) / LOG8_STEP).astype(np.float32)
 
 
 def check_bits(bits) -> int:
@@ -68,11 +74,18 @@ def narrow_rowptr(rowptr):
     return rowptr.astype(rowptr_dtype(nnz), copy=False)
 
 
+def float_dtype(scale_dtype) -> np.dtype:
+    """The float dtype of ``scale_dtype``'s floats: itself, or float16 for "log8" (its row scales,
+    and the zero-points and column scales stored beside it)."""
+    sd = SCALE_DTYPES[scale_dtype] if isinstance(scale_dtype, str) else np.dtype(scale_dtype)
+    return np.dtype(np.float16) if sd == np.uint8 else sd
+
+
 def max_scale(dtype, qmax: int, scale_dtype="float32") -> np.float32:
     """Largest float32 scale s, representable in ``scale_dtype``, with qmax * s <= the finite
     maximum of ``dtype`` (exact test)."""
     top = finite_max(dtype)
-    sd = SCALE_DTYPES[scale_dtype] if isinstance(scale_dtype, str) else np.dtype(scale_dtype)
+    sd = float_dtype(scale_dtype)
     s = np.float32(min(top / qmax, float(np.finfo(np.float16).max) if sd == np.float16 else top))
     s = np.float32(s.astype(sd))
     while float(s) * qmax > top:
@@ -82,19 +95,50 @@ def max_scale(dtype, qmax: int, scale_dtype="float32") -> np.float32:
 
 def round_scales(scales, scale_dtype: str):
     """float32 ``scales`` rounded to nearest in ``scale_dtype`` (NumPy or CuPy) and stored that way;
-    float16 scales never round to 0 (the smallest positive float16 is the floor)."""
+    float16 scales never round to 0 (the smallest positive float16 is the floor). For "log8" the
+    float32 values on its grid (:func:`split_log8` stores them): each row's largest scale rounded
+    to float16 is the row scale, and every scale goes to the nearest code in log scale (clipped:
+    scales below 1/250 of their row's largest take the smallest step)."""
     sd = SCALE_DTYPES[scale_dtype]
     if sd == np.float32:
         return scales
+    if sd == np.uint8:
+        rs = round_scales(scales.max(axis=1, keepdims=True), "float16").astype(np.float32)
+        xp = array_module(scales)
+        q = xp.clip(xp.rint(-LOG8_STEP * xp.log2(scales.astype(np.float64) / rs)), 0, 255).astype(np.uint8)
+        return rs * xp.asarray(LOG8)[q]
     if sd == np.float16:
         scales = scales.clip(np.float32(np.finfo(np.float16).smallest_subnormal), np.float32(np.finfo(np.float16).max))
     return scales.astype(sd)
 
 
+def stored_scales(scales, scale_dtype: str):
+    """(scales, row_scales) as a QuantizedTensor stores :func:`round_scales`' result: itself and
+    None, or for "log8" its :func:`split_log8`."""
+    return split_log8(scales) if scale_dtype == "log8" else (scales, None)
+
+
+def split_log8(scales):
+    """(uint8 codes (rows, n_groups), float16 row scales (rows,)) of float32 scales on the "log8"
+    grid (from :func:`round_scales`); :func:`float_scales` gives them back exactly."""
+    xp = array_module(scales)
+    rs = scales.max(axis=1)
+    q = xp.rint(-LOG8_STEP * xp.log2(scales.astype(np.float64) / rs[:, None])).astype(np.uint8)
+    return q, rs.astype(np.float16)
+
+
+def float_scales(scales, row_scales=None):
+    """The float32 scales (rows, n_groups) that the kernels take, from stored ``scales`` (NumPy or
+    CuPy): a float dtype converted, or "log8" codes with their ``row_scales`` decoded."""
+    if row_scales is None:
+        return scales.astype(np.float32)
+    return row_scales.astype(np.float32)[:, None] * array_module(scales).asarray(LOG8)[scales]
+
+
 def round_zeros(zeros, scale_dtype: str):
     """float32 zero-points rounded to nearest in ``scale_dtype`` (NumPy or CuPy), clipped to its
     finite range."""
-    sd = SCALE_DTYPES[scale_dtype]
+    sd = float_dtype(scale_dtype)
     if sd == np.float32:
         return zeros
     top = np.float32(finite_max(sd))
@@ -107,11 +151,12 @@ def stored_bytes(shape, bits: int, group_size: int | None = None, *, nnz: int = 
     scales (and zero-points), the codebook, column scales, and the outlier CSR (row pointers in
     :func:`rowptr_dtype`, column indices, values in the weight's dtype)."""
     rows, cols = shape
-    scale = SCALE_DTYPES[scale_dtype].itemsize
+    scale, side = SCALE_DTYPES[scale_dtype].itemsize, float_dtype(scale_dtype).itemsize
     n_groups = group_layout(cols, group_size)[1]
-    size = rows * packed_cols(cols, bits) * 4 + rows * n_groups * scale * (2 if grid == "asymmetric" else 1)
+    size = rows * packed_cols(cols, bits) * 4 + rows * n_groups * (scale + (side if grid == "asymmetric" else 0))
+    size += rows * side if scale_dtype == "log8" else 0
     size += (4 << bits) if grid == "codebook" else 0
-    size += cols * scale if col_scales else 0
+    size += cols * side if col_scales else 0
     return size + (rows + 1) * rowptr_dtype(nnz).itemsize + nnz * (col_index_dtype(cols).itemsize + weight_itemsize)
 
 

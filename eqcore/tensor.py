@@ -10,11 +10,11 @@ import numpy as np
 from .interop import array_module
 from .dtypes import dtype_name, finite_max, weight_dtype
 from .errors import FormatError
-from .layout import GRIDS, SCALE_DTYPES, check_bits, group_layout, packed_cols, qrange
+from .layout import GRIDS, SCALE_DTYPES, check_bits, float_dtype, float_scales, group_layout, packed_cols, qrange
 from .outliers import Outliers, check_csr, concat_csr
 
 FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
-OPTIONAL = ("zeros", "codebook", "col_scales")  # present for some grids only
+OPTIONAL = ("zeros", "codebook", "col_scales", "row_scales")  # present for some grids / scale dtypes only
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -22,16 +22,19 @@ class QuantizedTensor:
     """A quantized (rows, cols) weight: W ~= dequant(qweight, scales, ...) + sparse(outliers).
 
     qweight         (rows, ceil(cols/32) * bits) uint32, layout in :mod:`eqcore.backends.numpy`
-    scales          (rows, n_groups) float32, float16 or bfloat16
+    scales          (rows, n_groups) float32, float16 or bfloat16; or uint8 "log8" codes, a group's
+                    scale being row_scales * 2^(-code/32) (:data:`eqcore.layout.LOG8`)
     outlier_rowptr  (rows + 1,) uint16 (at most 65535 outliers) or int32; outlier_cols,
                     outlier_vals: CSR entries (see :class:`eqcore.outliers.Outliers`)
     shape, dtype    the original matrix shape and dtype name
     bits, group_size, sigma  how it was quantized (sigma None: no outliers isolated)
     grid            how a code u becomes a level: "symmetric" (u + qmin), "asymmetric"
                     (u - zero of its group) or "codebook" (codebook[u])
-    zeros           (rows, n_groups), the scales' dtype: the asymmetric grid's zero-points
+    zeros           (rows, n_groups), the scales' float dtype: the asymmetric grid's zero-points
     codebook        (2^bits,) float32, strictly increasing: the codebook grid's levels
-    col_scales      (cols,), the scales' dtype, or None: a scale per input column, applied last
+    col_scales      (cols,), the scales' float dtype, or None: a scale per input column, applied last
+    row_scales      (rows,) float16 with "log8" scales (else None)
+    The scales' float dtype is their own, or float16 for "log8" (:func:`eqcore.layout.float_dtype`).
     """
 
     qweight: np.ndarray
@@ -48,6 +51,7 @@ class QuantizedTensor:
     zeros: np.ndarray | None = None
     codebook: np.ndarray | None = None
     col_scales: np.ndarray | None = None
+    row_scales: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -57,6 +61,10 @@ class QuantizedTensor:
     @property
     def outliers(self) -> Outliers:
         return Outliers(self.outlier_rowptr, self.outlier_cols, self.outlier_vals)
+
+    def float_scales(self):
+        """The group scales as float32 (rows, n_groups), as the kernels take them."""
+        return float_scales(self.scales, self.row_scales)
 
     @property
     def n_groups(self) -> int:
@@ -91,6 +99,7 @@ class QuantizedTensor:
         return dataclasses.replace(
             self, qweight=self.qweight[start:stop], scales=self.scales[start:stop],
             zeros=None if self.zeros is None else self.zeros[start:stop],
+            row_scales=None if self.row_scales is None else self.row_scales[start:stop],
             outlier_rowptr=self.outlier_rowptr[start:stop + 1] - self.outlier_rowptr[start],
             outlier_cols=self.outlier_cols[a:b], outlier_vals=self.outlier_vals[a:b], shape=(stop - start, self.shape[1]))
 
@@ -112,7 +121,7 @@ class QuantizedTensor:
                 raise ValueError("row blocks of different tensors or settings cannot be stacked")
         rowptr, cols, vals = concat_csr([b.outliers for b in blocks])
         stack = {f: np.concatenate([getattr(b, f) for b in blocks])
-                 for f in ("qweight", "scales", "zeros") if getattr(first, f) is not None}
+                 for f in ("qweight", "scales", "zeros", "row_scales") if getattr(first, f) is not None}
         return dataclasses.replace(first, **stack, outlier_rowptr=rowptr, outlier_cols=cols, outlier_vals=vals,
                                    shape=(sum(b.shape[0] for b in blocks), first.shape[1]))
 
@@ -188,9 +197,16 @@ class QuantizedTensor:
              f"qweight has codes in the padding beyond column {cols}: the shape does not match the packed data")
         s = self.scales
         need(s.dtype in SCALE_DTYPES.values() and tuple(s.shape) == (rows, self.n_groups),
-             f"scales must be float32, float16 or bfloat16 {(rows, self.n_groups)}, got {s.dtype} {tuple(s.shape)}")
+             f"scales must be float32, float16, bfloat16 or uint8 (log8) {(rows, self.n_groups)}, "
+             f"got {s.dtype} {tuple(s.shape)}")
         xp = array_module(s)
-        s = s.astype(np.float32)
+        rs = self.row_scales
+        need((rs is not None) == (s.dtype == np.uint8), "row_scales are present exactly with uint8 (log8) scales")
+        if rs is not None:
+            need(hasattr(rs, "dtype") and rs.dtype == np.float16 and tuple(rs.shape) == (rows,),
+                 f"row_scales must be float16 ({rows},), got {getattr(rs, 'dtype', None)} {tuple(getattr(rs, 'shape', ()))}")
+        fd = float_dtype(s.dtype)
+        s = self.float_scales()
         need(bool(xp.all(xp.isfinite(s) & (s > 0))), "scales must be finite and positive")
         top = finite_max(dt)
         need(self.grid in GRIDS, f"grid must be one of {GRIDS}, got {self.grid!r}")
@@ -201,8 +217,8 @@ class QuantizedTensor:
         level = float(qrange(self.bits)[1])  # each group's largest level magnitude: it must stay finite
         if self.zeros is not None:
             z = self.zeros
-            need(hasattr(z, "dtype") and z.dtype == self.scales.dtype and tuple(z.shape) == tuple(s.shape),
-                 f"zeros must be {self.scales.dtype} {tuple(s.shape)}, got {getattr(z, 'dtype', None)} "
+            need(hasattr(z, "dtype") and z.dtype == fd and tuple(z.shape) == tuple(s.shape),
+                 f"zeros must be {fd} {tuple(s.shape)}, got {getattr(z, 'dtype', None)} "
                  f"{tuple(getattr(z, 'shape', ()))}")
             z = z.astype(np.float32)
             need(bool(xp.all(xp.isfinite(z))), "zeros must be finite")
@@ -218,8 +234,8 @@ class QuantizedTensor:
         col = 1.0
         if self.col_scales is not None:
             c = self.col_scales
-            need(hasattr(c, "dtype") and c.dtype == self.scales.dtype and tuple(c.shape) == (cols,),
-                 f"col_scales must be {self.scales.dtype} ({cols},), got {getattr(c, 'dtype', None)} "
+            need(hasattr(c, "dtype") and c.dtype == fd and tuple(c.shape) == (cols,),
+                 f"col_scales must be {fd} ({cols},), got {getattr(c, 'dtype', None)} "
                  f"{tuple(getattr(c, 'shape', ()))}")
             c = c.astype(np.float32)
             need(bool(xp.all(xp.isfinite(c) & (c > 0))), "col_scales must be finite and positive")

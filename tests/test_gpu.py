@@ -119,7 +119,8 @@ def test_jax_dlpack_input():
 
 
 MATMUL_GRIDS = [dict(group_size=None), dict(group_size=128, grid="asymmetric", scale_dtype="float16"),
-                dict(group_size=64, grid="codebook", col_scales=True), dict(group_size=40, col_scales=True)]
+                dict(group_size=64, grid="codebook", col_scales=True), dict(group_size=40, col_scales=True),
+                dict(group_size=32, grid="codebook", scale_dtype="log8")]
 
 
 def on_device(a, misalign: bool):

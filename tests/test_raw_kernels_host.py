@@ -184,7 +184,7 @@ def f32(a):
 
 def dequant_host(lib, qt: QuantizedTensor, out_dtype, misalign=False) -> np.ndarray:
     out = place(np.zeros(qt.shape, weight_dtype(out_dtype)) + np.asarray(7, weight_dtype(out_dtype)), misalign)
-    run(lib, launch.dequant_launch(place(qt.qweight, misalign), f32(qt.scales), qt.outlier_rowptr, qt.outlier_cols,
+    run(lib, launch.dequant_launch(place(qt.qweight, misalign), qt.float_scales(), qt.outlier_rowptr, qt.outlier_cols,
                                    qt.outlier_vals, out, qt.bits, qt.group_size, f32(qt.zeros), f32(qt.codebook),
                                    f32(qt.col_scales)))
     return out
@@ -192,7 +192,8 @@ def dequant_host(lib, qt: QuantizedTensor, out_dtype, misalign=False) -> np.ndar
 
 GRID_OPTIONS = st.sampled_from([{}, {"grid": "asymmetric"}, {"grid": "codebook"}, {"grid": "codebook", "codebook": "nf"},
                                 {"col_scales": True}, {"grid": "asymmetric", "col_scales": True, "scale_dtype": "float16"},
-                                {"grid": "codebook", "col_scales": True, "scale_dtype": "bfloat16"}])
+                                {"grid": "codebook", "col_scales": True, "scale_dtype": "bfloat16"},
+                                {"grid": "codebook", "scale_dtype": "log8"}, {"scale_dtype": "log8"}])
 
 
 @SETTINGS
@@ -259,7 +260,7 @@ def test_float64_outliers_round_like_the_reference(lib):
 def gemv_host(lib, x, qt: QuantizedTensor, misalign=False) -> np.ndarray:
     """x @ W^T by the GEMV kernel on the host (x and qweight 16-byte aligned unless ``misalign``)."""
     out = np.full((x.shape[0], qt.shape[0]), np.nan, np.float32)
-    run(lib, launch.gemv_launch(place(x, misalign), place(qt.qweight, misalign), f32(qt.scales), qt.outlier_rowptr,
+    run(lib, launch.gemv_launch(place(x, misalign), place(qt.qweight, misalign), qt.float_scales(), qt.outlier_rowptr,
                                 qt.outlier_cols, qt.outlier_vals, out, qt.bits, qt.group_size, f32(qt.zeros),
                                 f32(qt.codebook), f32(qt.col_scales)))
     return out

@@ -30,10 +30,11 @@ def test_forward_is_the_dense_layer_of_the_dequantized_weight(dtype):
     assert q.quantized.outlier_vals.size > 0 and q.bias is not None
 
 
-def test_quantized_property_and_state_dict_round_trip():
+@pytest.mark.parametrize("scale_dtype", ["float16", "log8"])
+def test_quantized_property_and_state_dict_round_trip(scale_dtype):
     torch.manual_seed(1)
     lin = torch.nn.Linear(64, 24, bias=False).half()
-    qt = eqcore.quantize(lin.weight, bits=3, grid="codebook", col_scales=True, scale_dtype="float16")
+    qt = eqcore.quantize(lin.weight, bits=3, grid="codebook", col_scales=True, scale_dtype=scale_dtype, group_size=16)
     q = QuantizedLinear(qt)
     for f, a in qt.arrays().items():
         np.testing.assert_array_equal(np.asarray(getattr(q.quantized, f)), np.asarray(a))
@@ -41,7 +42,7 @@ def test_quantized_property_and_state_dict_round_trip():
     torch.save(q.state_dict(), buf)
     buf.seek(0)
     other = QuantizedLinear(eqcore.quantize(np.full((24, 64), 0.5, np.float16), bits=3, grid="codebook",
-                                            col_scales=True, scale_dtype="float16"))
+                                            col_scales=True, scale_dtype=scale_dtype, group_size=16))
     x = torch.randn(2, 64).half()
     before = other(x)  # builds (and keeps) the QuantizedTensor of the old buffers
     assert other.quantized is other.quantized

@@ -72,7 +72,7 @@ def unpack(packed, bits: int, cols: int):
 def _tensor(qt):
     """``qt``'s arrays as the kernels take them, on the device: (qweight, scales, rowptr, cols, vals)
     and the grid's zeros / codebook / col keywords (float32, or None)."""
-    return ((asarray(qt.qweight), _f32(qt.scales), asarray(qt.outlier_rowptr), asarray(qt.outlier_cols),
+    return ((asarray(qt.qweight), asarray(qt.float_scales()), asarray(qt.outlier_rowptr), asarray(qt.outlier_cols),
              asarray(qt.outlier_vals)), dict(zeros=_f32(qt.zeros), codebook=_f32(qt.codebook), col=_f32(qt.col_scales)))
 
 

@@ -353,7 +353,7 @@ def _tensor_args(qt) -> tuple:
     rows, cols = qt.shape
     g, n_groups = group_layout(cols, qt.group_size)
     grid, z, cb, col = _grid_args(qt.grid, rows, n_groups, cols, qt.zeros, qt.codebook, qt.col_scales)
-    return (np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.scales.astype(np.float32)), g, int(qt.bits),
+    return (np.ascontiguousarray(qt.qweight), np.ascontiguousarray(qt.float_scales()), g, int(qt.bits),
             np.float32(qrange(qt.bits)[0]), grid, z, cb, col, qt.outlier_rowptr.astype(np.int64),
             qt.outlier_cols.astype(np.int64))
 

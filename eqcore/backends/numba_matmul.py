@@ -548,7 +548,7 @@ def matmul(x, qt) -> np.ndarray:
     grid = GRIDS.index(qt.grid)
     qmin = np.float32(qrange(bits)[0])
     qw = np.ascontiguousarray(qt.qweight)
-    scales = _f32(qt.scales)
+    scales = qt.float_scales()
     zeros = _f32(qt.zeros, 2)
     codebook = _f32(qt.codebook)
     col = _f32(qt.col_scales)

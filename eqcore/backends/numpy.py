@@ -140,7 +140,7 @@ def dequantize(qt, dtype=None) -> np.ndarray:
     level = grid_levels(u, qt.bits, _per_element(qt.zeros, cols, qt.group_size), qt.codebook)
     top = np.float32(finite_max(dtype))
     with np.errstate(over="ignore"):  # a float32 product past the range is clamped next
-        v = level * _per_element(qt.scales, cols, qt.group_size)
+        v = level * _per_element(qt.float_scales(), cols, qt.group_size)
         if qt.col_scales is not None:
             v = v * qt.col_scales.astype(np.float32)
         out = np.clip(v, -top, top).astype(dtype)

@@ -4,7 +4,8 @@ A quantized weight ``name`` is stored as the tensors ``name.qweight`` (uint32),
 ``name.scales`` (float32; float16 / bfloat16 from version 2), ``name.outlier_rowptr`` (int32;
 uint16 from version 3, when the tensor has at most 65535 outliers),
 ``name.outlier_cols`` (uint16/int32), ``name.outlier_vals`` (weight dtype), from version 2 also
-``name.zeros``, ``name.codebook`` and ``name.col_scales`` where its grid uses them, and the
+``name.zeros``, ``name.codebook`` and ``name.col_scales`` where its grid uses them, from version 4
+uint8 "log8" scales with ``name.row_scales`` (float16), and the
 metadata entry ``eqcore.tensor.<name>``: a JSON string with shape, dtype, bits, group_size,
 sigma, grid (version 2, when not symmetric) and rel_error when known. ``name`` itself is stored
 as an empty uint8 tensor, a guard: a loader that does not know eqcore finds the weight's name
@@ -29,8 +30,8 @@ from ..tensor import FIELDS, OPTIONAL, QuantizedTensor
 
 PARTS = FIELDS + OPTIONAL  # every array a quantized tensor may store
 
-FORMAT_VERSION = "3"  # written only by files that need it: v1 readers keep reading v1-only files
-READABLE = ("1", "2", "3")
+FORMAT_VERSION = "4"  # written only by files that need it: v1 readers keep reading v1-only files
+READABLE = ("1", "2", "3", "4")
 VERSION_KEY = "eqcore.format_version"
 TENSOR_KEY = "eqcore.tensor."
 OUTPUT_KEY = "eqcore.output"  # marks a file eqcore wrote (so --force may replace it)
@@ -53,8 +54,10 @@ def write_entry(writer: SafetensorsWriter, name: str, value, **extra) -> None:
 
 def format_version(qt: QuantizedTensor) -> str:
     """The oldest format that holds ``qt``: "1" (float32 scales, symmetric grid, no column scales),
-    "2" (narrower scales, the asymmetric and codebook grids, column scales) or "3" (uint16 outlier
-    row pointers)."""
+    "2" (narrower scales, the asymmetric and codebook grids, column scales), "3" (uint16 outlier
+    row pointers) or "4" ("log8" scales)."""
+    if qt.row_scales is not None:
+        return "4"
     if qt.outlier_rowptr.dtype != np.int32:
         return "3"
     v1 = qt.scales.dtype == np.float32 and qt.grid == "symmetric" and qt.col_scales is None
