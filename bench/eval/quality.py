@@ -98,6 +98,13 @@ METHODS: dict[str, MethodSpec] = {
     "eqcore-cb-g128-s3.2": MethodSpec("eqcore-cb-g128-s3.2", "eqcore", "eqcore fitted codebook g128, row σ=3.2, fp16",
                                       128, (("grid", "codebook"), ("group_size", 128), ("outlier_stats", "row"),
                                             ("scale_dtype", "float16"), ("sigma", 3.2))),
+    # log8 group scales (a byte per group under an fp16 row scale): groups of 96, sigma 3.3, the best tune-split
+    # point at <= 4.25 bits at 4 bits among groups of 64, 96, 112 and 128 with sigma 3 to 3.6, at 4096 tokens and
+    # again at 16384 (bench/results/frontier_tune_log8.md)
+    "eqcore-cb-g96-s3.3-log8": MethodSpec("eqcore-cb-g96-s3.3-log8", "eqcore",
+                                          "eqcore fitted codebook g96, row σ=3.3, log8 scales", 96,
+                                          (("grid", "codebook"), ("group_size", 96), ("outlier_stats", "row"),
+                                           ("scale_dtype", "log8"), ("sigma", 3.3))),
     "eqcore-row-g64": MethodSpec("eqcore-row-g64", "eqcore", "eqcore g64, row σ=3, fp16 scales, exact", 64,
                                  (("group_size", 64), ("outlier_stats", "row"), ("scale_dtype", "float16"),
                                   ("solver", "exact"))),
@@ -537,7 +544,8 @@ def format_markdown(res: dict, command: str | None = None) -> str:
               f"ctx {lm['ctx']}, stride {lm['stride']} (disjoint windows), ppl = exp(mean NLL). "
               "Same weights and same tokens for every method; each method quantizes once.", "",
               lm_table(res), "",
-              "bits/weight: eqcore = everything it stores: codes + scales (fp16 unless the row says otherwise) "
+              "bits/weight: eqcore = everything it stores: codes + scales (fp16 unless the row says otherwise; "
+              "log8: a byte per group + an fp16 scale per row) "
               "+ codebook + outliers (CSR: uint16 row pointers up to 65535 outliers per tensor, else int32; "
               "uint16 columns; values in the weight's dtype, fp16: eqcore quantizes the fp16 cast of each weight, "
               "as from an fp16 checkpoint); HQQ = codes + fp16 scale + fp16 zero per group, SINQ the same + fp16 "
