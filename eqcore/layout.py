@@ -106,7 +106,7 @@ def round_scales(scales, scale_dtype: str):
         rs = round_scales(scales.max(axis=1, keepdims=True), "float16").astype(np.float32)
         xp = array_module(scales)
         q = xp.clip(xp.rint(-LOG8_STEP * xp.log2(scales.astype(np.float64) / rs)), 0, 255).astype(np.uint8)
-        return rs * xp.asarray(LOG8)[q]
+        return rs * xp.asarray(LOG8).take(q)
     if sd == np.float16:
         scales = scales.clip(np.float32(np.finfo(np.float16).smallest_subnormal), np.float32(np.finfo(np.float16).max))
     return scales.astype(sd)
@@ -132,7 +132,7 @@ def float_scales(scales, row_scales=None):
     CuPy): a float dtype converted, or "log8" codes with their ``row_scales`` decoded."""
     if row_scales is None:
         return scales.astype(np.float32)
-    return row_scales.astype(np.float32)[:, None] * array_module(scales).asarray(LOG8)[scales]
+    return row_scales.astype(np.float32)[:, None] * array_module(scales).asarray(LOG8).take(scales)
 
 
 def round_zeros(zeros, scale_dtype: str):
