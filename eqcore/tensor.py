@@ -112,8 +112,8 @@ class QuantizedTensor:
         if len(blocks) == 1:
             return first
         for b in blocks[1:]:
-            same = (b.shape[1], b.dtype, b.bits, b.group_size, b.sigma, b.grid) == \
-                (first.shape[1], first.dtype, first.bits, first.group_size, first.sigma, first.grid)
+            same = (b.shape[1], b.dtype, b.bits, b.group_size, b.sigma, b.grid, b.scales.dtype) == \
+                (first.shape[1], first.dtype, first.bits, first.group_size, first.sigma, first.grid, first.scales.dtype)
             for f in ("codebook", "col_scales"):
                 x, y = getattr(b, f), getattr(first, f)
                 same = same and (x is None) == (y is None) and (x is None or np.array_equal(x, y))

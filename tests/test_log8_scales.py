@@ -84,6 +84,9 @@ def test_row_blocks_and_stacking_alike(monkeypatch):
     for qt in (blocked, stacked):
         for f in ("qweight", "scales", "row_scales", "outlier_vals"):
             np.testing.assert_array_equal(getattr(whole, f), getattr(qt, f))
+    other = eqcore.quantize(w[:10], bits=3, group_size=64, scale_dtype="float16")
+    with pytest.raises(ValueError, match="different tensors or settings"):
+        QuantizedTensor.stack_rows([whole, other])
     block = whole.row_block(100, 300)
     np.testing.assert_array_equal(eqcore.dequantize(block), eqcore.dequantize(whole)[100:300])
 
