@@ -23,11 +23,11 @@ FUZZ = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCh
                                                                         HealthCheck.function_scoped_fixture])
 
 
-def _valid_file(seed: int, bits: int, group, dtype) -> bytes:
+def _valid_file(seed: int, bits: int, group, dtype, scale_dtype="float16") -> bytes:
     rng = np.random.default_rng(seed)
     rows, cols = int(rng.integers(1, 9)), int(rng.integers(1, 100))
     w = weights(rows, cols, seed=seed, dtype=dtype)
-    qt = eqcore.quantize(w, bits=bits, group_size=group, steps=2, backend="numpy")
+    qt = eqcore.quantize(w, bits=bits, group_size=group, steps=2, backend="numpy", scale_dtype=scale_dtype)
     import tempfile, os
 
     with tempfile.TemporaryDirectory() as d:
@@ -55,7 +55,8 @@ def _check_load(path):
 
 
 files = st.builds(_valid_file, st.integers(0, 2**16), st.sampled_from([2, 3, 4, 8]),
-                  st.sampled_from([None, 16, 7]), st.sampled_from([np.float16, np.float32]))
+                  st.sampled_from([None, 16, 7]), st.sampled_from([np.float16, np.float32]),
+                  st.sampled_from(["float16", "log8"]))
 
 
 @FUZZ
@@ -99,9 +100,12 @@ def test_random_field_corruption(tmp_path, blob, data):
     elif target == "entry":
         name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
         field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
-        header[name][field] = data.draw(st.one_of(junk, st.sampled_from(["F16", "F32", "U32", "I32", "U16", "BF16"])))
+        dtypes = ["F16", "F32", "U32", "I32", "U16", "BF16", "U8"]
+        header[name][field] = data.draw(st.one_of(junk, st.sampled_from(dtypes)))
     elif target == "value":  # a special value in a float array: NaN, inf, huge, negative, subnormal
-        name = data.draw(st.sampled_from(["layer.weight.scales", "layer.weight.outlier_vals"]))
+        floats = (k for k in header if k.endswith((".scales", ".row_scales", ".outlier_vals"))
+                  and header[k]["dtype"] in ("F16", "F32"))
+        name = data.draw(st.sampled_from(sorted(floats)))
         e = header[name]
         b0, b1 = e["data_offsets"]
         dt = {"F16": np.float16, "F32": np.float32}[e["dtype"]]

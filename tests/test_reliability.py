@@ -316,9 +316,9 @@ def test_a_fifo_named_like_a_shard_is_not_opened(tmp_path):
 @given(dtype=st.sampled_from(["float16", "bfloat16", "float32"]), bits=st.sampled_from([2, 3, 4, 8]),
        frac=st.floats(0.5, 1.0), sign=st.sampled_from([1.0, -1.0]), steps=st.sampled_from([0, 5, 50]),
        group=st.sampled_from([None, 8]), sigma=st.sampled_from([None, 3.0]), seed=st.integers(0, 2**16),
-       tail=st.booleans())
+       tail=st.booleans(), scale_dtype=st.sampled_from(["float16", "log8"]))
 def test_weights_near_the_dtype_max_dequantize_to_finite_values(dtype, bits, frac, sign, steps, group, sigma, seed,
-                                                                  tail):
+                                                                  tail, scale_dtype):
     dt = np.dtype(BF16 if dtype == "bfloat16" else dtype)
     top = FINFO_MAX[dtype]
     rng = np.random.default_rng(seed)
@@ -329,14 +329,15 @@ def test_weights_near_the_dtype_max_dequantize_to_finite_values(dtype, bits, fra
     w = w.astype(dt)
     assert np.all(np.isfinite(w.astype(np.float64)))
     for backend in ("numpy", "numba"):
-        qt = eqcore.quantize(w, bits=bits, steps=steps, group_size=group, sigma=sigma, backend=backend)
+        qt = eqcore.quantize(w, bits=bits, steps=steps, group_size=group, sigma=sigma, backend=backend,
+                             scale_dtype=scale_dtype)
         for out in ("float16", "bfloat16", "float32", "float64"):
             d = eqcore.dequantize(qt, out, backend=backend).astype(np.float64)
             assert np.all(np.isfinite(d)), (backend, out)
         d = eqcore.dequantize(qt, backend=backend).astype(np.float64)
         # and still a quantization of w: half a step from the grid, or clipped at qmax * s,
         # plus the rounding of the result into the weight dtype
-        s = np.repeat(qt.scales.astype(np.float64), qt.shape[1] if group is None else group, axis=1)[:, :40]
+        s = np.repeat(qt.float_scales().astype(np.float64), qt.shape[1] if group is None else group, axis=1)[:, :40]
         a = np.abs(w.astype(np.float64))
         qmax = (1 << (bits - 1)) - 1
         ulp = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24}[dtype]
