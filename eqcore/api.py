@@ -10,7 +10,7 @@ from . import backends, solvers
 from .config import QuantConfig
 from .dtypes import FLOAT32_MAX, NONFINITE, all_finite, dtype_name, finite_max, weight_dtype
 from .grids import codebook_for, column_scales
-from .interop import array_module, as_array
+from .interop import array_module, as_array, is_cupy
 from .layout import SCALE_DTYPES, group_layout, max_scale, packed_cols, round_scales, round_zeros, stored_scales
 from .outliers import concat_csr, kept, select, to_csr
 from .solvers.objective import dequant_error
@@ -210,13 +210,32 @@ def _sigma_of(config) -> float | None:
     return config.sigma if config.outliers in ("sigma", "adpq") else None
 
 
-def dequantize(qt: QuantizedTensor, dtype=None, *, backend: str = "auto"):
+def dequantize(qt: QuantizedTensor, dtype=None, *, backend: str = "auto", out=None):
     """Dense (rows, cols) matrix of ``qt`` in ``dtype`` (default: the original dtype), outliers
-    restored exactly, in one pass; where ``qt``'s arrays live (NumPy or CuPy)."""
+    restored exactly, in one pass; where ``qt``'s arrays live (NumPy or CuPy). ``out``: an array
+    to write it into and return (C-contiguous, writeable, of that shape and dtype, where the
+    backend runs), like NumPy's ``out=``: no fresh pages, which cost a new array about as much as
+    the kernel itself on the CPU."""
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"expected a QuantizedTensor, got {type(qt).__name__}")
     qt.validate()  # O(scales + nnz): its arrays may have been changed since construction
-    return backends.get(backends.select(backend, qt.qweight)).dequantize(qt, dtype)
+    name = backends.select(backend, qt.qweight)
+    if out is not None:
+        _check_out(out, qt.shape, weight_dtype(dtype or qt.dtype), name == "cupy")
+    return backends.get(name).dequantize(qt, dtype, out)
+
+
+def _check_out(out, shape, dtype, on_gpu: bool) -> None:
+    """ValueError unless ``out`` can take a (shape) ``dtype`` result of a CPU (or GPU) backend."""
+    where = "CuPy" if on_gpu else "NumPy"
+    if not (is_cupy(out) if on_gpu else isinstance(out, np.ndarray)):
+        raise ValueError(f"out must be a {where} array here, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"out must be {dtype} {tuple(shape)}, got {out.dtype} {tuple(out.shape)}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not on_gpu and not out.flags.writeable:
+        raise ValueError("out is read-only")
 
 
 def matmul(x, qt: QuantizedTensor, *, backend: str = "auto", check: bool = True):

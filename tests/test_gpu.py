@@ -61,6 +61,17 @@ def test_encode_pack_unpack_match_reference(shape, bits):
     same_bits(gpu.unpack(cp.asarray(packed), bits, shape[1]), unpack(packed, bits, shape[1]))
 
 
+def test_dequantize_into_out_and_log8_on_the_device():
+    w = (np.random.default_rng(4).standard_normal((33, 200)) * 0.02).astype(np.float16)
+    qt = eqcore.quantize(cp.asarray(w), group_size=32, grid="codebook", scale_dtype="log8")
+    assert isinstance(qt.scales, cp.ndarray) and qt.scales.dtype == np.uint8 and qt.row_scales.dtype == np.float16
+    out = cp.full(qt.shape, 7, np.float16)
+    assert eqcore.dequantize(qt, out=out) is out
+    same_bits(out, dequantize_reference(host(qt)))
+    with pytest.raises(ValueError, match="CuPy array"):
+        eqcore.dequantize(qt, out=np.empty(qt.shape, np.float16))
+
+
 def test_pack_refuses_out_of_range_codes():
     with pytest.raises(ValueError, match="codes must lie"):
         gpu.pack(cp.full((2, 3), 16, cp.uint8), 4)

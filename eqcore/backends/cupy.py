@@ -76,10 +76,11 @@ def _tensor(qt):
              asarray(qt.outlier_vals)), dict(zeros=_f32(qt.zeros), codebook=_f32(qt.codebook), col=_f32(qt.col_scales)))
 
 
-def dequantize(qt, dtype=None):
-    """Dense CuPy (rows, cols) matrix of ``qt`` in ``dtype`` (default: its own), one kernel launch."""
+def dequantize(qt, dtype=None, out=None):
+    """Dense CuPy (rows, cols) matrix of ``qt`` in ``dtype`` (default: its own), one kernel launch;
+    into ``out`` (C-contiguous, that shape and dtype) if given."""
     dtype = weight_dtype(dtype or qt.dtype)
-    out = _cp().empty(qt.shape, dtype=dtype)
+    out = _cp().empty(qt.shape, dtype=dtype) if out is None else out
     arrays, grid = _tensor(qt)
     nvrtc.run(launch.dequant_launch(*arrays, out, qt.bits, qt.group_size, **grid))
     return out

@@ -358,19 +358,17 @@ def _tensor_args(qt) -> tuple:
             qt.outlier_cols.astype(np.int64))
 
 
-def dequantize(qt, dtype=None) -> np.ndarray:
-    """Dense (rows, cols) in ``dtype``, outliers scattered per row, in one parallel pass."""
+def dequantize(qt, dtype=None, out=None) -> np.ndarray:
+    """Dense (rows, cols) in ``dtype``, outliers scattered per row, in one parallel pass; into
+    ``out`` (C-contiguous, that shape and dtype) if given."""
     dtype = weight_dtype(dtype or qt.dtype)
     vals = saturate(qt.outlier_vals, dtype)  # small; cast exactly like the reference
+    out = np.empty(qt.shape, dtype=dtype) if out is None else out
+    mode, buf = _F32, out
     if dtype.itemsize == 2:
-        mode = _BF16 if dtype == bfloat16 else _F16
-        out = np.empty(qt.shape, dtype=np.uint16)
-        vals = vals.view(np.uint16)
-    else:
-        mode = _F32
-        out = np.empty(qt.shape, dtype=dtype)
-    _dequant_kernel(*_tensor_args(qt), vals, mode, np.float32(finite_max(dtype)), _chunks(qt.shape[0]), out)
-    return out.view(dtype) if mode != _F32 else out
+        mode, buf, vals = (_BF16 if dtype == bfloat16 else _F16), out.view(np.uint16), vals.view(np.uint16)
+    _dequant_kernel(*_tensor_args(qt), vals, mode, np.float32(finite_max(dtype)), _chunks(qt.shape[0]), buf)
+    return out
 
 
 @njit(fastmath={"reassoc"})

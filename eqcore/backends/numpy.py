@@ -130,10 +130,11 @@ def encode(x: np.ndarray, scales: np.ndarray, bits: int, group_size: int | None,
     return pack(grid_codes(x, s, bits, _per_element(zeros, x.shape[1], group_size), cb), bits)
 
 
-def dequantize(qt, dtype=None) -> np.ndarray:
+def dequantize(qt, dtype=None, out=None) -> np.ndarray:
     """level(u) * scale (times the column's scale, if any), in float32, clamped to ``dtype``'s
     finite range, cast (round to nearest even) to ``dtype`` (default: the weight's), then the
-    outlier values (clamped and cast the same way) written at their positions."""
+    outlier values (clamped and cast the same way) written at their positions; copied into
+    ``out`` if given."""
     dtype = weight_dtype(dtype or qt.dtype)
     cols = qt.shape[1]
     u = unpack(qt.qweight, qt.bits, cols)
@@ -143,8 +144,11 @@ def dequantize(qt, dtype=None) -> np.ndarray:
         v = level * _per_element(qt.float_scales(), cols, qt.group_size)
         if qt.col_scales is not None:
             v = v * qt.col_scales.astype(np.float32)
-        out = np.clip(v, -top, top).astype(dtype)
-    out[csr_rows(qt.outlier_rowptr), qt.outlier_cols.astype(np.int64)] = saturate(qt.outlier_vals, dtype)
+        w = np.clip(v, -top, top).astype(dtype)
+    w[csr_rows(qt.outlier_rowptr), qt.outlier_cols.astype(np.int64)] = saturate(qt.outlier_vals, dtype)
+    if out is None:
+        return w
+    out[...] = w
     return out
 
 
