@@ -45,9 +45,17 @@ def finite_max(dtype) -> float:
 
 def saturate(a, dtype):
     """``a`` cast to weight dtype ``dtype`` (round to nearest even) after clamping it to
-    :func:`finite_max`: how outlier values enter a dequantized matrix (NumPy or CuPy)."""
+    :func:`finite_max`: how outlier values enter a dequantized matrix (NumPy or CuPy); ``a``
+    itself when it is finite and of that dtype already, and without the clamp (through float32,
+    exact) when a finite float16 / bfloat16 / float32 ``a`` fits ``dtype``'s range."""
+    dtype = weight_dtype(dtype)
+    if a.dtype.itemsize <= 4 and all_finite(a):  # exact in float32, so one rounding from there
+        if a.dtype == dtype:
+            return a
+        if finite_max(a.dtype) <= finite_max(dtype):  # nothing to clamp
+            return a.astype(np.float32).astype(dtype)
     top = finite_max(dtype)
-    return a.astype(np.float64).clip(-top, top).astype(weight_dtype(dtype))
+    return a.astype(np.float64).clip(-top, top).astype(dtype)
 
 
 def all_finite(a) -> bool:

@@ -44,3 +44,24 @@ def test_unusable_out_is_refused(make, match):
     qt = eqcore.quantize(weights(4, 64, seed=5))
     with pytest.raises(ValueError, match=match):
         eqcore.dequantize(qt, np.float32, out=make(qt.shape))
+
+
+@pytest.mark.parametrize("src", DTYPES)
+@pytest.mark.parametrize("dst", DTYPES)
+def test_outlier_casts_are_the_float64_formula(src, dst):
+    """saturate's shortcuts (itself; through float32 without a clamp; Numba's float16 conversion)
+    give what clamping in float64 and casting gives, infinities and range edges included."""
+    from eqcore.backends.numba import _outlier_values
+    from eqcore.dtypes import finite_max, saturate
+
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal(4000) * 10.0 ** rng.integers(-9, 6, 4000)
+    a[:4] = [finite_max(src), -finite_max(src), 6e-8, -1e-45]
+    a = a.clip(-finite_max(src), finite_max(src)).astype(src)  # finite: the shortcuts apply
+    top = finite_max(dst)
+    want = a.astype(np.float64).clip(-top, top).astype(dst)
+    for f in (saturate, _outlier_values):
+        np.testing.assert_array_equal(f(a, dst).view(np.uint8), want.view(np.uint8))
+    b = np.array([np.inf, -np.inf, 1.0]).astype(src)  # never in a valid tensor, but saturate clamps them
+    np.testing.assert_array_equal(saturate(b, dst).view(np.uint8),
+                                  b.astype(np.float64).clip(-top, top).astype(dst).view(np.uint8))

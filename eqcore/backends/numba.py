@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import cache
-from ..dtypes import bfloat16, finite_max, saturate, weight_dtype
+from ..dtypes import all_finite, bfloat16, finite_max, saturate, weight_dtype
 from ..layout import (BLOCK, GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, check_bits, col_index_dtype,
                       group_layout, narrow_rowptr, packed_cols, qrange)
 from .numba_bits import code_at, f32_to_bf16_bits, f32_to_f16_bits, half_bits_to_f32, unpack_stream as _unpack_stream
@@ -358,11 +358,27 @@ def _tensor_args(qt) -> tuple:
             qt.outlier_cols.astype(np.int64))
 
 
+@njit(parallel=True, cache=True)
+def _half_to_f32(h, out):
+    for i in prange(h.shape[0]):
+        out[i] = half_bits_to_f32(h[i])
+
+
+def _outlier_values(vals, dtype):
+    """``saturate(vals, dtype)``, the outliers as the reference casts them; finite float16 into a
+    wider float by Numba's conversion (exact; NumPy's cast took 1.3 ms for 224k values)."""
+    if vals.dtype == np.float16 and dtype.itemsize >= 4 and all_finite(vals):
+        f32 = np.empty(vals.shape[0], np.float32)
+        _half_to_f32(np.ascontiguousarray(vals).view(np.uint16), f32)
+        return f32.astype(dtype, copy=False)
+    return saturate(vals, dtype)
+
+
 def dequantize(qt, dtype=None, out=None) -> np.ndarray:
     """Dense (rows, cols) in ``dtype``, outliers scattered per row, in one parallel pass; into
     ``out`` (C-contiguous, that shape and dtype) if given."""
     dtype = weight_dtype(dtype or qt.dtype)
-    vals = saturate(qt.outlier_vals, dtype)  # small; cast exactly like the reference
+    vals = _outlier_values(qt.outlier_vals, dtype)  # small; cast exactly like the reference
     out = np.empty(qt.shape, dtype=dtype) if out is None else out
     mode, buf = _F32, out
     if dtype.itemsize == 2:
