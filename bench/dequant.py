@@ -75,7 +75,11 @@ def main(argv=None) -> int:
              "outliers); dequantize validates the tensor each call (included)",
              "- new array: `eqcore.dequantize(qt, dtype)` vs `src.copy()`; into an existing array: "
              "`eqcore.dequantize(qt, dtype, out=buf)` vs `np.copyto(buf, src)`; rounds interleave the two",
-             "- target (issue 13): >= 60% of the copy's speed (copy time / dequantize time)", "",
+             "- target (issue 13): >= 60% of the copy's speed (copy time / dequantize time)",
+             "- new arrays: on this VM a parallel first touch of fresh pages stalls at times (2026-11-30: a 2-thread "
+             "Numba fill of a new 4096x4096 uint16 array took 33 ms in bursts of rounds, 2.4-2.5 ms otherwise; a "
+             "serial fill 2.9-3.7 ms, never stalling); the copy touches its pages from one thread, dequantize from "
+             "two, so its new-array medians swing from round to round, while into an existing array they do not", "",
              "| shape | output | pair | dequantize median (best) ms | copy median (best) ms | % of copy speed (median) |",
              "|---|---|---|---|---|---|"]
     for s, rows in res.items():
