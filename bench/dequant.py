@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -32,9 +31,8 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import eqcore  # noqa: E402
-from bench.timing import interleaved  # noqa: E402
+from bench.timing import interleaved, machine_line, write_report  # noqa: E402
 from eqcore.dtypes import bfloat16  # noqa: E402
-from eqcore.machine import cpu_name  # noqa: E402
 
 SHAPES = ((4096, 4096), (11008, 4096))
 DTYPES = (("float16", np.dtype(np.float16)), ("bfloat16", bfloat16), ("float32", np.dtype(np.float32)))
@@ -67,8 +65,7 @@ def main(argv=None) -> int:
     res = {s: measure(s, args.repeat) for s in SHAPES}
     load1 = os.getloadavg()[0]
     lines = [f"# Dequantize against a copy of the same bytes ({datetime.date.today().isoformat()})", "",
-             f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; 1-min load average at start "
-             f"{load0:.2f}, at end {load1:.2f}; numba {numba.__version__} ({numba.get_num_threads()} threads), "
+             machine_line(load0, load1) + f"; numba {numba.__version__} ({numba.get_num_threads()} threads), "
              f"NumPy {np.__version__}",
              f"- command: `python bench/dequant.py --repeat {args.repeat}`",
              "- weight: float16 Student-t(4) * 0.02, eqcore defaults (4 bits, per-row fp16 scales, 3-sigma row "
@@ -86,11 +83,7 @@ def main(argv=None) -> int:
         for name, pair, dmed, dbest, cmed, cbest in rows:
             lines.append(f"| {s[0]}x{s[1]} | {name} | {pair} | {dmed:.2f} ({dbest:.2f}) | {cmed:.2f} ({cbest:.2f}) | "
                          f"{100 * cmed / dmed:.0f}% |")
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    return 0
+    return write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

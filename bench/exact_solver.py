@@ -26,7 +26,7 @@ from eqcore.machine import cpu_name  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
 from eqcore.solvers import adam_numba, exact_numba  # noqa: E402
 from eqcore.solvers.objective import group_view, loss_and_grad  # noqa: E402
-from bench.timing import best_time  # noqa: E402
+from bench.timing import best_time, write_report  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
@@ -78,10 +78,7 @@ def main(argv=None) -> int:
         "groups with exact <= Adam |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *lines, ""])
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(f"wrote {a.out}")
-    return 0
+    return write_report(text, a.out, echo=False)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from eqcore.grids import codebook_for  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
 from eqcore.solvers import lloyd, lloyd_numba  # noqa: E402
+from bench.timing import write_report  # noqa: E402
 
 NOTE = ("Both solvers return the same scales and zero-points (asserted for every setting). The Numba solver "
         "stops a group once its (s, z) repeats, which changes no result; per row most groups run all 20 "
@@ -105,10 +106,7 @@ def main(argv=None) -> int:
         "bit-identical | load before / after |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *lines, ""])
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(f"wrote {a.out}")
-    return 0
+    return write_report(text, a.out, echo=False)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -26,8 +25,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import eqcore  # noqa: E402
-from bench.timing import interleaved  # noqa: E402
-from eqcore.machine import cpu_name  # noqa: E402
+from bench.timing import interleaved, machine_line, write_report  # noqa: E402
 
 SMALL = ((1536, 384), (384, 1536), (640, 640), (2048, 640))
 LARGE = (4096, 4096)
@@ -59,8 +57,7 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()[0]
     lines = [f"# Quantize time per weight: small matrices against {LARGE[0]}x{LARGE[1]} "
              f"({datetime.date.today().isoformat()})", "",
-             f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; 1-min load average at start "
-             f"{load0:.2f}, at end {load1:.2f}",
+             machine_line(load0, load1),
              f"- command: `python bench/small_matrices.py --repeat {args.repeat}`",
              "- eqcore defaults (4 bits, per-row fp16 scales, exact solver, 3-sigma row outliers) on float16 "
              "Student-t(4) * 0.02 weights; rounds interleave the shapes; numba "
@@ -73,11 +70,7 @@ def main(argv=None) -> int:
             lines.append(f"| {th} | {s[0]}x{s[1]} | {r[s][0]:.1f} | {r[s][1]:.1f} | {r[s][0] / base:.2f}x |")
     lines += [""] + [f"- fixed cost of a call ({TINY[0]}x{TINY[1]}, {th} thread{'s' * (th > 1)}): "
                      f"{r['tiny_us']:.0f} µs (median)" for th, r in res.items()]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    return 0
+    return write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

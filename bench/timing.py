@@ -1,7 +1,10 @@
-"""Timing shared by the CPU benchmarks."""
+"""Timing and report writing shared by the CPU benchmarks."""
 from __future__ import annotations
 
+import os
+import platform
 import time
+from pathlib import Path
 
 
 def best_time(fn, repeat: int = 1, clock=time.perf_counter):
@@ -25,3 +28,19 @@ def interleaved(fns, repeat: int):
             wall[i].append(time.perf_counter() - t0)
             cpu[i].append(time.process_time() - c0)
     return wall, cpu, outs
+
+
+def machine_line(load0: float, load1: float) -> str:
+    """A report's line naming this machine, with the 1-min load average at a run's start and end."""
+    from eqcore.machine import cpu_name
+
+    return (f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; 1-min load average at start "
+            f"{load0:.2f}, at end {load1:.2f}")
+
+
+def write_report(text: str, out: Path, *, echo: bool = True) -> int:
+    """Write a benchmark's report to ``out`` (its folder made), print it (or where it went); 0."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text if echo else f"wrote {out}")
+    return 0
