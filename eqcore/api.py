@@ -244,8 +244,8 @@ def matmul(x, qt: QuantizedTensor, *, backend: str = "auto", check: bool = True)
     (rows of W four at a time, their scaled levels formed once per block); on the GPU up to 8
     rows of x do, larger batches dequantize W in tiles for cuBLAS. Equal to the dense product up
     to float32 summation order: |y - y_dense| <= 1e-5 * (|x| @ |W|.T) + 1e-30.
-    ``check=False`` skips ``qt.validate()`` (O(scales + nnz): 0.3-0.8 ms on the CPU for
-    LLaMA-7B's shapes, 27-46% of the product's time at batch 1; on a GPU a few milliseconds of small
+    ``check=False`` skips ``qt.validate()`` (O(scales + nnz): 0.20-0.40 ms on the CPU for
+    LLaMA-7B's shapes, 14-30% of the product's time at batch 1; on a GPU a few milliseconds of small
     launches and synchronisations) for a tensor validated since it last changed, as
     :class:`eqcore.torch.QuantizedLinear` does.
     """

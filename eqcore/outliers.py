@@ -63,8 +63,8 @@ def check_csr(rowptr, cols, vals, shape) -> None:
         raise ValueError(f"outlier_vals must have {nnz} entries as outlier_rowptr[-1] says, got {tuple(vals.shape)}")
     if not nnz:
         return
-    c = cols.astype(np.int64)
-    if int(c.min()) < 0 or int(c.max()) >= n_cols:
+    c = cols  # compared in their own dtype: no int64 copy (uint16 is never negative)
+    if (c.dtype.kind != "u" and int(c.min()) < 0) or int(c.max()) >= n_cols:
         raise ValueError(f"outlier_cols out of range [0, {n_cols})")
     ok = c[1:] > c[:-1]
     starts = rowptr[1:-1]

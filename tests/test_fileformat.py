@@ -142,6 +142,21 @@ def test_malformed_quantized_files_are_refused_with_a_clear_error(tmp_path, tamp
         load_file(tmp_path / "bad.safetensors")
 
 
+@pytest.mark.parametrize("col_dtype, n_cols", [(np.uint16, 300), (np.int32, 70000)])
+def test_outlier_columns_are_checked_in_their_own_dtype(col_dtype, n_cols):
+    from eqcore.outliers import check_csr
+
+    rowptr, vals = np.array([0, 2, 4], np.int32), np.ones(4, np.float16)
+    check_csr(rowptr, np.array([5, 9, 0, n_cols - 1], col_dtype), vals, (2, n_cols))  # a new row may go back
+    for cols, match in (([9, 5, 0, 1], "strictly increasing"), ([5, 5, 0, 1], "strictly increasing"),
+                        ([5, 9, 0, n_cols], "out of range"), ([5, 9, 0, np.iinfo(col_dtype).max], "out of range")):
+        with pytest.raises(ValueError, match=match):
+            check_csr(rowptr, np.array(cols, col_dtype), vals, (2, n_cols))
+    if col_dtype == np.int32:
+        with pytest.raises(ValueError, match="out of range"):
+            check_csr(rowptr, np.array([-1, 9, 0, 1], col_dtype), vals, (2, n_cols))
+
+
 def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
     target = tmp_path / "m.safetensors"
     target.write_bytes(b"precious")
