@@ -4,9 +4,11 @@ dequantize-then-F.linear (what running without the fused kernel costs), with the
 bytes each reads against the machine's memory bandwidth (a large np.copyto, bytes read + written).
 
     python bench/matmul.py [--shapes 4096x4096 11008x4096 4096x11008] [--batches 1 4 16 64]
+                           [--method eqcore-cb-g96-s3.3-log8 --out bench/results/matmul_cpu_cb_g96_log8.md]
 
 Weights: Student-t(4) * 0.02 in fp16 (heavy tails like LLM weights), quantized with eqcore's
-defaults at --bits (4). eqcore runs as QuantizedLinear calls it, ``eqcore.matmul(x, qt,
+defaults at --bits (4), or with the settings of --method, an eqcore method of the quality
+benchmark (bench/eval/quality.py's METHODS, e.g. the 4-bit quality pick). eqcore runs as QuantizedLinear calls it, ``eqcore.matmul(x, qt,
 check=False)`` (the tensor validated once, when the layer is built); the cost of the per-call
 ``qt.validate()`` that ``check=True`` adds is measured and reported apart. The four methods run in
 --rounds rounds, each method's calls back to back within a round (a warm-up, then --repeat timed
@@ -69,10 +71,19 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"])
     ap.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES)
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--method", default=None, help="an eqcore method of bench/eval/quality.py (default: eqcore's defaults)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "matmul_cpu.md"))
     a = ap.parse_args(argv)
+    options, layout = {}, "eqcore defaults (per-row scales, 3-sigma row outliers)"
+    if a.method is not None:
+        from bench.eval.quality import METHODS
+
+        spec = METHODS.get(a.method)
+        if spec is None or spec.kind != "eqcore":
+            ap.error(f"--method must be one of {sorted(k for k, m in METHODS.items() if m.kind == 'eqcore')}")
+        options, layout = spec.options, f"{spec.label} (`{a.method}`)"
     load = os.getloadavg()[0]
     torch.set_num_threads(os.cpu_count())
     bw = copy_bandwidth()
@@ -81,7 +92,7 @@ def main(argv=None) -> int:
     for shape in a.shapes:
         rows, cols = map(int, shape.split("x"))
         w = (np.random.default_rng(0).standard_t(4, (rows, cols)) * 0.02).astype(np.float16)
-        qt = eqcore.quantize(w, bits=a.bits)
+        qt = eqcore.quantize(w, bits=a.bits, **options)
         validate = best(qt.validate, a.repeat)
         w32 = torch.from_numpy(w.astype(np.float32))
         wbf = w32.to(torch.bfloat16)
@@ -105,7 +116,7 @@ def main(argv=None) -> int:
                 f"{' '.join(map(str, DEFAULT_BATCHES))}): the other batches' rows are in this file's git history"]
                if not set(DEFAULT_BATCHES) <= set(a.batches) else []),
              f"- memory bandwidth (np.copyto of 256 MiB, bytes read + written): {bw / 1e9:.1f} GB/s",
-             f"- weight: Student-t(4) * 0.02, {a.bits}-bit eqcore defaults (per-row scales, 3-sigma row outliers);"
+             f"- weight: Student-t(4) * 0.02, {a.bits}-bit {layout}, {qt.bits_per_weight:.3f} bits/w;"
              f" best of {a.rounds} rounds x {a.repeat} calls (each after a warm-up); torch {torch.__version__} with "
              f"{torch.get_num_threads()} threads; Numba {numba.__version__} with {numba.get_num_threads()} threads",
              "- eqcore: `eqcore.matmul(x, qt, check=False)`, as QuantizedLinear calls it; `check=True` adds "

@@ -1,0 +1,119 @@
+"""The explicit-SIMD batch-1 matmul (eqcore.backends.numba_simd): its vector dot against NumPy at
+both widths, and the kernel against the dense product for every grid, width, group, scale storage
+and outlier layout it takes."""
+import numpy as np
+import numba
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+import eqcore
+from eqcore.backends import numba_matmul as nb
+from eqcore.backends import numba_simd
+
+from helpers import assert_matmul_close as close
+from helpers import weights
+
+_FEATURES = __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_features()
+_HOST = {16: bool(_FEATURES.get("avx512f")), 8: bool(_FEATURES.get("avx2") and _FEATURES.get("fma"))}
+needs_simd = pytest.mark.skipif(not numba_simd.WIDTH, reason="no AVX2 or AVX-512 on this host")
+
+
+def _caller(dot):
+    @njit
+    def call(q, xt, sw, offw, lut):
+        return dot(q, xt, sw, offw, lut)
+
+    return call
+
+
+_CALLERS = {(b, t, w): _caller(numba_simd.group_dot(b, t, w)) for w in (8, 16) for b, t in
+            ((2, True), (4, True), (2, False), (4, False), (8, False))}
+
+
+@pytest.mark.parametrize("width", [8, 16])
+@given(st.sampled_from([(2, True), (4, True), (2, False), (4, False), (8, False)]), st.integers(0, 70),
+       st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_vector_dot_is_the_sum_of_levels_times_x(width, kind, nwu, seed):
+    """dot(q, xt, sw, offw, lut) = sum over slots and the full vectors' words of lev * xt, lev =
+    lut[code] * sw (lookup) or (code + offw) * sw, each level rounded once in float32."""
+    if not _HOST[width]:
+        pytest.skip(f"no {width}-lane SIMD on this host")
+    bits, table = kind
+    per = 32 // bits
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2 ** 32, nwu, dtype=np.uint64).astype(np.uint32)
+    xt = rng.normal(size=(per, nwu)).astype(np.float32)
+    sw = rng.uniform(0.5, 2, nwu).astype(np.float32)
+    offw = rng.integers(-9, 9, nwu).astype(np.float32)
+    lut = rng.normal(size=16).astype(np.float32)
+    got = _CALLERS[bits, table, width](q, xt, sw, offw, lut)
+    n = nwu - nwu % width
+    codes = (q[None, :n] >> (bits * np.arange(per, dtype=np.uint32))[:, None]) & np.uint32((1 << bits) - 1)
+    lev = (lut[codes] if table else codes.astype(np.float32) + offw[:n]) * sw[:n]
+    want = (lev.astype(np.float64) * xt[:, :n]).sum()
+    assert abs(got - want) <= 1e-5 * (np.abs(lev).astype(np.float64) * np.abs(xt[:, :n])).sum() + 1e-30
+
+
+@needs_simd
+@given(st.sampled_from(["symmetric", "asymmetric", "codebook"]), st.sampled_from([2, 4, 8]),
+       st.sampled_from([None, 32, 40, 96, 128]), st.booleans(),
+       st.sampled_from(["float32", "float16", "bfloat16", "log8"]), st.integers(1, 9), st.integers(1, 700),
+       st.sampled_from([None, 2.0, 3.3]), st.integers(0, 10))
+@settings(max_examples=80, deadline=None)
+def test_simd_gemv_matches_the_dense_product(grid, bits, group, col, scale_dtype, rows, cols, sigma, seed):
+    """Batch 1 through the SIMD kernel (full vectors and the scalar tail, outliers of every stored
+    dtype, column scales) equals the NumPy reference within the matmul contract."""
+    dtype = np.float16 if seed % 2 else np.float32
+    w = weights(rows, cols, seed=seed, dtype=dtype)
+    qt = eqcore.quantize(w, bits=bits, group_size=group, grid=grid, col_scales=col, scale_dtype=scale_dtype,
+                         sigma=sigma, steps=3)
+    x = np.random.default_rng(seed).normal(size=(1, cols)).astype(np.float32)
+    close(eqcore.matmul(x, qt), x, qt)
+
+
+@needs_simd
+@pytest.mark.parametrize("grid", ["symmetric", "asymmetric", "codebook"])
+@pytest.mark.parametrize("scale_dtype", ["float16", "log8"])
+def test_simd_gemv_takes_the_quality_layouts(grid, scale_dtype):
+    """The grouped and codebook layouts at batch 1 go through the SIMD kernel (not the block
+    kernel that forms each row's levels first), with outliers, and give the dense product."""
+    w = weights(24, 1000, seed=3, dtype=np.float16)
+    qt = eqcore.quantize(w, bits=4, group_size=96, grid=grid, scale_dtype=scale_dtype, sigma=2.5, steps=3)
+    assert qt.outlier_vals.size > 0 and nb._simd_layout(qt, 4, nb.GRIDS.index(grid)) is not None
+    x = np.random.default_rng(0).normal(size=(1, 1000)).astype(np.float32)
+    calls = []
+    kernel = nb._gemv_simd_kernel
+    try:
+        nb._gemv_simd_kernel = lambda *a: calls.append(kernel(*a))
+        y = eqcore.matmul(x, qt)
+    finally:
+        nb._gemv_simd_kernel = kernel
+    assert len(calls) == 1
+    close(y, x, qt)
+
+
+def test_no_simd_where_numba_compiles_for_another_cpu(monkeypatch):
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    assert numba_simd.host_width() == 0
+
+
+def test_a_lookup_holds_sixteen_entries():
+    with pytest.raises(ValueError, match="16 entries"):
+        numba_simd.group_dot(8, True)
+
+
+@pytest.mark.parametrize("grid, group", [("symmetric", 64), ("asymmetric", 128), ("codebook", 96), ("symmetric", 40)])
+def test_hosts_without_simd_take_the_portable_kernels(monkeypatch, grid, group):
+    """With no AVX2 (WIDTH 0), batch 1 in groups takes the scaled slot dot (groups of 2**k columns)
+    or the block kernel, and gives the same product."""
+    monkeypatch.setattr(nb, "WIDTH", 0)
+    called = []
+    monkeypatch.setattr(nb, "_gemv_simd_kernel", lambda *a: called.append(a))
+    w = weights(9, 520, seed=4, dtype=np.float16)
+    qt = eqcore.quantize(w, bits=4, group_size=group, grid=grid, sigma=2.5, steps=3)
+    x = np.random.default_rng(1).normal(size=(1, 520)).astype(np.float32)
+    close(eqcore.matmul(x, qt), x, qt)
+    assert not called
