@@ -22,37 +22,41 @@ needs_simd = pytest.mark.skipif(not numba_simd.WIDTH, reason="no AVX2 or AVX-512
 
 def _caller(dot):
     @njit
-    def call(q, xt, sw, offw, lut):
-        return dot(q, xt, sw, offw, lut)
+    def call(q, xt, sg, og, lut, rel, first):
+        return dot(q, xt, sg, og, lut, rel, first)
 
     return call
 
 
-_CALLERS = {(b, t, w): _caller(numba_simd.group_dot(b, t, w)) for w in (8, 16) for b, t in
-            ((2, True), (4, True), (2, False), (4, False), (8, False))}
+_KINDS = [(2, False), (4, False), (2, True), (4, True), (8, True)]  # (bits, offset)
+_CALLERS = {(b, o, w): _caller(numba_simd.group_dot(b, o, w)) for w in (8, 16) for b, o in _KINDS}
 
 
 @pytest.mark.parametrize("width", [8, 16])
-@given(st.sampled_from([(2, True), (4, True), (2, False), (4, False), (8, False)]), st.integers(0, 70),
-       st.integers(0, 2 ** 32 - 1))
+@given(st.sampled_from(_KINDS), st.integers(0, 70),
+       st.integers(1, 20), st.integers(0, 2 ** 32 - 1))
 @settings(max_examples=60, deadline=None)
-def test_vector_dot_is_the_sum_of_levels_times_x(width, kind, nwu, seed):
-    """dot(q, xt, sw, offw, lut) = sum over slots and the full vectors' words of lev * xt, lev =
-    lut[code] * sw (lookup) or (code + offw) * sw, each level rounded once in float32."""
+def test_vector_dot_is_the_sum_of_levels_times_x(width, kind, nwu, gw, seed):
+    """dot(q, xt, sg, og, lut, rel, first) = sum over slots and the full vectors' words of lev * xt,
+    lev = lut[code] * sg[j] (lookup) or (code + og[j]) * sg[j] in groups j of ``gw`` words, each
+    level rounded once in float32."""
     if not _HOST[width]:
         pytest.skip(f"no {width}-lane SIMD on this host")
-    bits, table = kind
+    bits, offset = kind
     per = 32 // bits
     rng = np.random.default_rng(seed)
     q = rng.integers(0, 2 ** 32, nwu, dtype=np.uint64).astype(np.uint32)
     xt = rng.normal(size=(per, nwu)).astype(np.float32)
-    sw = rng.uniform(0.5, 2, nwu).astype(np.float32)
-    offw = rng.integers(-9, 9, nwu).astype(np.float32)
-    lut = rng.normal(size=16).astype(np.float32)
-    got = _CALLERS[bits, table, width](q, xt, sw, offw, lut)
+    wg, rel, first = nb._word_groups(nwu, gw, width)
+    groups = -(-nwu // gw) + width
+    sg = rng.uniform(0.5, 2, groups).astype(np.float32)
+    og = rng.integers(-9, 9, groups).astype(np.float32)
+    lut = rng.normal(size=16).astype(np.float32) if bits <= 4 else np.arange(256, dtype=np.float32)
+    got = _CALLERS[bits, offset, width](q, xt, sg, og, lut, rel, first)
     n = nwu - nwu % width
     codes = (q[None, :n] >> (bits * np.arange(per, dtype=np.uint32))[:, None]) & np.uint32((1 << bits) - 1)
-    lev = (lut[codes] if table else codes.astype(np.float32) + offw[:n]) * sw[:n]
+    j = wg[:n]
+    lev = (lut[codes] + og[j] if offset else lut[codes]) * sg[j]
     want = (lev.astype(np.float64) * xt[:, :n]).sum()
     assert abs(got - want) <= 1e-5 * (np.abs(lev).astype(np.float64) * np.abs(xt[:, :n])).sum() + 1e-30
 
@@ -100,9 +104,9 @@ def test_no_simd_where_numba_compiles_for_another_cpu(monkeypatch):
     assert numba_simd.host_width() == 0
 
 
-def test_a_lookup_holds_sixteen_entries():
-    with pytest.raises(ValueError, match="16 entries"):
-        numba_simd.group_dot(8, True)
+def test_converted_codes_take_offsets():
+    with pytest.raises(ValueError, match="offsets"):
+        numba_simd.group_dot(8, False)
 
 
 @pytest.mark.parametrize("grid, group", [("symmetric", 64), ("asymmetric", 128), ("codebook", 96), ("symmetric", 40)])

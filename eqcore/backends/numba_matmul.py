@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..dtypes import bfloat16
-from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRIDS, LOG8, group_layout, qrange
+from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, LOG8, group_layout, qrange
 from .numba_bits import code_at, half_bits_to_f32, unpack_stream
 from .numba_simd import TABLE, WIDTH, group_dot
 
@@ -448,101 +448,143 @@ def _gemv_groups_kernel(xt, x0, xc0, qweight, scales, gw, lgg, bits, qmin, grid,
             out[0, r] = t
 
 
-_dot_table2, _dot_table4, _dot2, _dot4, _dot8 = (group_dot(b, t, WIDTH or 8) for b, t in
-                                                   ((2, True), (4, True), (2, False), (4, False), (8, False)))
+_dot2, _dot4, _dot2_off, _dot4_off, _dot8_off = (group_dot(b, o, WIDTH or 8) for b, o in
+                                                 ((2, False), (4, False), (2, True), (4, True), (8, True)))
+SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a group in float32
 _S_LOG8 = 3  # scales stored as log8 codes (:data:`eqcore.layout.LOG8`); 0-2 are _oval's kinds
 
 
 @njit(fastmath=True, inline="always")
-def _word_level(q, c, lut, sw, offw, bits, lg):
-    """Level of column c (as the SIMD dot forms it): (lut[code] + offw[w]) * sw[w], w = c >> lg."""
-    w = c >> lg
-    return (lut[code_at(q, c, bits, lg)] + offw[w]) * sw[w]
+def _word_level(q, c, lut, sg, og, wg, bits, lg):
+    """Level of column c as the SIMD dot forms it: (lut[code] + og[j]) * sg[j], j = wg[c >> lg] its group."""
+    j = wg[c >> lg]
+    return (lut[code_at(q, c, bits, lg)] + og[j]) * sg[j]
 
 
 @njit(fastmath=True)
-def _tail_dot(q, xt, sw, offw, lut, w0, bits, lg):
+def _tail_dot(q, xt, sg, og, wg, lut, w0, bits, lg):
     """:func:`eqcore.backends.numba_simd.group_dot`'s sum over the words from ``w0`` on (the last,
     partial vector), one code at a time."""
     per = 32 // bits
     t = np.float32(0)
     for k in range(per):
         for w in range(w0, xt.shape[1]):
-            t += _word_level(q, w * per + k, lut, sw, offw, bits, lg) * xt[k, w]
+            t += _word_level(q, w * per + k, lut, sg, og, wg, bits, lg) * xt[k, w]
+    return t
+
+
+@njit(inline="always")
+def _oval_select(v, kind):
+    """:func:`_oval` with every conversion done and one kept: selects, not branches, so a loop
+    over outliers stays vectorised (with :func:`_oval`'s branch and one loop per kind: 0.80 against
+    0.50 ms for the 224k outliers of a 4096x4096 weight on one thread)."""
+    f16 = half_bits_to_f32(np.uint16(v))
+    bf16 = np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+    f32 = np.uint32(v).view(np.float32)
+    return f16 if kind == _V_F16 else (bf16 if kind == _V_BF16 else f32)
+
+
+@njit(fastmath=True, inline="always")
+def _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset, has_col):
+    """:func:`_outlier_fix`'s loop, for constant ``offset`` and ``has_col`` (folded once inlined)."""
+    t = np.float32(0)
+    for p in range(oc.shape[0]):
+        c = np.int64(oc[p])
+        j = np.int64((np.float32(c >> lg) + np.float32(0.5)) * inv_gw)
+        lev = lut[code_at(q, c, bits, lg)]
+        if offset:
+            lev += og[j]
+        lev *= sg[j]
+        if has_col:
+            t += _oval_select(ov[p], kind) * x0[c] - lev * xc0[c]
+        else:
+            t += (_oval_select(ov[p], kind) - lev) * x0[c]
     return t
 
 
 @njit(fastmath=True)
-def _outlier_fix(q, oc, ov, kind, x0, xc0, sw, offw, lut, bits, lg):
+def _outlier_fix(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset, has_col):
     """A row's outliers at batch 1 with groups of whole words: the sum over its outlier columns c of
-    exact value * x0[c] - level * xc0[c] (:func:`_word_level`, the level the dot took at c). One
-    loop per kind of stored value (the kind tested inside the loop kept it scalar)."""
-    t = np.float32(0)
-    if kind == _V_F16:
-        for p in range(oc.shape[0]):
-            c = np.int64(oc[p])
-            t += _oval_f16(ov[p]) * x0[c] - _word_level(q, c, lut, sw, offw, bits, lg) * xc0[c]
-    elif kind == _V_BF16:
-        for p in range(oc.shape[0]):
-            c = np.int64(oc[p])
-            t += _oval_bf16(ov[p]) * x0[c] - _word_level(q, c, lut, sw, offw, bits, lg) * xc0[c]
-    else:
-        for p in range(oc.shape[0]):
-            c = np.int64(oc[p])
-            t += _oval_f32(ov[p]) * x0[c] - _word_level(q, c, lut, sw, offw, bits, lg) * xc0[c]
-    return t
+    exact value * x0[c] - level * xc0[c], the level (lut[code] + og[j]) * sg[j] as the SIMD dot
+    formed it, in group j = floor((w + 0.5) / gw) of word w (in float32, exact below SIMD_WORDS
+    words: (w + 0.5) / gw is 0.5 / gw from an integer, its rounding at most (w + gw) * 2**-23 / gw). Without column scales (x0 is xc0) in one term,
+    (exact - level) * x0[c]; without ``offset`` the offsets are 0 and not read. A loop per case,
+    each with no gather it does not need."""
+    if offset and has_col:
+        return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, True, True)
+    if offset:
+        return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, True, False)
+    if has_col:
+        return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, False, True)
+    return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, False, False)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_simd_kernel(xt, x0, xc0, qweight, sbits, skind, rscale, gw, bits, table, lut, qmin, zeros, rowptr,
-                      ocols, ovals, kind, chunks, out):
-    """Batch 1, codes of 2/4/8 bits in groups of ``gw`` whole words: each row's group scales decoded
-    from their stored bits ``sbits`` (``skind``: :func:`_oval`'s kinds, or log8 codes under the
-    row scales ``rscale``, as :func:`eqcore.layout.float_scales` decodes them) and spread over its
-    words with its offsets, then its explicit-SIMD dot (:mod:`eqcore.backends.numba_simd`). Each
-    level is (lut[code] + offset) * scale: with ``table`` (codebooks, and the symmetric grid below
-    8 bits as lut = code + qmin) the offset is 0 and the lookup one register instruction; else
-    lut[code] = code and the offset is -zero (asymmetric grid) or ``qmin``. Then the last partial vector
-    (:func:`_tail_dot`) and its outliers (:func:`_outlier_fix`)."""
+def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, wg, rel, first, bits, offset, lut, qmin, zeros,
+                      rowptr, ocols, ovals, kind, chunks, out):
+    """Batch 1, codes of 2/4/8 bits in groups of whole words (``wg``: each word's group; ``rel``,
+    ``first``: as :func:`eqcore.backends.numba_simd.group_dot` takes them): each row's group scales
+    decoded from their stored bits ``sbits`` (``skind``: :func:`_oval`'s kinds, or log8 codes under
+    the row scales ``rscale``, as :func:`eqcore.layout.float_scales` decodes them) with its
+    offsets, then its explicit-SIMD dot (:mod:`eqcore.backends.numba_simd`). Each level is lut[code]
+    (codebooks, and the symmetric grid below 8 bits as lut = code + qmin; a register lookup) or, with
+    ``offset``, (lut[code] + offset) * scale, lut[code] = code and the offset -zero (asymmetric grid)
+    or ``qmin`` (8 bits). Then the last partial vector (:func:`_tail_dot`)
+    and the row's outliers (:func:`_outlier_fix`)."""
     per, nwu = xt.shape
     rows = qweight.shape[0]
     n_groups = sbits.shape[1]
     asym = zeros.shape[0] > 0
     lg = 3 if bits == 4 else (4 if bits == 2 else 2)
     w0 = nwu - nwu % WIDTH
+    inv_gw = np.float32(1 / gw)
     rows_per = (rows + chunks - 1) // chunks
     for ch in prange(chunks):
-        sw = np.empty(nwu, np.float32)
-        offw = np.full(nwu, 0 if table else qmin, np.float32)
+        sg = np.zeros(n_groups + WIDTH, np.float32)  # WIDTH past the last group: a vector load from any group
+        og = np.full(n_groups + WIDTH, qmin if offset else 0, np.float32)
         for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
             q = qweight[r]
             for j in range(n_groups):
-                w1 = min(nwu, j * gw + gw)
-                sw[j * gw:w1] = rscale[r] * LOG8[sbits[r, j]] if skind == _S_LOG8 else _oval(sbits[r, j], skind)
-                if asym:
-                    offw[j * gw:w1] = -zeros[r, j]
-            if table:
-                t = _dot_table4(q, xt, sw, offw, lut) if bits == 4 else _dot_table2(q, xt, sw, offw, lut)
+                sg[j] = rscale[r] * LOG8[sbits[r, j]] if skind == _S_LOG8 else _oval_select(sbits[r, j], skind)
+            if asym:
+                for j in range(n_groups):
+                    og[j] = -zeros[r, j]
+            if offset and bits == 4:
+                t = _dot4_off(q, xt, sg, og, lut, rel, first)
+            elif offset and bits == 2:
+                t = _dot2_off(q, xt, sg, og, lut, rel, first)
+            elif offset:
+                t = _dot8_off(q, xt, sg, og, lut, rel, first)
             elif bits == 4:
-                t = _dot4(q, xt, sw, offw, lut)
-            elif bits == 2:
-                t = _dot2(q, xt, sw, offw, lut)
+                t = _dot4(q, xt, sg, og, lut, rel, first)
             else:
-                t = _dot8(q, xt, sw, offw, lut)
+                t = _dot2(q, xt, sg, og, lut, rel, first)
             if w0 < nwu:
-                t += _tail_dot(q, xt, sw, offw, lut, w0, bits, lg)
+                t += _tail_dot(q, xt, sg, og, wg, lut, w0, bits, lg)
             p0 = rowptr[r]
             p1 = rowptr[r + 1]
             if p1 > p0:
-                t += _outlier_fix(q, ocols[p0:p1], ovals[p0:p1], kind, x0, xc0, sw, offw, lut, bits, lg)
+                t += _outlier_fix(q, ocols[p0:p1], ovals[p0:p1], kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset,
+                                  has_col)
             out[0, r] = t
 
 
+def _word_groups(nwu: int, gw: int, width: int = WIDTH) -> tuple:
+    """(each word's group, its group less its vector's first group, each full vector's first
+    group) for groups of ``gw`` words, as :func:`_gemv_simd_kernel` takes them (int32)."""
+    wg = np.arange(nwu, dtype=np.int32) // np.int32(gw)
+    nfull = nwu - nwu % width
+    first = np.ascontiguousarray(wg[:nfull:width])
+    rel = np.zeros(nwu, np.int32)
+    rel[:nfull] = wg[:nfull] - np.repeat(first, width)
+    return wg, rel, first
+
+
 def _simd_layout(qt, bits: int, grid: int):
-    """(stored scale bits, their kind, float32 row scales, whether levels are looked up, the lookup
-    table) of ``qt`` for :func:`_gemv_simd_kernel`; None for a codebook of 8 bits (256 entries
-    do not fit a register). The asymmetric grid's offsets vary by group: its levels are
-    code + offset, converted."""
+    """(stored scale bits, their kind, float32 row scales, whether levels take an offset, the
+    levels by code) of ``qt`` for :func:`_gemv_simd_kernel`; None for a codebook of 8 bits (256
+    entries do not fit a register). Offsets are the asymmetric grid's -zero per group and the
+    8-bit symmetric grid's qmin (its codes are converted, not looked up)."""
     if grid == GRID_CODEBOOK and bits > 4:
         return None
     if qt.row_scales is not None:
@@ -550,13 +592,13 @@ def _simd_layout(qt, bits: int, grid: int):
     else:
         (sbits, skind), rscale = _float_bits(qt.scales), np.zeros(0, np.float32)
     sbits = sbits.astype(np.uint32)  # one type of stored scale for the kernel to compile for (widening: 20 us)
-    table = grid != GRID_ASYMMETRIC and bits <= 4
-    lut = np.zeros(max(TABLE, 1 << bits), np.float32)
-    if grid == GRID_CODEBOOK:
-        lut[:1 << bits] = _f32(qt.codebook)
-    else:
-        lut[:1 << bits] = np.arange(1 << bits) + (qrange(bits)[0] if table else 0)
-    return sbits, skind, rscale, table, lut
+    offset = grid == GRID_ASYMMETRIC or bits > 4
+    levels = _f32(qt.codebook) if grid == GRID_CODEBOOK else np.arange(1 << bits, dtype=np.float32)
+    if grid == GRID_SYMMETRIC and not offset:
+        levels += qrange(bits)[0]
+    lut = np.zeros(max(TABLE, levels.size), np.float32)
+    lut[:levels.size] = levels
+    return sbits, skind, rscale, offset, lut
 
 
 @njit(fastmath=True, inline="always")  # a call, with its arrays' reference counts, cost 100 ns a row
@@ -688,11 +730,12 @@ def matmul(x, qt) -> np.ndarray:
                      rowptr, ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4)), out)
             return out
         gw = -(-g // per)
-        simd = _simd_layout(qt, bits, grid) if batch == 1 and WIDTH else None
+        simd = _simd_layout(qt, bits, grid) if batch == 1 and WIDTH and nwu < SIMD_WORDS else None
         if simd is not None:  # any whole-word groups
-            sbits, skind, rscale, table, lut = simd
-            _dynamic(_gemv_simd_kernel, xt[0], x[0], xc[0], qw, sbits, skind, rscale, gw,
-                     bits, table, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
+            sbits, skind, rscale, offset, lut = simd
+            _dynamic(_gemv_simd_kernel, xt[0], x[0], xc[0], qt.col_scales is not None, qw, sbits, skind, rscale, gw, *_word_groups(nwu, gw),
+                     bits,
+                     offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
             return out
         scales = qt.float_scales()  # decoded here, not by the kernel above (0.2 ms for 4096x4096 in groups of 128)
         if batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns

@@ -17,7 +17,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-TABLE = 16  # entries of a codebook lookup (codes of 2 or 4 bits; the codebook zero-padded to 16)
+TABLE = 16  # entries of a register lookup (codes of 2 or 4 bits)
 
 
 def host_width() -> int:
@@ -40,53 +40,71 @@ def _declare(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
+def _permute(builder, width, vec, idx):
+    """vec[idx] lane by lane, one register of ``width`` float32 (the low log2(width) bits of idx)."""
+    vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
+    name = "llvm.x86.avx512.permvar.sf.512" if width == 16 else "llvm.x86.avx2.permps"
+    return builder.call(_declare(builder, name, vf, [vf, vi]), [vec, idx])
+
+
 def _lookup(builder, width, table, code):
     """table[code] lane by lane (``table``: one vector of 16 entries at width 16, two of 8 at width 8)."""
-    vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
     if width == 16:
-        return builder.call(_declare(builder, "llvm.x86.avx512.permvar.sf.512", vf, [vf, vi]), [table[0], code])
-    perm = _declare(builder, "llvm.x86.avx2.permps", vf, [vf, vi])  # uses the low 3 bits of each index
+        return _permute(builder, width, table[0], code)
+    vi = ir.VectorType(_I32, width)
     high = builder.icmp_unsigned("!=", builder.and_(code, ir.Constant(vi, [8] * width)), ir.Constant(vi, [0] * width))
-    return builder.select(high, builder.call(perm, [table[1], code]), builder.call(perm, [table[0], code]))
+    return builder.select(high, _permute(builder, width, table[1], code), _permute(builder, width, table[0], code))
 
 
-def group_dot(bits: int, table: bool, width: int = WIDTH):
-    """An intrinsic ``dot(q, xt, sw, offw, cb) -> float32``: the sum over slots k < 32 // bits and
-    words w < nwu - nwu % width of lev(k, w) * xt[k, w], where ``xt`` is a C-contiguous (per, nwu)
-    float32 array (x in slot-major order), code = bits k * bits of q[w], and lev = cb[code] * sw[w]
-    (``table``; ``cb`` holds at least 16 float32) or (code + offw[w]) * sw[w]. Each level is rounded
-    once, as the NumPy reference forms it, then multiplied into x by FMA (4 accumulators, summed
-    in any order at the end). The words past the last full vector are the caller's."""
-    per, mask = 32 // bits, (1 << bits) - 1
-    if table and bits > 4:
-        raise ValueError(f"a register lookup holds {TABLE} entries, not {1 << bits}")
+def group_dot(bits: int, offset: bool, width: int = WIDTH):
+    """An intrinsic ``dot(q, xt, sg, og, lut, rel, first) -> float32``: the sum over slots k < 32 //
+    bits and words w < nwu - nwu % width of lev(k, w) * xt[k, w], where ``xt`` is a C-contiguous
+    (per, nwu) float32 array (x in slot-major order), code = bits k * bits of q[w], and, with j the
+    word's group, lev = (lut[code] + og[j]) * sg[j] (``offset``) or lut[code] * sg[j].
+
+    Codes of 2 and 4 bits are looked up in a register (``lut`` holds at least 16 float32); codes of
+    8 bits are converted (lut[code] = code is the caller's to keep). Groups are whole words: the i-th vector of words
+    starts in group ``first[i]``, and word w is in group first[w // width] + rel[w]; each vector's
+    scales (and offsets) are one load of ``width`` group values at its first group and a register
+    permute by ``rel`` (``sg`` and ``og`` need ``width`` entries past the last group read). Each
+    level is rounded once, as the NumPy reference forms it, then multiplied into x by FMA (4
+    accumulators, summed in any order at the end). The words past the last full vector are the
+    caller's."""
+    per, mask, lookup = 32 // bits, (1 << bits) - 1, bits <= 4
+    if not (lookup or offset):
+        raise ValueError(f"codes of {bits} bits are converted, so their levels need offsets (code + og)")
     vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
 
     @intrinsic
-    def dot(typingctx, q, xt, sw, offw, cb):
+    def dot(typingctx, q, xt, sg, og, lut, rel, first):
         if not (isinstance(xt, types.Array) and xt.ndim == 2 and xt.layout == "C"):
             return None
-        sig = types.float32(q, xt, sw, offw, cb)
+        sig = types.float32(q, xt, sg, og, lut, rel, first)
 
         def codegen(context, builder, signature, args):
-            qa, xa, sa, oa, ca = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args))
+            qa, xa, sa, oa, la, ra, fa = (context.make_array(t)(context, builder, a)
+                                          for t, a in zip(signature.args, args))
             nwu = builder.extract_value(xa.shape, 1)
 
             def load(ptr, i, vt):
                 return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
 
-            lut = [load(ca.data, _I64(8 * h), vf) for h in range(TABLE // width)] if table else None
+            lut_v = [load(la.data, _I64(8 * h), vf) for h in range(TABLE // width)] if lookup else None
             fma = _declare(builder, f"llvm.fma.v{width}f32", vf, [vf, vf, vf])
             accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
             with cgutils.for_range(builder, builder.udiv(nwu, _I64(width))) as loop:
                 w = builder.mul(loop.index, _I64(width))
+                g0 = builder.sext(builder.load(builder.gep(fa.data, [loop.index])), _I64)
+                idx = load(ra.data, w, vi)
                 qv = load(qa.data, w, vi)
-                sv = load(sa.data, w, vf)
-                ov = None if table else load(oa.data, w, vf)
+                sv = _permute(builder, width, load(sa.data, g0, vf), idx)
+                ov = _permute(builder, width, load(oa.data, g0, vf), idx) if offset else None
                 for k in range(per):
                     code = builder.and_(builder.lshr(qv, ir.Constant(vi, [k * bits] * width)),
                                         ir.Constant(vi, [mask] * width))
-                    lev = _lookup(builder, width, lut, code) if table else builder.fadd(builder.sitofp(code, vf), ov)
+                    lev = _lookup(builder, width, lut_v, code) if lookup else builder.sitofp(code, vf)
+                    if offset:
+                        lev = builder.fadd(lev, ov)
                     xv = load(xa.data, builder.add(builder.mul(_I64(k), nwu), w), vf)
                     acc = accs[k % 4]
                     builder.store(builder.call(fma, [builder.fmul(lev, sv), xv, builder.load(acc)]), acc)
