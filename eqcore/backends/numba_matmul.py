@@ -544,8 +544,12 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, w
         og = np.full(n_groups + WIDTH, qmin if offset else 0, np.float32)
         for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
             q = qweight[r]
-            for j in range(n_groups):
-                sg[j] = rscale[r] * LOG8[sbits[r, j]] if skind == _S_LOG8 else _oval_select(sbits[r, j], skind)
+            if skind == _S_LOG8:  # a loop each (the test inside one: 0.1 us a row, 43 groups)
+                for j in range(n_groups):
+                    sg[j] = rscale[r] * LOG8[sbits[r, j]]
+            else:
+                for j in range(n_groups):
+                    sg[j] = _oval_select(sbits[r, j], skind)
             if asym:
                 for j in range(n_groups):
                     og[j] = -zeros[r, j]
