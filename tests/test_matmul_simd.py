@@ -65,16 +65,17 @@ def test_vector_dot_is_the_sum_of_levels_times_x(width, kind, nwu, gw, seed):
 @given(st.sampled_from(["symmetric", "asymmetric", "codebook"]), st.sampled_from([2, 4, 8]),
        st.sampled_from([None, 32, 40, 96, 128]), st.booleans(),
        st.sampled_from(["float32", "float16", "bfloat16", "log8"]), st.integers(1, 9), st.integers(1, 700),
-       st.sampled_from([None, 2.0, 3.3]), st.integers(0, 10))
+       st.sampled_from([None, 2.0, 3.3]), st.sampled_from([1, 2, 3, 6]), st.integers(0, 10))
 @settings(max_examples=80, deadline=None)
-def test_simd_gemv_matches_the_dense_product(grid, bits, group, col, scale_dtype, rows, cols, sigma, seed):
-    """Batch 1 through the SIMD kernel (full vectors and the scalar tail, outliers of every stored
-    dtype, column scales) equals the NumPy reference within the matmul contract."""
+def test_simd_kernels_match_the_dense_product(grid, bits, group, col, scale_dtype, rows, cols, sigma, batch, seed):
+    """The SIMD GEMV (batches up to nb.SIMD_BATCH) and the block kernel with levels from SIMD
+    lookups (larger batches), over full vectors of words and the scalar tail, outliers of every
+    stored dtype and column scales, equal the NumPy reference within the matmul contract."""
     dtype = np.float16 if seed % 2 else np.float32
     w = weights(rows, cols, seed=seed, dtype=dtype)
     qt = eqcore.quantize(w, bits=bits, group_size=group, grid=grid, col_scales=col, scale_dtype=scale_dtype,
                          sigma=sigma, steps=3)
-    x = np.random.default_rng(seed).normal(size=(1, cols)).astype(np.float32)
+    x = np.random.default_rng(seed).normal(size=(batch, cols)).astype(np.float32)
     close(eqcore.matmul(x, qt), x, qt)
 
 
@@ -86,7 +87,7 @@ def test_simd_gemv_takes_the_quality_layouts(grid, scale_dtype):
     kernel that forms each row's levels first), with outliers, and give the dense product."""
     w = weights(24, 1000, seed=3, dtype=np.float16)
     qt = eqcore.quantize(w, bits=4, group_size=96, grid=grid, scale_dtype=scale_dtype, sigma=2.5, steps=3)
-    assert qt.outlier_vals.size > 0 and nb._simd_layout(qt, 4, nb.GRIDS.index(grid)) is not None
+    assert qt.outlier_vals.size > 0 and nb._levels_table(qt, 4, nb.GRIDS.index(grid)) is not None
     x = np.random.default_rng(0).normal(size=(1, 1000)).astype(np.float32)
     calls = []
     kernel = nb._gemv_simd_kernel
@@ -109,15 +110,16 @@ def test_converted_codes_take_offsets():
         numba_simd.group_dot(8, False)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("grid, group", [("symmetric", 64), ("asymmetric", 128), ("codebook", 96), ("symmetric", 40)])
-def test_hosts_without_simd_take_the_portable_kernels(monkeypatch, grid, group):
-    """With no AVX2 (WIDTH 0), batch 1 in groups takes the scaled slot dot (groups of 2**k columns)
-    or the block kernel, and gives the same product."""
+def test_hosts_without_simd_take_the_portable_kernels(monkeypatch, grid, group, batch):
+    """With no AVX2 (WIDTH 0), groups take the scaled slot dot (batch 1, groups of 2**k columns)
+    or the block kernel with levels formed one code at a time, and give the same product."""
     monkeypatch.setattr(nb, "WIDTH", 0)
     called = []
     monkeypatch.setattr(nb, "_gemv_simd_kernel", lambda *a: called.append(a))
     w = weights(9, 520, seed=4, dtype=np.float16)
     qt = eqcore.quantize(w, bits=4, group_size=group, grid=grid, sigma=2.5, steps=3)
-    x = np.random.default_rng(1).normal(size=(1, 520)).astype(np.float32)
+    x = np.random.default_rng(1).normal(size=(batch, 520)).astype(np.float32)
     close(eqcore.matmul(x, qt), x, qt)
     assert not called

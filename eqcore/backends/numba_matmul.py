@@ -10,13 +10,15 @@ Three kernels, W never formed whole:
   scale per row: a slot dot (:func:`_slot_kernels`), codes unpacked in registers and multiplied
   into x, 4 rows at a time with codes masked in place rather than shifted, the row's outliers
   added as a sparse correction;
-- batch 1, codes of 2/4/8 bits in groups of whole words, any grid (codebooks of up to 16 entries),
-  on hosts with AVX2 or AVX-512 (:mod:`eqcore.backends.numba_simd`): each row's group scales
-  decoded from their stored form and spread over its words, then an explicit-SIMD dot in which a
-  codebook level is one register lookup (LLVM alone made it a gather: 5.2 against 1.0 ms for
-  4096x4096 in groups of 128); elsewhere groups of 2**k columns take a scaled slot dot;
+- batches up to :data:`SIMD_BATCH`, codes of 2/4/8 bits in groups of whole words, any grid
+  (codebooks of up to 16 entries), on hosts with AVX2 or AVX-512 (:mod:`eqcore.backends.numba_simd`):
+  each row's group scales decoded from their stored form, then an explicit-SIMD dot per row of x
+  in which a codebook level is one register lookup and each vector's scales one permute (LLVM
+  alone made both gathers: 5.2 against 0.8 ms for 4096x4096 in groups of 128); without AVX2,
+  batch 1 in groups of 2**k columns takes a scaled slot dot;
 - everything else (any batch, groups, codebooks, 3 bits): rows in blocks of :data:`RB`; each block's
-  scaled levels are formed once (each outlier's exact value in its slot), then multiplied into x
+  scaled levels are formed once (by the same register lookups where the SIMD dot would run; each
+  outlier's exact value in its slot), then multiplied into x
   :data:`RB` rows of W by 4 rows of x at a time (16 accumulators: each level and x value loaded
   feeds 4 products). Outliers cost nothing more there: added apart, one x[b, c] at a time, they
   took 2/3 of a batch-64 product at 1.3% outliers.
@@ -37,7 +39,7 @@ from numba import njit, prange
 from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, LOG8, group_layout, qrange
 from .numba_bits import code_at, half_bits_to_f32, unpack_stream
-from .numba_simd import TABLE, WIDTH, group_dot
+from .numba_simd import TABLE, WIDTH, group_dot, group_levels
 
 RB = 4  # rows of W per block: their levels are formed once, then meet x four rows of x at a time
 KB = 1024  # columns per slice of a block's levels (4 rows x 4 KiB, L1-resident while every row of x meets it;
@@ -279,15 +281,46 @@ def _row_levels(q, r, bits, g, gw, grid, qmin, scales, zeros, codebook, slot, co
         _natural_levels(codes, r, g, grid, qmin, scales, zeros, codebook, lev)
 
 
+@njit
+def _simd_row_levels(q, r, bits, scales, zeros, sg, og, lut, wg, rel, first, offset, lev):
+    """Row r's scaled levels into ``lev`` (per, nwu), slot-major, by
+    :func:`eqcore.backends.numba_simd.group_levels` (the last partial vector one code at a time,
+    :func:`_word_level`)."""
+    per, nwu = lev.shape
+    n_groups = scales.shape[1]
+    for j in range(n_groups):
+        sg[j] = scales[r, j]
+    if zeros.shape[0] > 0:
+        for j in range(n_groups):
+            og[j] = -zeros[r, j]
+    if offset and bits == 4:
+        _lev4_off(q, sg, og, lut, rel, first, lev)
+    elif offset and bits == 2:
+        _lev2_off(q, sg, og, lut, rel, first, lev)
+    elif offset:
+        _lev8_off(q, sg, og, lut, rel, first, lev)
+    elif bits == 4:
+        _lev4(q, sg, og, lut, rel, first, lev)
+    else:
+        _lev2(q, sg, og, lut, rel, first, lev)
+    lg = 3 if bits == 4 else (4 if bits == 2 else 2)
+    for k in range(per):
+        for w in range(nwu - nwu % WIDTH, nwu):
+            lev[k, w] = _word_level(q, w * per + k, lut, sg, og, wg, bits, lg)
+
+
 @njit(parallel=True, cache=True)
 def _block_kernel(xt, x, qweight, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols, ovals,
-                  kind, chunks, out):
+                  kind, simd, offset, lut, wg, rel, first, chunks, out):
     """out[:, r] = x @ W[r] for every row r: rows in blocks of RB, each block's scaled levels formed
     once in xt's column order (slot-major when ``slot``), each outlier's exact value in its slot;
     then, a KB-column slice of the levels at a time, 4 x 4 (rows of W x rows of x) dots and a 4 x 1
     dot for the last rows of x. ``xt`` is x (column-scaled, in the levels' order), ``x`` the plain
     input. With column scales (``col`` not empty) the outlier slots hold 0 and the outliers' terms
-    ovals * x are added apart (ovals / col times x * col could overflow)."""
+    ovals * x are added apart (ovals / col times x * col could overflow). With ``simd`` (slot-major,
+    and ``offset``, ``lut``, ``wg``, ``rel``, ``first`` as :func:`_gemv_simd_kernel` takes them) the
+    levels are formed by :func:`eqcore.backends.numba_simd.group_levels` (a register lookup per
+    vector of codes, not a gather per code)."""
     batch, K = xt.shape
     rows = qweight.shape[0]
     cols = x.shape[1]
@@ -304,13 +337,20 @@ def _block_kernel(xt, x, qweight, scales, zeros, codebook, col, g, gw, bits, qmi
         sw = np.empty(nwu, np.float32)
         offw = np.empty(nwu, np.float32)
         acc = np.empty((RB, batch), np.float32)
+        n_groups = scales.shape[1]
+        sg = np.zeros(n_groups + WIDTH, np.float32)
+        og = np.full(n_groups + WIDTH, qmin if offset else 0, np.float32)
         for blk in range(ch * bper, min(nblocks, ch * bper + bper)):
             r0 = blk * RB
             nr = min(RB, rows - r0)
             for i in range(nr):
                 r = r0 + i
-                _row_levels(qweight[r], r, bits, g, gw, grid, qmin, scales, zeros, codebook, slot, codes, sw, offw,
-                            lev[i])
+                if simd:
+                    _simd_row_levels(qweight[r], r, bits, scales, zeros, sg, og, lut, wg, rel, first, offset,
+                                     lev[i].reshape(per, nwu))
+                else:
+                    _row_levels(qweight[r], r, bits, g, gw, grid, qmin, scales, zeros, codebook, slot, codes, sw, offw,
+                                lev[i])
                 for p in range(rowptr[r], rowptr[r + 1]):  # the outlier's exact value replaces the level
                     c = np.int64(ocols[p])
                     lev[i, (c & low) * nwu + (c >> lg) if slot else c] = 0 if has_col else _oval(ovals[p], kind)
@@ -450,6 +490,9 @@ def _gemv_groups_kernel(xt, x0, xc0, qweight, scales, gw, lgg, bits, qmin, grid,
 
 _dot2, _dot4, _dot2_off, _dot4_off, _dot8_off = (group_dot(b, o, WIDTH or 8) for b, o in
                                                  ((2, False), (4, False), (2, True), (4, True), (8, True)))
+_lev2, _lev4, _lev2_off, _lev4_off, _lev8_off = (group_levels(b, o, WIDTH or 8) for b, o in
+                                                 ((2, False), (4, False), (2, True), (4, True), (8, True)))
+SIMD_BATCH = 2  # rows of x up to which groups and codebooks take the SIMD GEMV, one row of x at a time
 SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a group in float32
 _S_LOG8 = 3  # scales stored as log8 codes (:data:`eqcore.layout.LOG8`); 0-2 are _oval's kinds
 
@@ -531,7 +574,7 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, w
     ``offset``, (lut[code] + offset) * scale, lut[code] = code and the offset -zero (asymmetric grid)
     or ``qmin`` (8 bits). Then the last partial vector (:func:`_tail_dot`)
     and the row's outliers (:func:`_outlier_fix`)."""
-    per, nwu = xt.shape
+    per, nwu = xt.shape[1:]
     rows = qweight.shape[0]
     n_groups = sbits.shape[1]
     asym = zeros.shape[0] > 0
@@ -553,24 +596,26 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, w
             if asym:
                 for j in range(n_groups):
                     og[j] = -zeros[r, j]
-            if offset and bits == 4:
-                t = _dot4_off(q, xt, sg, og, lut, rel, first)
-            elif offset and bits == 2:
-                t = _dot2_off(q, xt, sg, og, lut, rel, first)
-            elif offset:
-                t = _dot8_off(q, xt, sg, og, lut, rel, first)
-            elif bits == 4:
-                t = _dot4(q, xt, sg, og, lut, rel, first)
-            else:
-                t = _dot2(q, xt, sg, og, lut, rel, first)
-            if w0 < nwu:
-                t += _tail_dot(q, xt, sg, og, wg, lut, w0, bits, lg)
             p0 = rowptr[r]
             p1 = rowptr[r + 1]
-            if p1 > p0:
-                t += _outlier_fix(q, ocols[p0:p1], ovals[p0:p1], kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset,
-                                  has_col)
-            out[0, r] = t
+            for b in range(xt.shape[0]):  # the row's words stay in L1 for every row of x
+                xb = xt[b]
+                if offset and bits == 4:
+                    t = _dot4_off(q, xb, sg, og, lut, rel, first)
+                elif offset and bits == 2:
+                    t = _dot2_off(q, xb, sg, og, lut, rel, first)
+                elif offset:
+                    t = _dot8_off(q, xb, sg, og, lut, rel, first)
+                elif bits == 4:
+                    t = _dot4(q, xb, sg, og, lut, rel, first)
+                else:
+                    t = _dot2(q, xb, sg, og, lut, rel, first)
+                if w0 < nwu:
+                    t += _tail_dot(q, xb, sg, og, wg, lut, w0, bits, lg)
+                if p1 > p0:
+                    t += _outlier_fix(q, ocols[p0:p1], ovals[p0:p1], kind, x0[b], xc0[b], sg, og, inv_gw, lut, bits, lg,
+                                      offset, has_col)
+                out[b, r] = t
 
 
 def _word_groups(nwu: int, gw: int, width: int = WIDTH) -> tuple:
@@ -584,25 +629,30 @@ def _word_groups(nwu: int, gw: int, width: int = WIDTH) -> tuple:
     return wg, rel, first
 
 
-def _simd_layout(qt, bits: int, grid: int):
-    """(stored scale bits, their kind, float32 row scales, whether levels take an offset, the
-    levels by code) of ``qt`` for :func:`_gemv_simd_kernel`; None for a codebook of 8 bits (256
-    entries do not fit a register). Offsets are the asymmetric grid's -zero per group and the
-    8-bit symmetric grid's qmin (its codes are converted, not looked up)."""
+def _stored_scales(qt):
+    """(stored scale bits as uint32, their kind, float32 row scales) of ``qt``, which
+    :func:`_gemv_simd_kernel` decodes row by row (no decoding pass: float16 to float32 in NumPy
+    took 0.3 ms for 4096x43 scales; widening the bits takes 15 us)."""
+    if qt.row_scales is not None:
+        return qt.scales.astype(np.uint32), _S_LOG8, _f32(qt.row_scales)
+    sbits, skind = _float_bits(qt.scales)
+    return sbits.astype(np.uint32), skind, np.zeros(0, np.float32)
+
+
+def _levels_table(qt, bits: int, grid: int):
+    """(whether levels take an offset, the levels by code) for the SIMD kernels: codes of 2 and 4
+    bits are looked up (the codebook, or code + qmin on the symmetric grid), and the asymmetric
+    grid adds -zero per group; 8-bit codes are converted and take qmin or -zero. None for a
+    codebook of 8 bits (256 entries do not fit a register)."""
     if grid == GRID_CODEBOOK and bits > 4:
         return None
-    if qt.row_scales is not None:
-        sbits, skind, rscale = qt.scales, _S_LOG8, _f32(qt.row_scales)
-    else:
-        (sbits, skind), rscale = _float_bits(qt.scales), np.zeros(0, np.float32)
-    sbits = sbits.astype(np.uint32)  # one type of stored scale for the kernel to compile for (widening: 20 us)
     offset = grid == GRID_ASYMMETRIC or bits > 4
     levels = _f32(qt.codebook) if grid == GRID_CODEBOOK else np.arange(1 << bits, dtype=np.float32)
     if grid == GRID_SYMMETRIC and not offset:
         levels += qrange(bits)[0]
     lut = np.zeros(max(TABLE, levels.size), np.float32)
     lut[:levels.size] = levels
-    return sbits, skind, rscale, offset, lut
+    return offset, lut
 
 
 @njit(fastmath=True, inline="always")  # a call, with its arrays' reference counts, cost 100 ns a row
@@ -734,21 +784,25 @@ def matmul(x, qt) -> np.ndarray:
                      rowptr, ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4)), out)
             return out
         gw = -(-g // per)
-        simd = _simd_layout(qt, bits, grid) if batch == 1 and WIDTH and nwu < SIMD_WORDS else None
-        if simd is not None:  # any whole-word groups
-            sbits, skind, rscale, offset, lut = simd
-            _dynamic(_gemv_simd_kernel, xt[0], x[0], xc[0], qt.col_scales is not None, qw, sbits, skind, rscale, gw, *_word_groups(nwu, gw),
-                     bits,
-                     offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
-            return out
-        scales = qt.float_scales()  # decoded here, not by the kernel above (0.2 ms for 4096x4096 in groups of 128)
-        if batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
+        table = _levels_table(qt, bits, grid) if WIDTH and nwu < SIMD_WORDS else None
+        if table is not None:
+            offset, lut = table
+            wg, rel, first = _word_groups(nwu, gw)
+            if batch <= SIMD_BATCH:  # any whole-word groups, one row of x at a time
+                _dynamic(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, *_stored_scales(qt), gw, wg, rel,
+                         first, bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
+                return out
+        scales = qt.float_scales()  # decoded here, not by the kernel above (0.3 ms for 4096x4096 in groups of 96)
+        if table is None and batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
             _dynamic(_gemv_groups_kernel, xt[0], x[0], xc[0], qw, scales, gw, g.bit_length() - 1, bits, qmin, grid,
                      zeros, rowptr, ocols, ovals, kind, chunks, out)
             return out
         xt = xt.reshape(batch, nwu * per)
     else:
-        xt, nwu, gw, scales = xc, 0, 0, qt.float_scales()
+        xt, nwu, gw, scales, table = xc, 0, 0, qt.float_scales(), None
+    if table is None:
+        offset, lut, wg = False, np.zeros(TABLE, np.float32), np.zeros(0, np.int32)
+        rel, first = wg, wg
     _dynamic(_block_kernel, xt, x, qw, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols,
-             ovals, kind, chunks, out)
+             ovals, kind, table is not None, offset, lut, wg, rel, first, chunks, out)
     return out

@@ -56,6 +56,38 @@ def _lookup(builder, width, table, code):
     return builder.select(high, _permute(builder, width, table[1], code), _permute(builder, width, table[0], code))
 
 
+def _scaled_levels(builder, width, bits, offset, arrays, nwu, emit):
+    """Emit the loop over the full vectors of words: for each, its scales (and offsets) by one load
+    and a permute, its codes slot by slot, and ``emit(k, w, lev)`` with slot k's scaled levels of
+    the ``width`` words from w (see :func:`group_dot`)."""
+    qa, sa, oa, la, ra, fa = arrays
+    per, mask, lookup = 32 // bits, (1 << bits) - 1, bits <= 4
+    vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
+
+    def load(ptr, i, vt):
+        return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
+
+    lut_v = [load(la.data, _I64(8 * h), vf) for h in range(TABLE // width)] if lookup else None
+    with cgutils.for_range(builder, builder.udiv(nwu, _I64(width))) as loop:
+        w = builder.mul(loop.index, _I64(width))
+        g0 = builder.sext(builder.load(builder.gep(fa.data, [loop.index])), _I64)
+        idx = load(ra.data, w, vi)
+        qv = load(qa.data, w, vi)
+        sv = _permute(builder, width, load(sa.data, g0, vf), idx)
+        ov = _permute(builder, width, load(oa.data, g0, vf), idx) if offset else None
+        for k in range(per):
+            code = builder.and_(builder.lshr(qv, ir.Constant(vi, [k * bits] * width)), ir.Constant(vi, [mask] * width))
+            lev = _lookup(builder, width, lut_v, code) if lookup else builder.sitofp(code, vf)
+            if offset:
+                lev = builder.fadd(lev, ov)
+            emit(k, w, builder.fmul(lev, sv))
+
+
+def _check_kind(bits, offset):
+    if not (bits <= 4 or offset):
+        raise ValueError(f"codes of {bits} bits are converted, so their levels need offsets (code + og)")
+
+
 def group_dot(bits: int, offset: bool, width: int = WIDTH):
     """An intrinsic ``dot(q, xt, sg, og, lut, rel, first) -> float32``: the sum over slots k < 32 //
     bits and words w < nwu - nwu % width of lev(k, w) * xt[k, w], where ``xt`` is a C-contiguous
@@ -70,10 +102,8 @@ def group_dot(bits: int, offset: bool, width: int = WIDTH):
     level is rounded once, as the NumPy reference forms it, then multiplied into x by FMA (4
     accumulators, summed in any order at the end). The words past the last full vector are the
     caller's."""
-    per, mask, lookup = 32 // bits, (1 << bits) - 1, bits <= 4
-    if not (lookup or offset):
-        raise ValueError(f"codes of {bits} bits are converted, so their levels need offsets (code + og)")
-    vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
+    _check_kind(bits, offset)
+    vf = ir.VectorType(_F32, width)
 
     @intrinsic
     def dot(typingctx, q, xt, sg, og, lut, rel, first):
@@ -85,29 +115,16 @@ def group_dot(bits: int, offset: bool, width: int = WIDTH):
             qa, xa, sa, oa, la, ra, fa = (context.make_array(t)(context, builder, a)
                                           for t, a in zip(signature.args, args))
             nwu = builder.extract_value(xa.shape, 1)
-
-            def load(ptr, i, vt):
-                return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
-
-            lut_v = [load(la.data, _I64(8 * h), vf) for h in range(TABLE // width)] if lookup else None
             fma = _declare(builder, f"llvm.fma.v{width}f32", vf, [vf, vf, vf])
             accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
-            with cgutils.for_range(builder, builder.udiv(nwu, _I64(width))) as loop:
-                w = builder.mul(loop.index, _I64(width))
-                g0 = builder.sext(builder.load(builder.gep(fa.data, [loop.index])), _I64)
-                idx = load(ra.data, w, vi)
-                qv = load(qa.data, w, vi)
-                sv = _permute(builder, width, load(sa.data, g0, vf), idx)
-                ov = _permute(builder, width, load(oa.data, g0, vf), idx) if offset else None
-                for k in range(per):
-                    code = builder.and_(builder.lshr(qv, ir.Constant(vi, [k * bits] * width)),
-                                        ir.Constant(vi, [mask] * width))
-                    lev = _lookup(builder, width, lut_v, code) if lookup else builder.sitofp(code, vf)
-                    if offset:
-                        lev = builder.fadd(lev, ov)
-                    xv = load(xa.data, builder.add(builder.mul(_I64(k), nwu), w), vf)
-                    acc = accs[k % 4]
-                    builder.store(builder.call(fma, [builder.fmul(lev, sv), xv, builder.load(acc)]), acc)
+
+            def emit(k, w, lev):
+                at = builder.gep(xa.data, [builder.add(builder.mul(_I64(k), nwu), w)])
+                xv = builder.load(builder.bitcast(at, vf.as_pointer()), align=4)
+                acc = accs[k % 4]
+                builder.store(builder.call(fma, [lev, xv, builder.load(acc)]), acc)
+
+            _scaled_levels(builder, width, bits, offset, (qa, sa, oa, la, ra, fa), nwu, emit)
             total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
                                  builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
             red = builder.call(_declare(builder, f"llvm.vector.reduce.fadd.v{width}f32", _F32, [_F32, vf]),
@@ -118,3 +135,34 @@ def group_dot(bits: int, offset: bool, width: int = WIDTH):
         return sig, codegen
 
     return dot
+
+
+def group_levels(bits: int, offset: bool, width: int = WIDTH):
+    """An intrinsic ``levels(q, sg, og, lut, rel, first, lev) -> None``: :func:`group_dot`'s scaled
+    levels written out, lev[k, w] = lev(k, w) for the full vectors' words of a C-contiguous (per,
+    nwu) float32 ``lev`` (the block kernel's levels, formed by register lookups rather than
+    gathers); the words past the last full vector are the caller's."""
+    _check_kind(bits, offset)
+    vf = ir.VectorType(_F32, width)
+
+    @intrinsic
+    def levels(typingctx, q, sg, og, lut, rel, first, lev):
+        if not (isinstance(lev, types.Array) and lev.ndim == 2 and lev.layout == "C"):
+            return None
+        sig = types.none(q, sg, og, lut, rel, first, lev)
+
+        def codegen(context, builder, signature, args):
+            qa, sa, oa, la, ra, fa, va = (context.make_array(t)(context, builder, a)
+                                          for t, a in zip(signature.args, args))
+            nwu = builder.extract_value(va.shape, 1)
+
+            def emit(k, w, lv):
+                at = builder.gep(va.data, [builder.add(builder.mul(_I64(k), nwu), w)])
+                builder.store(lv, builder.bitcast(at, vf.as_pointer()), align=4)
+
+            _scaled_levels(builder, width, bits, offset, (qa, sa, oa, la, ra, fa), nwu, emit)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return levels
