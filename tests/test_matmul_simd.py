@@ -123,3 +123,12 @@ def test_hosts_without_simd_take_the_portable_kernels(monkeypatch, grid, group, 
     x = np.random.default_rng(1).normal(size=(batch, 520)).astype(np.float32)
     close(eqcore.matmul(x, qt), x, qt)
     assert not called
+
+
+@pytest.mark.parametrize("gw", [1, 2, 3, 5, 7, 12, 16, 40, 48, 1000])
+def test_float32_group_index_is_exact_below_the_word_limit(gw):
+    """The outlier correction finds word w's group as floor((w + 0.5) * float32(1 / gw)) in float32:
+    equal to w // gw for every word below nb.SIMD_WORDS."""
+    w = np.arange(nb.SIMD_WORDS, dtype=np.int64)
+    j = np.floor((w.astype(np.float32) + np.float32(0.5)) * np.float32(1 / gw)).astype(np.int64)
+    np.testing.assert_array_equal(j, w // gw)

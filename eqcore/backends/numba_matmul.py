@@ -547,12 +547,13 @@ def _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset, h
 
 @njit(fastmath=True)
 def _outlier_fix(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset, has_col):
-    """A row's outliers at batch 1 with groups of whole words: the sum over its outlier columns c of
-    exact value * x0[c] - level * xc0[c], the level (lut[code] + og[j]) * sg[j] as the SIMD dot
-    formed it, in group j = floor((w + 0.5) / gw) of word w (in float32, exact below SIMD_WORDS
-    words: (w + 0.5) / gw is 0.5 / gw from an integer, its rounding at most (w + gw) * 2**-23 / gw). Without column scales (x0 is xc0) in one term,
-    (exact - level) * x0[c]; without ``offset`` the offsets are 0 and not read. A loop per case,
-    each with no gather it does not need."""
+    """A row's outliers against one row of x, groups of whole words: the sum over its outlier
+    columns c of exact value * x0[c] - level * xc0[c], the level (lut[code] + og[j]) * sg[j] as the
+    SIMD dot formed it, in group j = floor((w + 0.5) / gw) of word w (in float32, exact below
+    SIMD_WORDS words: (w + 0.5) / gw is 0.5 / gw from an integer, its rounding at most (w + gw) *
+    2**-23 / gw). Without column scales (x0 is xc0) in one term, (exact - level) * x0[c]; without
+    ``offset`` the offsets are 0 and not read. A loop per case, each with no gather it does not
+    need."""
     if offset and has_col:
         return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, True, True)
     if offset:
@@ -563,8 +564,8 @@ def _outlier_fix(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, wg, rel, first, bits, offset, lut, qmin, zeros,
-                      rowptr, ocols, ovals, kind, chunks, out):
+def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, wg, rel, first, bits, offset, lut, qmin,
+                      zeros, rowptr, ocols, ovals, kind, chunks, out):
     """Batch 1, codes of 2/4/8 bits in groups of whole words (``wg``: each word's group; ``rel``,
     ``first``: as :func:`eqcore.backends.numba_simd.group_dot` takes them): each row's group scales
     decoded from their stored bits ``sbits`` (``skind``: :func:`_oval`'s kinds, or log8 codes under

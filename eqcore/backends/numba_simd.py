@@ -83,6 +83,21 @@ def _scaled_levels(builder, width, bits, offset, arrays, nwu, emit):
             emit(k, w, builder.fmul(lev, sv))
 
 
+def _slot_major(a) -> bool:
+    """Whether Numba type ``a`` is a C-contiguous 2-D array, as (per, nwu) slot-major data must be."""
+    return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+
+
+def _arrays(context, builder, signature, args):
+    return [context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args)]
+
+
+def _slot_vector(builder, ary, k, w, vf):
+    """Pointer to ``vf`` at [k, w] of a slot-major array (row length its second dimension)."""
+    nwu = builder.extract_value(ary.shape, 1)
+    return builder.bitcast(builder.gep(ary.data, [builder.add(builder.mul(_I64(k), nwu), w)]), vf.as_pointer())
+
+
 def _check_kind(bits, offset):
     if not (bits <= 4 or offset):
         raise ValueError(f"codes of {bits} bits are converted, so their levels need offsets (code + og)")
@@ -95,8 +110,9 @@ def group_dot(bits: int, offset: bool, width: int = WIDTH):
     word's group, lev = (lut[code] + og[j]) * sg[j] (``offset``) or lut[code] * sg[j].
 
     Codes of 2 and 4 bits are looked up in a register (``lut`` holds at least 16 float32); codes of
-    8 bits are converted (lut[code] = code is the caller's to keep). Groups are whole words: the i-th vector of words
-    starts in group ``first[i]``, and word w is in group first[w // width] + rel[w]; each vector's
+    8 bits are converted (lut[code] = code is the caller's to keep). Groups are whole words: the
+    i-th vector of words starts in group ``first[i]``, and word w is in group first[w // width] +
+    rel[w]; each vector's
     scales (and offsets) are one load of ``width`` group values at its first group and a register
     permute by ``rel`` (``sg`` and ``og`` need ``width`` entries past the last group read). Each
     level is rounded once, as the NumPy reference forms it, then multiplied into x by FMA (4
@@ -107,24 +123,20 @@ def group_dot(bits: int, offset: bool, width: int = WIDTH):
 
     @intrinsic
     def dot(typingctx, q, xt, sg, og, lut, rel, first):
-        if not (isinstance(xt, types.Array) and xt.ndim == 2 and xt.layout == "C"):
+        if not _slot_major(xt):
             return None
-        sig = types.float32(q, xt, sg, og, lut, rel, first)
 
         def codegen(context, builder, signature, args):
-            qa, xa, sa, oa, la, ra, fa = (context.make_array(t)(context, builder, a)
-                                          for t, a in zip(signature.args, args))
-            nwu = builder.extract_value(xa.shape, 1)
+            qa, xa, sa, oa, la, ra, fa = _arrays(context, builder, signature, args)
             fma = _declare(builder, f"llvm.fma.v{width}f32", vf, [vf, vf, vf])
             accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(4)]
 
             def emit(k, w, lev):
-                at = builder.gep(xa.data, [builder.add(builder.mul(_I64(k), nwu), w)])
-                xv = builder.load(builder.bitcast(at, vf.as_pointer()), align=4)
-                acc = accs[k % 4]
-                builder.store(builder.call(fma, [lev, xv, builder.load(acc)]), acc)
+                xv = builder.load(_slot_vector(builder, xa, k, w, vf), align=4)
+                builder.store(builder.call(fma, [lev, xv, builder.load(accs[k % 4])]), accs[k % 4])
 
-            _scaled_levels(builder, width, bits, offset, (qa, sa, oa, la, ra, fa), nwu, emit)
+            _scaled_levels(builder, width, bits, offset, (qa, sa, oa, la, ra, fa), builder.extract_value(xa.shape, 1),
+                           emit)
             total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
                                  builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
             red = builder.call(_declare(builder, f"llvm.vector.reduce.fadd.v{width}f32", _F32, [_F32, vf]),
@@ -132,7 +144,7 @@ def group_dot(bits: int, offset: bool, width: int = WIDTH):
             red.fastmath.add("reassoc")
             return red
 
-        return sig, codegen
+        return types.float32(q, xt, sg, og, lut, rel, first), codegen
 
     return dot
 
@@ -147,22 +159,19 @@ def group_levels(bits: int, offset: bool, width: int = WIDTH):
 
     @intrinsic
     def levels(typingctx, q, sg, og, lut, rel, first, lev):
-        if not (isinstance(lev, types.Array) and lev.ndim == 2 and lev.layout == "C"):
+        if not _slot_major(lev):
             return None
-        sig = types.none(q, sg, og, lut, rel, first, lev)
 
         def codegen(context, builder, signature, args):
-            qa, sa, oa, la, ra, fa, va = (context.make_array(t)(context, builder, a)
-                                          for t, a in zip(signature.args, args))
-            nwu = builder.extract_value(va.shape, 1)
+            qa, sa, oa, la, ra, fa, va = _arrays(context, builder, signature, args)
 
             def emit(k, w, lv):
-                at = builder.gep(va.data, [builder.add(builder.mul(_I64(k), nwu), w)])
-                builder.store(lv, builder.bitcast(at, vf.as_pointer()), align=4)
+                builder.store(lv, _slot_vector(builder, va, k, w, vf), align=4)
 
-            _scaled_levels(builder, width, bits, offset, (qa, sa, oa, la, ra, fa), nwu, emit)
+            _scaled_levels(builder, width, bits, offset, (qa, sa, oa, la, ra, fa), builder.extract_value(va.shape, 1),
+                           emit)
             return context.get_dummy_value()
 
-        return sig, codegen
+        return types.none(q, sg, og, lut, rel, first, lev), codegen
 
     return levels
