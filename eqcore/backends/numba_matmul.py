@@ -281,12 +281,22 @@ def _row_levels(q, r, bits, g, gw, grid, qmin, scales, zeros, codebook, slot, co
         _natural_levels(codes, r, g, grid, qmin, scales, zeros, codebook, lev)
 
 
+@njit(inline="always")
+def _whole_vectors(qweight, r, qpad):
+    """Row r of the C-contiguous ``qweight`` for a SIMD kernel that reads ``qpad.shape[0]`` words (whole
+    vectors) from it: itself, reading on into the next row (those words meet zeros of x), except for
+    the last row when it is shorter, copied into ``qpad`` (zeros after it)."""
+    n = qweight.shape[1]
+    if r < qweight.shape[0] - 1 or n >= qpad.shape[0]:
+        return qweight[r]
+    qpad[:n] = qweight[r]
+    return qpad
+
+
 @njit
-def _simd_row_levels(q, r, bits, scales, zeros, sg, og, lut, wg, rel, first, offset, lev):
+def _simd_row_levels(q, r, bits, scales, zeros, sg, og, lut, rel, first, offset, lev):
     """Row r's scaled levels into ``lev`` (per, nwu), slot-major, by
-    :func:`eqcore.backends.numba_simd.group_levels` (the last partial vector one code at a time,
-    :func:`_word_level`)."""
-    per, nwu = lev.shape
+    :func:`eqcore.backends.numba_simd.group_levels` (``q`` whole vectors of words, :func:`_whole_vectors`)."""
     n_groups = scales.shape[1]
     for j in range(n_groups):
         sg[j] = scales[r, j]
@@ -303,22 +313,19 @@ def _simd_row_levels(q, r, bits, scales, zeros, sg, og, lut, wg, rel, first, off
         _lev4(q, sg, og, lut, rel, first, lev)
     else:
         _lev2(q, sg, og, lut, rel, first, lev)
-    lg = 3 if bits == 4 else (4 if bits == 2 else 2)
-    for k in range(per):
-        for w in range(nwu - nwu % WIDTH, nwu):
-            lev[k, w] = _word_level(q, w * per + k, lut, sg, og, wg, bits, lg)
 
 
 @njit(parallel=True, cache=True)
 def _block_kernel(xt, x, qweight, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols, ovals,
-                  kind, simd, offset, lut, wg, rel, first, chunks, out):
+                  kind, simd, offset, lut, rel, first, chunks, out):
     """out[:, r] = x @ W[r] for every row r: rows in blocks of RB, each block's scaled levels formed
     once in xt's column order (slot-major when ``slot``), each outlier's exact value in its slot;
     then, a KB-column slice of the levels at a time, 4 x 4 (rows of W x rows of x) dots and a 4 x 1
     dot for the last rows of x. ``xt`` is x (column-scaled, in the levels' order), ``x`` the plain
     input. With column scales (``col`` not empty) the outlier slots hold 0 and the outliers' terms
     ovals * x are added apart (ovals / col times x * col could overflow). With ``simd`` (slot-major,
-    and ``offset``, ``lut``, ``wg``, ``rel``, ``first`` as :func:`_gemv_simd_kernel` takes them) the
+    words a multiple of WIDTH, and ``offset``, ``lut``, ``rel``, ``first`` as
+    :func:`_gemv_simd_kernel` takes them) the
     levels are formed by :func:`eqcore.backends.numba_simd.group_levels` (a register lookup per
     vector of codes, not a gather per code)."""
     batch, K = xt.shape
@@ -340,14 +347,15 @@ def _block_kernel(xt, x, qweight, scales, zeros, codebook, col, g, gw, bits, qmi
         n_groups = scales.shape[1]
         sg = np.zeros(n_groups + WIDTH, np.float32)
         og = np.full(n_groups + WIDTH, qmin if offset else 0, np.float32)
+        qpad = np.zeros(nwu, np.uint32)
         for blk in range(ch * bper, min(nblocks, ch * bper + bper)):
             r0 = blk * RB
             nr = min(RB, rows - r0)
             for i in range(nr):
                 r = r0 + i
                 if simd:
-                    _simd_row_levels(qweight[r], r, bits, scales, zeros, sg, og, lut, wg, rel, first, offset,
-                                     lev[i].reshape(per, nwu))
+                    _simd_row_levels(_whole_vectors(qweight, r, qpad), r, bits, scales, zeros, sg, og, lut, rel, first,
+                                     offset, lev[i].reshape(per, nwu))
                 else:
                     _row_levels(qweight[r], r, bits, g, gw, grid, qmin, scales, zeros, codebook, slot, codes, sw, offw,
                                 lev[i])
@@ -497,25 +505,6 @@ SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a g
 _S_LOG8 = 3  # scales stored as log8 codes (:data:`eqcore.layout.LOG8`); 0-2 are _oval's kinds
 
 
-@njit(fastmath=True, inline="always")
-def _word_level(q, c, lut, sg, og, wg, bits, lg):
-    """Level of column c as the SIMD dot forms it: (lut[code] + og[j]) * sg[j], j = wg[c >> lg] its group."""
-    j = wg[c >> lg]
-    return (lut[code_at(q, c, bits, lg)] + og[j]) * sg[j]
-
-
-@njit(fastmath=True)
-def _tail_dot(q, xt, sg, og, wg, lut, w0, bits, lg):
-    """:func:`eqcore.backends.numba_simd.group_dot`'s sum over the words from ``w0`` on (the last,
-    partial vector), one code at a time."""
-    per = 32 // bits
-    t = np.float32(0)
-    for k in range(per):
-        for w in range(w0, xt.shape[1]):
-            t += _word_level(q, w * per + k, lut, sg, og, wg, bits, lg) * xt[k, w]
-    return t
-
-
 @njit(inline="always")
 def _oval_select(v, kind):
     """:func:`_oval` with every conversion done and one kept: selects, not branches, so a loop
@@ -564,30 +553,30 @@ def _outlier_fix(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, wg, rel, first, bits, offset, lut, qmin,
-                      zeros, rowptr, ocols, ovals, kind, chunks, out):
-    """Batch 1, codes of 2/4/8 bits in groups of whole words (``wg``: each word's group; ``rel``,
-    ``first``: as :func:`eqcore.backends.numba_simd.group_dot` takes them): each row's group scales
+def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, rel, first, bits, offset, lut, qmin, zeros,
+                      rowptr, ocols, ovals, kind, chunks, out):
+    """Rows of x one at a time (``xt``: (batch, per, nwu), nwu a multiple of WIDTH, zeros past the
+    last column), codes of 2/4/8 bits in groups of ``gw`` whole words (``rel``, ``first``: as
+    :func:`eqcore.backends.numba_simd.group_dot` takes them): each row's group scales
     decoded from their stored bits ``sbits`` (``skind``: :func:`_oval`'s kinds, or log8 codes under
     the row scales ``rscale``, as :func:`eqcore.layout.float_scales` decodes them) with its
     offsets, then its explicit-SIMD dot (:mod:`eqcore.backends.numba_simd`). Each level is lut[code]
     (codebooks, and the symmetric grid below 8 bits as lut = code + qmin; a register lookup) or, with
     ``offset``, (lut[code] + offset) * scale, lut[code] = code and the offset -zero (asymmetric grid)
-    or ``qmin`` (8 bits). Then the last partial vector (:func:`_tail_dot`)
-    and the row's outliers (:func:`_outlier_fix`)."""
+    or ``qmin`` (8 bits). The dot reads whole vectors of words (:func:`_whole_vectors`); then the
+    row's outliers (:func:`_outlier_fix`)."""
     per, nwu = xt.shape[1:]
     rows = qweight.shape[0]
     n_groups = sbits.shape[1]
     asym = zeros.shape[0] > 0
     lg = 3 if bits == 4 else (4 if bits == 2 else 2)
-    w0 = nwu - nwu % WIDTH
     inv_gw = np.float32(1 / gw)
     rows_per = (rows + chunks - 1) // chunks
     for ch in prange(chunks):
         sg = np.zeros(n_groups + WIDTH, np.float32)  # WIDTH past the last group: a vector load from any group
         og = np.full(n_groups + WIDTH, qmin if offset else 0, np.float32)
+        qpad = np.zeros(nwu, np.uint32)
         for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
-            q = qweight[r]
             if skind == _S_LOG8:  # a loop each (the test inside one: 0.1 us a row, 43 groups)
                 for j in range(n_groups):
                     sg[j] = rscale[r] * LOG8[sbits[r, j]]
@@ -599,6 +588,7 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, w
                     og[j] = -zeros[r, j]
             p0 = rowptr[r]
             p1 = rowptr[r + 1]
+            q = _whole_vectors(qweight, r, qpad)
             for b in range(xt.shape[0]):  # the row's words stay in L1 for every row of x
                 xb = xt[b]
                 if offset and bits == 4:
@@ -611,8 +601,6 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, w
                     t = _dot4(q, xb, sg, og, lut, rel, first)
                 else:
                     t = _dot2(q, xb, sg, og, lut, rel, first)
-                if w0 < nwu:
-                    t += _tail_dot(q, xb, sg, og, wg, lut, w0, bits, lg)
                 if p1 > p0:
                     t += _outlier_fix(q, ocols[p0:p1], ovals[p0:p1], kind, x0[b], xc0[b], sg, og, inv_gw, lut, bits, lg,
                                       offset, has_col)
@@ -620,14 +608,14 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, w
 
 
 def _word_groups(nwu: int, gw: int, width: int = WIDTH) -> tuple:
-    """(each word's group, its group less its vector's first group, each full vector's first
-    group) for groups of ``gw`` words, as :func:`_gemv_simd_kernel` takes them (int32)."""
+    """(each word's group less its vector's first group, each full vector's first group) for
+    groups of ``gw`` words, as :func:`eqcore.backends.numba_simd.group_dot` takes them (int32)."""
     wg = np.arange(nwu, dtype=np.int32) // np.int32(gw)
     nfull = nwu - nwu % width
     first = np.ascontiguousarray(wg[:nfull:width])
     rel = np.zeros(nwu, np.int32)
     rel[:nfull] = wg[:nfull] - np.repeat(first, width)
-    return wg, rel, first
+    return rel, first
 
 
 def _stored_scales(qt):
@@ -777,21 +765,24 @@ def matmul(x, qt) -> np.ndarray:
     slot = bits != 3 and (g % per == 0 or n_groups == 1)
     if slot:  # x in slot-major order: xt[b, k, w] = x[b, w * per + k], 0 past the last column
         nwu = min(qw.shape[1], n_groups * -(-g // per))  # words the groups cover
+        gw = -(-g // per)
+        masked = batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK
+        table = _levels_table(qt, bits, grid) if WIDTH and nwu < SIMD_WORDS and not masked else None
+        if table is not None:  # the SIMD kernels read whole vectors: x padded with zeros to a multiple of WIDTH words
+            nwu = -(-nwu // WIDTH) * WIDTH
         xt = np.zeros((batch, nwu * per), np.float32)
         xt[:, :cols] = xc
         xt = np.ascontiguousarray(xt.reshape(batch, nwu, per).transpose(0, 2, 1))
-        if batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK:
+        if masked:
             _dynamic(_gemv_kernel, xt, x, xc, qt.col_scales is not None, qw, qt.float_scales(), bits, qmin, grid, zeros,
                      rowptr, ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4)), out)
             return out
-        gw = -(-g // per)
-        table = _levels_table(qt, bits, grid) if WIDTH and nwu < SIMD_WORDS else None
         if table is not None:
             offset, lut = table
-            wg, rel, first = _word_groups(nwu, gw)
+            rel, first = _word_groups(nwu, gw)
             if batch <= SIMD_BATCH:  # any whole-word groups, one row of x at a time
-                _dynamic(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, *_stored_scales(qt), gw, wg, rel,
-                         first, bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
+                _dynamic(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, *_stored_scales(qt), gw, rel, first,
+                         bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
                 return out
         scales = qt.float_scales()  # decoded here, not by the kernel above (0.3 ms for 4096x4096 in groups of 96)
         if table is None and batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
@@ -802,8 +793,8 @@ def matmul(x, qt) -> np.ndarray:
     else:
         xt, nwu, gw, scales, table = xc, 0, 0, qt.float_scales(), None
     if table is None:
-        offset, lut, wg = False, np.zeros(TABLE, np.float32), np.zeros(0, np.int32)
-        rel, first = wg, wg
+        offset, lut, rel = False, np.zeros(TABLE, np.float32), np.zeros(0, np.int32)
+        first = rel
     _dynamic(_block_kernel, xt, x, qw, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols,
-             ovals, kind, table is not None, offset, lut, wg, rel, first, chunks, out)
+             ovals, kind, table is not None, offset, lut, rel, first, chunks, out)
     return out
