@@ -133,3 +133,15 @@ def test_float32_group_index_is_exact_below_the_word_limit(gw):
     w = np.arange(nb.SIMD_WORDS, dtype=np.int64)
     j = np.floor((w.astype(np.float32) + np.float32(0.5)) * np.float32(1 / gw)).astype(np.int64)
     np.testing.assert_array_equal(j, w // gw)
+
+
+def test_whole_vectors_never_read_past_the_last_row():
+    """The SIMD kernels read rows of W in whole vectors: a row before the last reads on into the
+    next one (in bounds); the last row, when shorter, comes as a zero-padded copy."""
+    qw = np.arange(15, dtype=np.uint32).reshape(3, 5)
+    qpad = np.full(16, 7, np.uint32)
+    np.testing.assert_array_equal(nb._whole_vectors(qw, 1, qpad), qw[1])
+    last = nb._whole_vectors(qw, 2, np.zeros(16, np.uint32))
+    assert last.shape == (16,) and np.array_equal(last[:5], qw[2]) and not last[5:].any()
+    same = nb._whole_vectors(qw, 2, np.zeros(5, np.uint32))  # as long as the row: the row itself
+    assert same.shape == (5,) and np.array_equal(same, qw[2])
