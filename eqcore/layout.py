@@ -6,6 +6,7 @@ block, the group layout of scales, the outlier column-index dtype and the scale 
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -133,6 +134,30 @@ def float_scales(scales, row_scales=None):
     if row_scales is None:
         return scales.astype(np.float32)
     return row_scales.astype(np.float32)[:, None] * array_module(scales).asarray(LOG8).take(scales)
+
+
+_POSITIVE_FINITE = {2: (np.uint16, {np.dtype(np.float16): 0x7C00, bfloat16: 0x7F80}),
+                    4: (np.uint32, {np.dtype(np.float32): 0x7F800000})}  # bits of +inf by float width
+
+
+def scale_bounds(scales, row_scales=None) -> tuple[bool, float]:
+    """(whether every scale :func:`float_scales` gives is finite and positive, the largest of them),
+    from the stored form without decoding it (NumPy or CuPy, a non-empty ``scales``). A float's
+    bits, read as an unsigned integer, are in (0, +inf) exactly when it is finite and positive, and
+    order such floats as their values do. A log8 row's scales are its row scale times LOG8[q]: finite
+    and positive when the row scale is (LOG8[255] times float16's smallest value is a normal
+    float32), the largest at the row's smallest code (LOG8 falls and rounding keeps the order)."""
+    xp = array_module(scales)
+    if row_scales is not None:
+        r = row_scales.astype(np.float32)
+        ok = bool(xp.all(xp.isfinite(r) & (r > 0)))
+        return ok, float((r * xp.asarray(LOG8).take(scales.min(axis=1))).max()) if ok else math.nan
+    uint, inf = _POSITIVE_FINITE[scales.dtype.itemsize]
+    bits = scales.view(uint)
+    if not bool(xp.all((bits > 0) & (bits < inf[scales.dtype]))):
+        return False, math.nan
+    top = bits.max()
+    return True, float((np.asarray(top) if xp is np else top.get()).view(scales.dtype))
 
 
 def round_zeros(zeros, scale_dtype: str):

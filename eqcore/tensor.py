@@ -10,7 +10,8 @@ import numpy as np
 from .interop import array_module
 from .dtypes import dtype_name, finite_max, weight_dtype
 from .errors import FormatError
-from .layout import GRIDS, SCALE_DTYPES, check_bits, float_dtype, float_scales, group_layout, packed_cols, qrange
+from .layout import (GRIDS, SCALE_DTYPES, check_bits, float_dtype, float_scales, group_layout, packed_cols, qrange,
+                     scale_bounds)
 from .outliers import Outliers, check_csr, concat_csr
 
 FIELDS = ("qweight", "scales", "outlier_rowptr", "outlier_cols", "outlier_vals")
@@ -206,8 +207,8 @@ class QuantizedTensor:
             need(hasattr(rs, "dtype") and rs.dtype == np.float16 and tuple(rs.shape) == (rows,),
                  f"row_scales must be float16 ({rows},), got {getattr(rs, 'dtype', None)} {tuple(getattr(rs, 'shape', ()))}")
         fd = float_dtype(s.dtype)
-        s = self.float_scales()
-        need(bool(xp.all(xp.isfinite(s) & (s > 0))), "scales must be finite and positive")
+        positive, largest = scale_bounds(s, rs)  # from the stored form: no decoding (0.3 ms for 4096x43 float16)
+        need(positive, "scales must be finite and positive")
         top = finite_max(dt)
         need(self.grid in GRIDS, f"grid must be one of {GRIDS}, got {self.grid!r}")
         need((self.zeros is not None) == (self.grid == "asymmetric"),
@@ -240,7 +241,10 @@ class QuantizedTensor:
             c = c.astype(np.float32)
             need(bool(xp.all(xp.isfinite(c) & (c > 0))), "col_scales must be finite and positive")
             col = float(c.max())
-        peak = float((s.astype(np.float64) * level).max()) * col if s.size else 0.0
+        if isinstance(level, float):  # one level for every group: the largest scale gives the peak, exactly
+            peak = largest * level * col
+        else:
+            peak = float((self.float_scales().astype(np.float64) * level).max()) * col
         # exact for the plain symmetric grid; the other grids' stored zero-points, levels and column
         # scales are rounded after the cap, so they may pass it by that rounding (dequantization saturates)
         slack = 0.0 if (self.grid == "symmetric" and self.col_scales is None) else 2.0 ** -6
