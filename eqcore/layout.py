@@ -98,14 +98,23 @@ def round_scales(scales, scale_dtype: str):
     """float32 ``scales`` rounded to nearest in ``scale_dtype`` (NumPy or CuPy) and stored that way;
     float16 scales never round to 0 (the smallest positive float16 is the floor). For "log8" the
     float32 values on its grid (:func:`split_log8` stores them): each row's largest scale rounded
-    to float16 is the row scale, and every scale goes to the nearest code in log scale (clipped:
-    scales below 1/250 of their row's largest take the smallest step)."""
+    to float16 is the row scale (rounded down where float16's subnormals would put the largest
+    scale a code below it; exact for rows whose largest scale is at least float16's smallest
+    subnormal), and every scale goes to the nearest code in log scale (clipped: scales below 1/250
+    of their row's largest take the smallest step)."""
     sd = SCALE_DTYPES[scale_dtype]
     if sd == np.float32:
         return scales
     if sd == np.uint8:
-        rs = round_scales(scales.max(axis=1, keepdims=True), "float16").astype(np.float32)
         xp = array_module(scales)
+        top = scales.max(axis=1, keepdims=True)
+        rs = round_scales(top, "float16")
+        # float16's subnormals are coarser than a code step: rounded up there, the row's largest scale
+        # would take code 1 and the row scale (which split_log8 reads back as the largest) would not be
+        # stored exactly; such a row scale is rounded down instead (found by hypothesis at 1e-6)
+        up = xp.rint(-LOG8_STEP * xp.log2(top.astype(np.float64) / rs.astype(np.float64))) > 0
+        tiny = np.float16(np.finfo(np.float16).smallest_subnormal)
+        rs = xp.where(up, xp.maximum(xp.nextafter(rs, xp.zeros((), np.float16)), tiny), rs).astype(np.float32)
         q = xp.clip(xp.rint(-LOG8_STEP * xp.log2(scales.astype(np.float64) / rs)), 0, 255).astype(np.uint8)
         return rs * xp.asarray(LOG8).take(q)
     if sd == np.float16:
