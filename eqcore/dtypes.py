@@ -58,6 +58,13 @@ def saturate(a, dtype):
     return a.astype(np.float64).clip(-top, top).astype(dtype)
 
 
+# a float dtype's unsigned view and the bits of +inf (an all-ones exponent): read as that unsigned
+# integer, a float is finite when its exponent bits are not all set, finite and positive when it
+# lies in (0, +inf's bits)
+INF_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), bfloat16: (np.uint16, 0x7F80),
+            np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
 def all_finite(a) -> bool:
     """Whether every value of a float array (NumPy or CuPy) is finite. float16 / bfloat16 are read
     from their exponent bits (all set: inf or NaN), without a float32 copy; wider floats by
@@ -69,8 +76,8 @@ def all_finite(a) -> bool:
         step = _FINITE_CHUNK // per
         return all(all_finite(a[i:i + step]) for i in range(0, a.shape[0], step))
     if a.dtype.itemsize == 2:
-        exp = 0x7C00 if a.dtype == np.float16 else 0x7F80
-        return bool(((a.view(np.uint16) & exp) != exp).all())
+        uint, exp = INF_BITS[a.dtype]
+        return bool(((a.view(uint) & exp) != exp).all())
     with np.errstate(invalid="ignore"):  # inf - inf: no warning, the answer is the point
         return bool(((a - a) == 0).all())
 

@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from .dtypes import bfloat16, finite_max
+from .dtypes import INF_BITS, bfloat16, finite_max
 from .interop import array_module
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -145,10 +145,6 @@ def float_scales(scales, row_scales=None):
     return row_scales.astype(np.float32)[:, None] * array_module(scales).asarray(LOG8).take(scales)
 
 
-_POSITIVE_FINITE = {2: (np.uint16, {np.dtype(np.float16): 0x7C00, bfloat16: 0x7F80}),
-                    4: (np.uint32, {np.dtype(np.float32): 0x7F800000})}  # bits of +inf by float width
-
-
 def scale_bounds(scales, row_scales=None) -> tuple[bool, float]:
     """(whether every scale :func:`float_scales` gives is finite and positive, the largest of them),
     from the stored form without decoding it (NumPy or CuPy, a non-empty ``scales``). A float's
@@ -161,9 +157,9 @@ def scale_bounds(scales, row_scales=None) -> tuple[bool, float]:
         r = row_scales.astype(np.float32)
         ok = bool(xp.all(xp.isfinite(r) & (r > 0)))
         return ok, float((r * xp.asarray(LOG8).take(scales.min(axis=1))).max()) if ok else math.nan
-    uint, inf = _POSITIVE_FINITE[scales.dtype.itemsize]
+    uint, inf = INF_BITS[scales.dtype]
     bits = scales.view(uint)
-    if not bool(xp.all((bits > 0) & (bits < inf[scales.dtype]))):
+    if not bool(xp.all((bits > 0) & (bits < inf))):
         return False, math.nan
     top = bits.max()
     return True, float((np.asarray(top) if xp is np else top.get()).view(scales.dtype))

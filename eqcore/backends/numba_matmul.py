@@ -70,13 +70,15 @@ _V_F32, _V_F16, _V_BF16 = 0, 1, 2  # outlier values as stored: float32 (as uint3
 
 @njit(inline="always")
 def _oval(v, kind):
-    """float32 value of a stored outlier value: float32, float16 or bfloat16 bits (converting
-    in the kernel: NumPy's float16 -> float32 cast of 224k values took 0.3 ms a call)."""
-    if kind == _V_F16:
-        return half_bits_to_f32(np.uint16(v))
-    if kind == _V_BF16:
-        return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
-    return np.uint32(v).view(np.float32)
+    """float32 value of a stored outlier value (or scale): float32, float16 or bfloat16 bits
+    (converting in the kernel: NumPy's float16 -> float32 cast of 224k values took 0.3 ms a call).
+    Every conversion is done and one kept, by selects rather than branches, so a loop over values
+    stays vectorised (with branches, the SIMD GEMV's outlier loop took 0.80 against 0.50 ms for the
+    224k outliers of a 4096x4096 weight on one thread)."""
+    f16 = half_bits_to_f32(np.uint16(v))
+    bf16 = np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+    f32 = np.uint32(v).view(np.float32)
+    return f16 if kind == _V_F16 else (bf16 if kind == _V_BF16 else f32)
 
 
 def _float_bits(vals) -> tuple:
@@ -505,17 +507,6 @@ SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a g
 _S_LOG8 = 3  # scales stored as log8 codes (:data:`eqcore.layout.LOG8`); 0-2 are _oval's kinds
 
 
-@njit(inline="always")
-def _oval_select(v, kind):
-    """:func:`_oval` with every conversion done and one kept: selects, not branches, so a loop
-    over outliers stays vectorised (with :func:`_oval`'s branch and one loop per kind: 0.80 against
-    0.50 ms for the 224k outliers of a 4096x4096 weight on one thread)."""
-    f16 = half_bits_to_f32(np.uint16(v))
-    bf16 = np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
-    f32 = np.uint32(v).view(np.float32)
-    return f16 if kind == _V_F16 else (bf16 if kind == _V_BF16 else f32)
-
-
 @njit(fastmath=True, inline="always")
 def _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset, has_col):
     """:func:`_outlier_fix`'s loop, for constant ``offset`` and ``has_col`` (folded once inlined)."""
@@ -528,9 +519,9 @@ def _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset, h
             lev += og[j]
         lev *= sg[j]
         if has_col:
-            t += _oval_select(ov[p], kind) * x0[c] - lev * xc0[c]
+            t += _oval(ov[p], kind) * x0[c] - lev * xc0[c]
         else:
-            t += (_oval_select(ov[p], kind) - lev) * x0[c]
+            t += (_oval(ov[p], kind) - lev) * x0[c]
     return t
 
 
@@ -582,7 +573,7 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, r
                     sg[j] = rscale[r] * LOG8[sbits[r, j]]
             else:
                 for j in range(n_groups):
-                    sg[j] = _oval_select(sbits[r, j], skind)
+                    sg[j] = _oval(sbits[r, j], skind)
             if asym:
                 for j in range(n_groups):
                     og[j] = -zeros[r, j]
