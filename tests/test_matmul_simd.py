@@ -145,3 +145,69 @@ def test_whole_vectors_never_read_past_the_last_row():
     assert last.shape == (16,) and np.array_equal(last[:5], qw[2]) and not last[5:].any()
     same = nb._whole_vectors(qw, 2, np.zeros(5, np.uint32))  # as long as the row: the row itself
     assert same.shape == (5,) and np.array_equal(same, qw[2])
+
+
+def _rows_caller(dot, nrows):
+    if nrows == 4:
+        @njit
+        def call(q, xt, lut):
+            return dot((q[0], q[1], q[2], q[3]), xt, (lut[0], lut[1], lut[2], lut[3]))
+    else:
+        @njit
+        def call(q, xt, lut):
+            return dot((q[0],), xt, (lut[0],))
+    return call
+
+
+_ROWS = {(b, n, w): _rows_caller(numba_simd.rows_dot(b, n, w), n) for w in (8, 16) for b in (2, 4) for n in (1, 4)}
+
+
+@pytest.mark.parametrize("width", [8, 16])
+@given(st.sampled_from([2, 4]), st.sampled_from([1, 4]), st.integers(0, 70), st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_rows_dot_is_each_rows_levels_times_x(width, bits, nrows, nwu, seed):
+    """rows_dot(qs, xt, luts)[i] = sum over slots and the full vectors' words of luts[i][code] * xt,
+    each row its own table; 2-bit tables repeated over 16 entries, as the kernel builds them (the
+    lookup reads 4 bits: a mutation that drops the repeat, or shifts by the wrong slot, fails)."""
+    if not _HOST[width]:
+        pytest.skip(f"no {width}-lane SIMD on this host")
+    per = 32 // bits
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2 ** 32, (nrows, nwu), dtype=np.uint64).astype(np.uint32)
+    xt = rng.normal(size=(per, nwu)).astype(np.float32)
+    levels = rng.normal(size=(nrows, 1 << bits)).astype(np.float32)
+    lut = np.ascontiguousarray(levels[:, np.arange(16) % (1 << bits)])
+    got = np.array(_ROWS[bits, nrows, width](q, xt, lut), np.float64)
+    n = nwu - nwu % width
+    codes = (q[:, None, :n] >> (bits * np.arange(per, dtype=np.uint32))[None, :, None]) & np.uint32((1 << bits) - 1)
+    lev = np.stack([levels[i][codes[i]] for i in range(nrows)]).astype(np.float64)
+    want = (lev * xt[None, :, :n]).sum(axis=(1, 2))
+    bound = 1e-5 * (np.abs(lev) * np.abs(xt[None, :, :n])).sum(axis=(1, 2)) + 1e-30
+    assert np.all(np.abs(got - want) <= bound)
+
+
+def test_rows_dot_takes_2_and_4_bits():
+    with pytest.raises(ValueError, match="2 or 4 bits"):
+        numba_simd.rows_dot(8, 4)
+
+
+@needs_simd
+@pytest.mark.parametrize("grid", ["symmetric", "asymmetric", "codebook"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_scale_per_row_takes_the_lookup_gemv(grid, bits, batch):
+    """Per-row layouts of 2 and 4 bits at batches 1-2 go through the row-lookup kernel (blocks of 4
+    rows and the rows after them), with outliers and column scales, and give the dense product."""
+    w = weights(11, 700, seed=bits, dtype=np.float16)
+    qt = eqcore.quantize(w, bits=bits, grid=grid, col_scales=True, sigma=2.5, steps=3)
+    assert qt.outlier_vals.size > 0
+    x = np.random.default_rng(batch).normal(size=(batch, 700)).astype(np.float32)
+    calls = []
+    kernel = nb._gemv_rows_kernel
+    try:
+        nb._gemv_rows_kernel = lambda *a: calls.append(kernel(*a))
+        y = eqcore.matmul(x, qt)
+    finally:
+        nb._gemv_rows_kernel = kernel
+    assert len(calls) == 1
+    close(y, x, qt)

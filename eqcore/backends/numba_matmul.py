@@ -39,7 +39,7 @@ from numba import njit, prange
 from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, LOG8, group_layout, qrange
 from .numba_bits import code_at, half_bits_to_f32, unpack_stream
-from .numba_simd import TABLE, WIDTH, group_dot, group_levels
+from .numba_simd import TABLE, WIDTH, group_dot, group_levels, rows_dot
 
 RB = 4  # rows of W per block: their levels are formed once, then meet x four rows of x at a time
 KB = 1024  # columns per slice of a block's levels (4 rows x 4 KiB, L1-resident while every row of x meets it;
@@ -502,6 +502,7 @@ _dot2, _dot4, _dot2_off, _dot4_off, _dot8_off = (group_dot(b, o, WIDTH or 8) for
                                                  ((2, False), (4, False), (2, True), (4, True), (8, True)))
 _lev2, _lev4, _lev2_off, _lev4_off, _lev8_off = (group_levels(b, o, WIDTH or 8) for b, o in
                                                  ((2, False), (4, False), (2, True), (4, True), (8, True)))
+_rows4_2, _rows4_4, _rows1_2, _rows1_4 = (rows_dot(b, n, WIDTH or 8) for n in (4, 1) for b in (2, 4))
 SIMD_BATCH = 2  # rows of x up to which groups and codebooks take the SIMD GEMV, one row of x at a time
 SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a group in float32
 _S_LOG8 = 3  # scales stored as log8 codes (:data:`eqcore.layout.LOG8`); 0-2 are _oval's kinds
@@ -598,6 +599,58 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, r
                 out[b, r] = t
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_rows_kernel(xt, x, xc, has_col, qweight, luts, step, scales, bits, grid, qmin, zeros, rowptr, ocols, ovals,
+                      kind, chunks, out):
+    """Batches up to GEMV_BATCH, one scale per row, codes of 2 or 4 bits: rows in blocks of 4, each
+    block's lookup dots with each row of x (:func:`eqcore.backends.numba_simd.rows_dot`; row r's
+    levels by code ``luts[r * step]``, 16 entries), then its outliers and scale (:func:`_gemv_row` on
+    the symmetric and asymmetric grids, whose levels are code + qmin or code - zero; codebooks
+    :func:`_outlier_fix`, one group). ``xt`` as :func:`_gemv_simd_kernel` takes it."""
+    nwu = xt.shape[2]
+    rows = qweight.shape[0]
+    batch = xt.shape[0]
+    asym = grid == GRID_ASYMMETRIC
+    lg = 3 if bits == 4 else 4
+    nblk = (rows + 3) // 4
+    blk_per = (nblk + chunks - 1) // chunks
+    og = np.zeros(1, np.float32)  # a codebook's levels have no offsets
+    for ch in prange(chunks):
+        qpad = np.zeros(nwu, np.uint32)
+        acc = np.empty((4, batch), np.float32)
+        for blk in range(ch * blk_per, min(nblk, ch * blk_per + blk_per)):
+            r0 = blk * 4
+            nr = min(4, rows - r0)
+            for b in range(batch):
+                if nr == 4:
+                    qs = (_whole_vectors(qweight, r0, qpad), _whole_vectors(qweight, r0 + 1, qpad),
+                          _whole_vectors(qweight, r0 + 2, qpad), _whole_vectors(qweight, r0 + 3, qpad))
+                    ls = (luts[r0 * step], luts[(r0 + 1) * step], luts[(r0 + 2) * step], luts[(r0 + 3) * step])
+                    if bits == 4:
+                        acc[0, b], acc[1, b], acc[2, b], acc[3, b] = _rows4_4(qs, xt[b], ls)
+                    else:
+                        acc[0, b], acc[1, b], acc[2, b], acc[3, b] = _rows4_2(qs, xt[b], ls)
+                else:
+                    for i in range(nr):
+                        q1 = (_whole_vectors(qweight, r0 + i, qpad),)
+                        l1 = (luts[(r0 + i) * step],)
+                        acc[i, b] = (_rows1_4(q1, xt[b], l1) if bits == 4 else _rows1_2(q1, xt[b], l1))[0]
+            for i in range(nr):
+                r = r0 + i
+                if grid != GRID_CODEBOOK:
+                    _gemv_row(qweight[r], xt, x, xc, has_col, acc[i], r, bits, asym, qmin, zeros, scales, rowptr, ocols,
+                              ovals, kind, lg, out)
+                    continue
+                p0 = rowptr[r]
+                p1 = rowptr[r + 1]
+                for b in range(batch):
+                    t = acc[i, b] * scales[r, 0]
+                    if p1 > p0:
+                        t += _outlier_fix(qweight[r], ocols[p0:p1], ovals[p0:p1], kind, x[b], xc[b], scales[r], og,
+                                          np.float32(0), luts[0], bits, lg, False, has_col)
+                    out[b, r] = t
+
+
 def _word_groups(nwu: int, gw: int, width: int = WIDTH) -> tuple:
     """(each word's group less its vector's first group, each full vector's first group) for
     groups of ``gw`` words, as :func:`eqcore.backends.numba_simd.group_dot` takes them (int32)."""
@@ -633,6 +686,18 @@ def _levels_table(qt, bits: int, grid: int):
     lut = np.zeros(max(TABLE, levels.size), np.float32)
     lut[:levels.size] = levels
     return offset, lut
+
+
+def _row_luts(qt, bits: int, table) -> tuple:
+    """(levels by code, 16 a row: (1, 16), or (rows, 16) for the asymmetric grid's code - zero; the
+    step between rows' tables, 0 or 1) for :func:`_gemv_rows_kernel`, from :func:`_levels_table`'s
+    ``table``; 2-bit levels repeated over the 16 entries (the lookup reads 4 bits, two codes)."""
+    offset, lut = table
+    if offset:
+        lut = np.arange(1 << bits, dtype=np.float32)[None, :] + -_f32(qt.zeros, 2)[:, :1]
+    else:
+        lut = lut[None, :1 << bits]
+    return np.ascontiguousarray(lut[:, np.arange(TABLE) % (1 << bits)]), int(offset)
 
 
 @njit(fastmath=True, inline="always")  # a call, with its arrays' reference counts, cost 100 ns a row
@@ -757,8 +822,9 @@ def matmul(x, qt) -> np.ndarray:
     if slot:  # x in slot-major order: xt[b, k, w] = x[b, w * per + k], 0 past the last column
         nwu = min(qw.shape[1], n_groups * -(-g // per))  # words the groups cover
         gw = -(-g // per)
-        masked = batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK
-        table = _levels_table(qt, bits, grid) if WIDTH and nwu < SIMD_WORDS and not masked else None
+        lookup = bool(WIDTH) and batch <= GEMV_BATCH and n_groups == 1 and bits <= 4
+        masked = not lookup and batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK
+        table = _levels_table(qt, bits, grid) if WIDTH and (nwu < SIMD_WORDS or lookup) and not masked else None
         if table is not None:  # the SIMD kernels read whole vectors: x padded with zeros to a multiple of WIDTH words
             nwu = -(-nwu // WIDTH) * WIDTH
         xt = np.zeros((batch, nwu * per), np.float32)
@@ -767,6 +833,10 @@ def matmul(x, qt) -> np.ndarray:
         if masked:
             _dynamic(_gemv_kernel, xt, x, xc, qt.col_scales is not None, qw, qt.float_scales(), bits, qmin, grid, zeros,
                      rowptr, ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4)), out)
+            return out
+        if lookup:
+            _dynamic(_gemv_rows_kernel, xt, x, xc, qt.col_scales is not None, qw, *_row_luts(qt, bits, table),
+                     qt.float_scales(), bits, grid, qmin, zeros, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4)), out)
             return out
         if table is not None:
             offset, lut = table

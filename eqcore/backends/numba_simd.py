@@ -175,3 +175,58 @@ def group_levels(bits: int, offset: bool, width: int = WIDTH):
         return types.none(q, sg, og, lut, rel, first, lev), codegen
 
     return levels
+
+
+def rows_dot(bits: int, nrows: int, width: int = WIDTH):
+    """An intrinsic ``dot(qs, xt, luts) -> (float32,) * nrows``: for each of ``nrows`` rows i, the
+    sum over slots k < 32 // bits and words w < nwu - nwu % width of luts[i][code] * xt[k, w], code
+    = bits k * bits of qs[i][w] (``qs``, ``luts``: tuples of ``nrows`` 1-D arrays; each lut holds 16
+    float32; ``xt`` as :func:`group_dot` takes it). One scale per row, applied by the caller: the
+    rows' levels are looked up, never scaled, so a code costs a shift and a register lookup (the
+    lookup reads the low 4 bits, so no mask: 2-bit codes need their 4 levels repeated over the 16
+    entries), and each load of x serves every row (4 rows of 4096 4-bit columns: 0.25 ms for
+    4096x4096 on 2 threads, against 0.48 for the masked slot dot). Two accumulators a row."""
+    if bits not in (2, 4):
+        raise ValueError(f"rows_dot looks up codes of 2 or 4 bits, not {bits}")
+    vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
+
+    @intrinsic
+    def dot(typingctx, qs, xt, luts):
+        if not (_slot_major(xt) and isinstance(qs, types.UniTuple) and isinstance(luts, types.UniTuple)
+                and qs.count == nrows and luts.count == nrows):
+            return None
+        ret = types.UniTuple(types.float32, nrows)
+
+        def codegen(context, builder, signature, args):
+            xa = context.make_array(signature.args[1])(context, builder, args[1])
+            qa = [context.make_array(qs.dtype)(context, builder, builder.extract_value(args[0], i)) for i in range(nrows)]
+            la = [context.make_array(luts.dtype)(context, builder, builder.extract_value(args[2], i))
+                  for i in range(nrows)]
+            fma = _declare(builder, f"llvm.fma.v{width}f32", vf, [vf, vf, vf])
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(2)] for _ in range(nrows)]
+
+            def load(ptr, i, vt):
+                return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
+
+            tables = [[load(a.data, _I64(8 * h), vf) for h in range(TABLE // width)] for a in la]
+            with cgutils.for_range(builder, builder.udiv(builder.extract_value(xa.shape, 1), _I64(width))) as loop:
+                w = builder.mul(loop.index, _I64(width))
+                qv = [load(a.data, w, vi) for a in qa]
+                for k in range(32 // bits):
+                    xv = builder.load(_slot_vector(builder, xa, k, w, vf), align=4)
+                    for i in range(nrows):
+                        code = qv[i] if k == 0 else builder.lshr(qv[i], ir.Constant(vi, [k * bits] * width))
+                        acc = accs[i][k % 2]
+                        lev = _lookup(builder, width, tables[i], code)
+                        builder.store(builder.call(fma, [lev, xv, builder.load(acc)]), acc)
+            red = _declare(builder, f"llvm.vector.reduce.fadd.v{width}f32", _F32, [_F32, vf])
+            sums = []
+            for a0, a1 in accs:
+                s = builder.call(red, [ir.Constant(_F32, 0.0), builder.fadd(builder.load(a0), builder.load(a1))])
+                s.fastmath.add("reassoc")
+                sums.append(s)
+            return context.make_tuple(builder, ret, sums)
+
+        return ret(qs, xt, luts), codegen
+
+    return dot
