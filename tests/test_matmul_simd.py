@@ -147,42 +147,44 @@ def test_whole_vectors_never_read_past_the_last_row():
     assert same.shape == (5,) and np.array_equal(same, qw[2])
 
 
-def _rows_caller(dot, nrows):
-    if nrows == 4:
-        @njit
-        def call(q, xt, lut):
-            return dot((q[0], q[1], q[2], q[3]), xt, (lut[0], lut[1], lut[2], lut[3]))
-    else:
-        @njit
-        def call(q, xt, lut):
-            return dot((q[0],), xt, (lut[0],))
-    return call
+def _rows_caller(dot, nrows, nx):
+    """dot(qs, xs, luts) from arrays: q (nrows, nwu), xt (nx, per, nwu), lut (nrows, 16)."""
+    rows = "".join(f"q[{i}], " for i in range(nrows))
+    xs = "".join(f"xt[{b}], " for b in range(nx))
+    luts = "".join(f"lut[{i}], " for i in range(nrows))
+    ns = {"dot": dot}
+    exec(f"def call(q, xt, lut):\n    return dot(({rows}), ({xs}), ({luts}))", ns)  # noqa: S102
+    return njit(ns["call"])
 
 
-_ROWS = {(b, n, w): _rows_caller(numba_simd.rows_dot(b, n, w), n) for w in (8, 16) for b in (2, 4) for n in (1, 4)}
+_ROWS_KINDS = [(4, 1), (4, 2), (4, 4), (1, 1)]  # (rows of W, rows of x) the kernel calls rows_dot with
+_ROWS = {(b, n, nx, w): _rows_caller(numba_simd.rows_dot(b, n, nx, w), n, nx)
+         for w in (8, 16) for b in (2, 4) for n, nx in _ROWS_KINDS}
 
 
 @pytest.mark.parametrize("width", [8, 16])
-@given(st.sampled_from([2, 4]), st.sampled_from([1, 4]), st.integers(0, 70), st.integers(0, 2 ** 32 - 1))
+@given(st.sampled_from([2, 4]), st.sampled_from(_ROWS_KINDS), st.integers(0, 70), st.integers(0, 2 ** 32 - 1))
 @settings(max_examples=60, deadline=None)
-def test_rows_dot_is_each_rows_levels_times_x(width, bits, nrows, nwu, seed):
-    """rows_dot(qs, xt, luts)[i] = sum over slots and the full vectors' words of luts[i][code] * xt,
-    each row its own table; 2-bit tables repeated over 16 entries, as the kernel builds them (the
-    lookup reads 4 bits: a mutation that drops the repeat, or shifts by the wrong slot, fails)."""
+def test_rows_dot_is_each_rows_levels_times_x(width, bits, kind, nwu, seed):
+    """rows_dot(qs, xs, luts)[i * nx + b] = sum over slots and the full vectors' words of
+    luts[i][code] * xs[b], each row of W its own table; 2-bit tables repeated over 16 entries, as
+    the kernel builds them (the lookup reads 4 bits: a mutation that shifts by the wrong slot, or
+    pairs the wrong rows, fails)."""
     if not _HOST[width]:
         pytest.skip(f"no {width}-lane SIMD on this host")
+    nrows, nx = kind
     per = 32 // bits
     rng = np.random.default_rng(seed)
     q = rng.integers(0, 2 ** 32, (nrows, nwu), dtype=np.uint64).astype(np.uint32)
-    xt = rng.normal(size=(per, nwu)).astype(np.float32)
+    xt = rng.normal(size=(nx, per, nwu)).astype(np.float32)
     levels = rng.normal(size=(nrows, 1 << bits)).astype(np.float32)
     lut = np.ascontiguousarray(levels[:, np.arange(16) % (1 << bits)])
-    got = np.array(_ROWS[bits, nrows, width](q, xt, lut), np.float64)
+    got = np.array(_ROWS[bits, nrows, nx, width](q, xt, lut), np.float64).reshape(nrows, nx)
     n = nwu - nwu % width
     codes = (q[:, None, :n] >> (bits * np.arange(per, dtype=np.uint32))[None, :, None]) & np.uint32((1 << bits) - 1)
-    lev = np.stack([levels[i][codes[i]] for i in range(nrows)]).astype(np.float64)
-    want = (lev * xt[None, :, :n]).sum(axis=(1, 2))
-    bound = 1e-5 * (np.abs(lev) * np.abs(xt[None, :, :n])).sum(axis=(1, 2)) + 1e-30
+    lev = np.stack([levels[i][codes[i]] for i in range(nrows)]).astype(np.float64)  # (nrows, per, n)
+    want = np.einsum("ikw,bkw->ib", lev, xt[:, :, :n].astype(np.float64))
+    bound = 1e-5 * np.einsum("ikw,bkw->ib", np.abs(lev), np.abs(xt[:, :, :n]).astype(np.float64)) + 1e-30
     assert np.all(np.abs(got - want) <= bound)
 
 
@@ -194,12 +196,15 @@ def test_rows_dot_takes_2_and_4_bits():
 @needs_simd
 @pytest.mark.parametrize("grid", ["symmetric", "asymmetric", "codebook"])
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_one_scale_per_row_takes_the_lookup_gemv(grid, bits, batch):
-    """Per-row layouts of 2 and 4 bits at batches 1-2 go through the row-lookup kernel (blocks of 4
-    rows and the rows after them), with outliers and column scales, and give the dense product."""
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("col", [False, True])
+def test_one_scale_per_row_takes_the_lookup_gemv(grid, bits, batch, col):
+    """Per-row layouts of 2 and 4 bits at batches up to nb.ROWS_BATCH go through the row-lookup
+    kernel (blocks of 4 rows and the rows after them; rows of x 4, 2 and 1 at a time), with
+    outliers (each outlier's level taken out once for all rows of x) and column scales, and give
+    the dense product."""
     w = weights(11, 700, seed=bits, dtype=np.float16)
-    qt = eqcore.quantize(w, bits=bits, grid=grid, col_scales=True, sigma=2.5, steps=3)
+    qt = eqcore.quantize(w, bits=bits, grid=grid, col_scales=col, sigma=2.5, steps=3)
     assert qt.outlier_vals.size > 0
     x = np.random.default_rng(batch).normal(size=(batch, 700)).astype(np.float32)
     calls = []

@@ -444,6 +444,30 @@ def _outlier_delta_dot(q, oc, ov, conv, x0, off, s, bits, lg):
 
 
 @njit(fastmath=True)
+def _outlier_deltas(q, oc, ov, kind, off, s, bits, lg, d):
+    """d[p] = exact value - (code + off) * s at each of a row's outliers: :func:`_outlier_delta_dot`'s
+    terms before x, formed once for every row of x (a loop per stored kind: no branch inside)."""
+    if kind == _V_F16:
+        for p in range(oc.shape[0]):
+            d[p] = _oval_f16(ov[p]) - (np.float32(code_at(q, np.int64(oc[p]), bits, lg)) + off) * s
+    elif kind == _V_BF16:
+        for p in range(oc.shape[0]):
+            d[p] = _oval_bf16(ov[p]) - (np.float32(code_at(q, np.int64(oc[p]), bits, lg)) + off) * s
+    else:
+        for p in range(oc.shape[0]):
+            d[p] = _oval_f32(ov[p]) - (np.float32(code_at(q, np.int64(oc[p]), bits, lg)) + off) * s
+
+
+@njit(fastmath=True)
+def _gathered_dot(d, oc, x0):
+    """The sum of d[p] * x0[oc[p]]."""
+    t = np.float32(0)
+    for p in range(oc.shape[0]):
+        t += d[p] * x0[np.int64(oc[p])]
+    return t
+
+
+@njit(fastmath=True)
 def _outlier_dot_groups(q, r, oc, ov, kind, x0, xc0, scales, zeros, asym, qmin, bits, lg, lgg):
     """:func:`_outlier_dot` for groups of ``1 << lgg`` columns: the second sum is taken with each
     outlier's group scale, (code + off) * s * xc0[c] (a shift, not an int64 division, finds the
@@ -502,7 +526,9 @@ _dot2, _dot4, _dot2_off, _dot4_off, _dot8_off = (group_dot(b, o, WIDTH or 8) for
                                                  ((2, False), (4, False), (2, True), (4, True), (8, True)))
 _lev2, _lev4, _lev2_off, _lev4_off, _lev8_off = (group_levels(b, o, WIDTH or 8) for b, o in
                                                  ((2, False), (4, False), (2, True), (4, True), (8, True)))
-_rows4_2, _rows4_4, _rows1_2, _rows1_4 = (rows_dot(b, n, WIDTH or 8) for n in (4, 1) for b in (2, 4))
+_rows4_2, _rows4_4, _rows4x2_2, _rows4x2_4, _rows4x4_2, _rows4x4_4, _rows1_2, _rows1_4 = (
+    rows_dot(b, n, nx, WIDTH or 8) for n, nx in ((4, 1), (4, 2), (4, 4), (1, 1)) for b in (2, 4))
+ROWS_BATCH = 8  # rows of x up to which one scale per row, 2 and 4 bits, take the row-lookup GEMV
 SIMD_BATCH = 2  # rows of x up to which groups and codebooks take the SIMD GEMV, one row of x at a time
 SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a group in float32
 _S_LOG8 = 3  # scales stored as log8 codes (:data:`eqcore.layout.LOG8`); 0-2 are _oval's kinds
@@ -599,13 +625,38 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, r
                 out[b, r] = t
 
 
+@njit(inline="always")
+def _rows_block(qs, xt, ls, b0, nb, bits, acc):
+    """acc[i, b0 + b] for the 4 rows ``qs`` (levels ``ls``) and rows b0..b0 + nb - 1 of x (nb <= 4):
+    :func:`eqcore.backends.numba_simd.rows_dot` with 4, 2 and 1 rows of x at a time."""
+    if nb == 4:
+        xs = (xt[b0], xt[b0 + 1], xt[b0 + 2], xt[b0 + 3])
+        t = _rows4x4_4(qs, xs, ls) if bits == 4 else _rows4x4_2(qs, xs, ls)
+        for i in range(4):
+            for b in range(4):
+                acc[i, b0 + b] = t[i * 4 + b]
+        return
+    if nb >= 2:
+        xs2 = (xt[b0], xt[b0 + 1])
+        t2 = _rows4x2_4(qs, xs2, ls) if bits == 4 else _rows4x2_2(qs, xs2, ls)
+        for i in range(4):
+            for b in range(2):
+                acc[i, b0 + b] = t2[i * 2 + b]
+        b0 += 2
+    if nb != 2:
+        xs1 = (xt[b0],)
+        t1 = _rows4_4(qs, xs1, ls) if bits == 4 else _rows4_2(qs, xs1, ls)
+        for i in range(4):
+            acc[i, b0] = t1[i]
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv_rows_kernel(xt, x, xc, has_col, qweight, luts, step, scales, bits, grid, qmin, zeros, rowptr, ocols, ovals,
                       kind, chunks, out):
-    """Batches up to GEMV_BATCH, one scale per row, codes of 2 or 4 bits: rows in blocks of 4, each
-    block's lookup dots with each row of x (:func:`eqcore.backends.numba_simd.rows_dot`; row r's
-    levels by code ``luts[r * step]``, 16 entries), then its outliers and scale (:func:`_gemv_row` on
-    the symmetric and asymmetric grids, whose levels are code + qmin or code - zero; codebooks
+    """Batches up to ROWS_BATCH, one scale per row, codes of 2 or 4 bits: rows in blocks of 4, each
+    block's lookup dots with the rows of x, up to 4 at a time (:func:`_rows_block`; row r's levels
+    by code ``luts[r * step]``, 16 entries), then its outliers and scale (:func:`_gemv_row` on the
+    symmetric and asymmetric grids, whose levels are code + qmin or code - zero; codebooks
     :func:`_outlier_fix`, one group). ``xt`` as :func:`_gemv_simd_kernel` takes it."""
     nwu = xt.shape[2]
     rows = qweight.shape[0]
@@ -618,28 +669,28 @@ def _gemv_rows_kernel(xt, x, xc, has_col, qweight, luts, step, scales, bits, gri
     for ch in prange(chunks):
         qpad = np.zeros(nwu, np.uint32)
         acc = np.empty((4, batch), np.float32)
+        dl = np.empty(x.shape[1], np.float32)  # a row's outliers' exact values less their levels
         for blk in range(ch * blk_per, min(nblk, ch * blk_per + blk_per)):
             r0 = blk * 4
             nr = min(4, rows - r0)
-            for b in range(batch):
-                if nr == 4:
-                    qs = (_whole_vectors(qweight, r0, qpad), _whole_vectors(qweight, r0 + 1, qpad),
-                          _whole_vectors(qweight, r0 + 2, qpad), _whole_vectors(qweight, r0 + 3, qpad))
-                    ls = (luts[r0 * step], luts[(r0 + 1) * step], luts[(r0 + 2) * step], luts[(r0 + 3) * step])
-                    if bits == 4:
-                        acc[0, b], acc[1, b], acc[2, b], acc[3, b] = _rows4_4(qs, xt[b], ls)
-                    else:
-                        acc[0, b], acc[1, b], acc[2, b], acc[3, b] = _rows4_2(qs, xt[b], ls)
-                else:
-                    for i in range(nr):
-                        q1 = (_whole_vectors(qweight, r0 + i, qpad),)
-                        l1 = (luts[(r0 + i) * step],)
-                        acc[i, b] = (_rows1_4(q1, xt[b], l1) if bits == 4 else _rows1_2(q1, xt[b], l1))[0]
+            if nr == 4:
+                qs = (_whole_vectors(qweight, r0, qpad), _whole_vectors(qweight, r0 + 1, qpad),
+                      _whole_vectors(qweight, r0 + 2, qpad), _whole_vectors(qweight, r0 + 3, qpad))
+                ls = (luts[r0 * step], luts[(r0 + 1) * step], luts[(r0 + 2) * step], luts[(r0 + 3) * step])
+                for b0 in range(0, batch, 4):
+                    _rows_block(qs, xt, ls, b0, min(4, batch - b0), bits, acc)
+            else:
+                for i in range(nr):
+                    q1 = (_whole_vectors(qweight, r0 + i, qpad),)
+                    l1 = (luts[(r0 + i) * step],)
+                    for b in range(batch):
+                        xs1 = (xt[b],)
+                        acc[i, b] = (_rows1_4(q1, xs1, l1) if bits == 4 else _rows1_2(q1, xs1, l1))[0]
             for i in range(nr):
                 r = r0 + i
                 if grid != GRID_CODEBOOK:
                     _gemv_row(qweight[r], xt, x, xc, has_col, acc[i], r, bits, asym, qmin, zeros, scales, rowptr, ocols,
-                              ovals, kind, lg, out)
+                              ovals, kind, lg, dl, out)
                     continue
                 p0 = rowptr[r]
                 p1 = rowptr[r + 1]
@@ -647,7 +698,7 @@ def _gemv_rows_kernel(xt, x, xc, has_col, qweight, luts, step, scales, bits, gri
                     t = acc[i, b] * scales[r, 0]
                     if p1 > p0:
                         t += _outlier_fix(qweight[r], ocols[p0:p1], ovals[p0:p1], kind, x[b], xc[b], scales[r], og,
-                                          np.float32(0), luts[0], bits, lg, False, has_col)
+                                          np.float32(0), luts[r * step], bits, lg, False, has_col)
                     out[b, r] = t
 
 
@@ -701,15 +752,23 @@ def _row_luts(qt, bits: int, table) -> tuple:
 
 
 @njit(fastmath=True, inline="always")  # a call, with its arrays' reference counts, cost 100 ns a row
-def _gemv_row(q, xt, x, xc, has_col, acc, r, bits, asym, qmin, zeros, scales, rowptr, ocols, ovals, kind, lg, out):
+def _gemv_row(q, xt, x, xc, has_col, acc, r, bits, asym, qmin, zeros, scales, rowptr, ocols, ovals, kind, lg, dl, out):
     """out[b, r] from row r's slot dots ``acc[b]`` (one per row of x): minus the level terms at its
     outliers plus their exact terms, times its scale (without column scales, ``xc`` is ``x``: the
-    outliers in one sum, :func:`_outlier_delta_dot`)."""
+    outliers in one sum, :func:`_outlier_delta_dot`; for more than one row of x, each outlier's
+    exact value less its level once into ``dl``, then a gathered dot with each row of x)."""
     off = -zeros[r, 0] if asym else qmin
     s = scales[r, 0]
     p0 = rowptr[r]
     p1 = rowptr[r + 1]
-    for b in range(xt.shape[0]):
+    batch = xt.shape[0]
+    if p1 > p0 and not has_col and batch > 1:
+        oc, d = ocols[p0:p1], dl[:p1 - p0]
+        _outlier_deltas(q, oc, ovals[p0:p1], kind, off, s, bits, lg, d)
+        for b in range(batch):
+            out[b, r] = acc[b] * s + _gathered_dot(d, oc, x[b])
+        return
+    for b in range(batch):
         t = acc[b]
         if p1 > p0 and not has_col:
             oc, ov = ocols[p0:p1], ovals[p0:p1]
@@ -744,6 +803,7 @@ def _gemv_kernel(xt, x, xc, has_col, qweight, scales, bits, qmin, grid, zeros, r
     blk_per = (nblk + chunks - 1) // chunks
     for ch in prange(chunks):
         acc = np.empty((4, batch), np.float32)
+        dl = np.empty(x.shape[1], np.float32)  # a row's outliers' exact values less their levels
         for blk in range(ch * blk_per, min(nblk, ch * blk_per + blk_per)):
             r0 = blk * 4
             nr = min(4, rows - r0)
@@ -777,7 +837,7 @@ def _gemv_kernel(xt, x, xc, has_col, qweight, scales, bits, qmin, grid, zeros, r
                             acc[i, b] = _slot_dot8(q, xt[b], off)
             for i in range(nr):
                 _gemv_row(qweight[r0 + i], xt, x, xc, has_col, acc[i], r0 + i, bits, asym, qmin, zeros, scales, rowptr,
-                          ocols, ovals, kind, lg, out)
+                          ocols, ovals, kind, lg, dl, out)
 
 
 def _largest_level(qt, bits: int) -> float:
@@ -822,7 +882,7 @@ def matmul(x, qt) -> np.ndarray:
     if slot:  # x in slot-major order: xt[b, k, w] = x[b, w * per + k], 0 past the last column
         nwu = min(qw.shape[1], n_groups * -(-g // per))  # words the groups cover
         gw = -(-g // per)
-        lookup = bool(WIDTH) and batch <= GEMV_BATCH and n_groups == 1 and bits <= 4
+        lookup = bool(WIDTH) and batch <= ROWS_BATCH and n_groups == 1 and bits <= 4
         masked = not lookup and batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK
         table = _levels_table(qt, bits, grid) if WIDTH and (nwu < SIMD_WORDS or lookup) and not masked else None
         if table is not None:  # the SIMD kernels read whole vectors: x padded with zeros to a multiple of WIDTH words
