@@ -38,6 +38,7 @@ from numba import njit, prange
 
 from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, LOG8, group_layout, qrange
+from .numba import float_scales
 from .numba_bits import code_at, half_bits_to_f32, unpack_stream
 from .numba_simd import TABLE, WIDTH, group_dot, group_levels, rows_dot
 
@@ -891,12 +892,12 @@ def matmul(x, qt) -> np.ndarray:
         xt[:, :cols] = xc
         xt = np.ascontiguousarray(xt.reshape(batch, nwu, per).transpose(0, 2, 1))
         if masked:
-            _dynamic(_gemv_kernel, xt, x, xc, qt.col_scales is not None, qw, qt.float_scales(), bits, qmin, grid, zeros,
+            _dynamic(_gemv_kernel, xt, x, xc, qt.col_scales is not None, qw, float_scales(qt), bits, qmin, grid, zeros,
                      rowptr, ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4)), out)
             return out
         if lookup:
             _dynamic(_gemv_rows_kernel, xt, x, xc, qt.col_scales is not None, qw, *_row_luts(qt, bits, table),
-                     qt.float_scales(), bits, grid, qmin, zeros, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4)), out)
+                     float_scales(qt), bits, grid, qmin, zeros, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4)), out)
             return out
         if table is not None:
             offset, lut = table
@@ -905,14 +906,14 @@ def matmul(x, qt) -> np.ndarray:
                 _dynamic(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, *_stored_scales(qt), gw, rel, first,
                          bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
                 return out
-        scales = qt.float_scales()  # decoded here, not by the kernel above (0.3 ms for 4096x4096 in groups of 96)
+        scales = float_scales(qt)  # decoded here, not by the kernel above
         if table is None and batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
             _dynamic(_gemv_groups_kernel, xt[0], x[0], xc[0], qw, scales, gw, g.bit_length() - 1, bits, qmin, grid,
                      zeros, rowptr, ocols, ovals, kind, chunks, out)
             return out
         xt = xt.reshape(batch, nwu * per)
     else:
-        xt, nwu, gw, scales, table = xc, 0, 0, qt.float_scales(), None
+        xt, nwu, gw, scales, table = xc, 0, 0, float_scales(qt), None
     if table is None:
         offset, lut, rel = False, np.zeros(TABLE, np.float32), np.zeros(0, np.int32)
         first = rel
