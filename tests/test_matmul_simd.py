@@ -81,22 +81,25 @@ def test_simd_kernels_match_the_dense_product(grid, bits, group, col, scale_dtyp
 
 
 @needs_simd
-@pytest.mark.parametrize("grid", ["symmetric", "asymmetric", "codebook"])
+@pytest.mark.parametrize("grid, kernel", [("symmetric", "_gemv_group_rows_kernel"), ("codebook", "_gemv_group_rows_kernel"),
+                                          ("asymmetric", "_gemv_simd_kernel")])
 @pytest.mark.parametrize("scale_dtype", ["float16", "log8"])
-def test_simd_gemv_takes_the_quality_layouts(grid, scale_dtype):
-    """The grouped and codebook layouts at batch 1 go through the SIMD kernel (not the block
-    kernel that forms each row's levels first), with outliers, and give the dense product."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_simd_gemv_takes_the_quality_layouts(grid, kernel, scale_dtype, batch):
+    """The grouped and codebook layouts at batches 1-2 go through the row-lookup GEMV in groups
+    (levels without offsets) or the SIMD GEMV (the asymmetric grid's offsets), not the block kernel
+    that forms each row's levels first, with outliers, and give the dense product."""
     w = weights(24, 1000, seed=3, dtype=np.float16)
     qt = eqcore.quantize(w, bits=4, group_size=96, grid=grid, scale_dtype=scale_dtype, sigma=2.5, steps=3)
     assert qt.outlier_vals.size > 0 and nb._levels_table(qt, 4, nb.GRIDS.index(grid)) is not None
-    x = np.random.default_rng(0).normal(size=(1, 1000)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(batch, 1000)).astype(np.float32)
     calls = []
-    kernel = nb._gemv_simd_kernel
+    k = getattr(nb, kernel)
     try:
-        nb._gemv_simd_kernel = lambda *a: calls.append(kernel(*a))
+        setattr(nb, kernel, lambda *a: calls.append(k(*a)))
         y = eqcore.matmul(x, qt)
     finally:
-        nb._gemv_simd_kernel = kernel
+        setattr(nb, kernel, k)
     assert len(calls) == 1
     close(y, x, qt)
 
@@ -147,13 +150,18 @@ def test_whole_vectors_never_read_past_the_last_row():
     assert same.shape == (5,) and np.array_equal(same, qw[2])
 
 
-def _rows_caller(dot, nrows, nx):
-    """dot(qs, xs, luts) from arrays: q (nrows, nwu), xt (nx, per, nwu), lut (nrows, 16)."""
+def _rows_caller(dot, nrows, nx, grouped=False):
+    """dot(qs, xs, luts[, sgs, rel, first]) from arrays: q (nrows, nwu), xt (nx, per, nwu), lut
+    (nrows, 16), sg (nrows, groups)."""
     rows = "".join(f"q[{i}], " for i in range(nrows))
     xs = "".join(f"xt[{b}], " for b in range(nx))
     luts = "".join(f"lut[{i}], " for i in range(nrows))
+    sgs = "".join(f"sg[{i}], " for i in range(nrows))
     ns = {"dot": dot}
-    exec(f"def call(q, xt, lut):\n    return dot(({rows}), ({xs}), ({luts}))", ns)  # noqa: S102
+    if grouped:
+        exec(f"def call(q, xt, lut, sg, rel, first):\n    return dot(({rows}), ({xs}), ({luts}), ({sgs}), rel, first)", ns)  # noqa: S102
+    else:
+        exec(f"def call(q, xt, lut):\n    return dot(({rows}), ({xs}), ({luts}))", ns)  # noqa: S102
     return njit(ns["call"])
 
 
@@ -183,6 +191,39 @@ def test_rows_dot_is_each_rows_levels_times_x(width, bits, kind, nwu, seed):
     n = nwu - nwu % width
     codes = (q[:, None, :n] >> (bits * np.arange(per, dtype=np.uint32))[None, :, None]) & np.uint32((1 << bits) - 1)
     lev = np.stack([levels[i][codes[i]] for i in range(nrows)]).astype(np.float64)  # (nrows, per, n)
+    want = np.einsum("ikw,bkw->ib", lev, xt[:, :, :n].astype(np.float64))
+    bound = 1e-5 * np.einsum("ikw,bkw->ib", np.abs(lev), np.abs(xt[:, :, :n]).astype(np.float64)) + 1e-30
+    assert np.all(np.abs(got - want) <= bound)
+
+
+_GROUPED = {(b, n, nx, w): _rows_caller(numba_simd.rows_dot(b, n, nx, w, grouped=True), n, nx, grouped=True)
+            for w in (8, 16) for b in (2, 4) for n, nx in [(4, 1), (4, 2), (1, 1)]}
+
+
+@pytest.mark.parametrize("width", [8, 16])
+@given(st.sampled_from([2, 4]), st.sampled_from([(4, 1), (4, 2), (1, 1)]), st.integers(0, 70), st.integers(1, 20),
+       st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_grouped_rows_dot_scales_each_word_by_its_group(width, bits, kind, nwu, gw, seed):
+    """rows_dot(grouped=True)[i * nx + b] = the sum of luts[i][code] * sgs[i][j] * xs[b] over the
+    full vectors' words, j the word's group of ``gw`` words (each row its own scales: a mutation
+    that takes another row's scales, or the vector's first group for every word, fails)."""
+    if not _HOST[width]:
+        pytest.skip(f"no {width}-lane SIMD on this host")
+    nrows, nx = kind
+    per = 32 // bits
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2 ** 32, (nrows, nwu), dtype=np.uint64).astype(np.uint32)
+    xt = rng.normal(size=(nx, per, nwu)).astype(np.float32)
+    levels = rng.normal(size=(nrows, 1 << bits)).astype(np.float32)
+    lut = np.ascontiguousarray(levels[:, np.arange(16) % (1 << bits)])
+    rel, first = nb._word_groups(nwu, gw, width)
+    sg = rng.uniform(0.5, 2, (nrows, -(-nwu // gw) + width)).astype(np.float32)
+    got = np.array(_GROUPED[bits, nrows, nx, width](q, xt, lut, sg, rel, first), np.float64).reshape(nrows, nx)
+    n = nwu - nwu % width
+    codes = (q[:, None, :n] >> (bits * np.arange(per, dtype=np.uint32))[None, :, None]) & np.uint32((1 << bits) - 1)
+    j = np.arange(n) // gw
+    lev = np.stack([levels[i][codes[i]] * sg[i, j] for i in range(nrows)]).astype(np.float64)
     want = np.einsum("ikw,bkw->ib", lev, xt[:, :, :n].astype(np.float64))
     bound = 1e-5 * np.einsum("ikw,bkw->ib", np.abs(lev), np.abs(xt[:, :, :n]).astype(np.float64)) + 1e-30
     assert np.all(np.abs(got - want) <= bound)

@@ -529,8 +529,13 @@ _lev2, _lev4, _lev2_off, _lev4_off, _lev8_off = (group_levels(b, o, WIDTH or 8) 
                                                  ((2, False), (4, False), (2, True), (4, True), (8, True)))
 _rows4_2, _rows4_4, _rows4x2_2, _rows4x2_4, _rows4x4_2, _rows4x4_4, _rows1_2, _rows1_4 = (
     rows_dot(b, n, nx, WIDTH or 8) for n, nx in ((4, 1), (4, 2), (4, 4), (1, 1)) for b in (2, 4))
-ROWS_BATCH = 8  # rows of x up to which one scale per row, 2 and 4 bits, take the row-lookup GEMV
-SIMD_BATCH = 2  # rows of x up to which groups and codebooks take the SIMD GEMV, one row of x at a time
+_grows4_2, _grows4_4, _grows4x2_2, _grows4x2_4, _grows1_2, _grows1_4 = (
+    rows_dot(b, n, nx, WIDTH or 8, grouped=True) for n, nx in ((4, 1), (4, 2), (1, 1)) for b in (2, 4))
+ROWS_BATCH = 8  # rows of x up to which one scale per row, 2 and 4 bits, take the row-lookup GEMV (batch 8: 2.0 vs
+# 2.4 ms through the block kernel, 4096x4096)
+SIMD_BATCH = 2  # rows of x up to which groups take the row-lookup GEMV in groups (4096x4096 4-bit pick: batch 1
+# 0.71-0.75 vs 0.77-1.1 ms for the SIMD GEMV, batch 2 1.1-1.3 vs 1.6-2.2; batch 4 2.2-2.7 vs 1.6-1.7 for the block
+# kernel), or, with offsets or 8 bits, the SIMD GEMV, one row of x at a time
 SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a group in float32
 _S_LOG8 = 3  # scales stored as log8 codes (:data:`eqcore.layout.LOG8`); 0-2 are _oval's kinds
 
@@ -651,6 +656,73 @@ def _rows_block(qs, xt, ls, b0, nb, bits, acc):
             acc[i, b0] = t1[i]
 
 
+@njit(inline="always")
+def _block_rows(qweight, r0, qpad):
+    """Rows r0..r0 + 3 of ``qweight`` as the row-lookup dots read them (:func:`_whole_vectors`)."""
+    return (_whole_vectors(qweight, r0, qpad), _whole_vectors(qweight, r0 + 1, qpad),
+            _whole_vectors(qweight, r0 + 2, qpad), _whole_vectors(qweight, r0 + 3, qpad))
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_group_rows_kernel(xt, x, xc, has_col, qweight, lut, scales, gw, rel, first, bits, rowptr, ocols, ovals, kind,
+                            chunks, out):
+    """:func:`_gemv_rows_kernel` for groups of ``gw`` whole words, levels lut[code] (the symmetric
+    grid's code + qmin, or a codebook) times the group's float32 scale ``scales[r, j]``: blocks of 4
+    rows, rows of x 2 and 1 at a time (``rows_dot(grouped=True)``: each word's slot sum times its
+    group's scale), then the rows' outliers (:func:`_outlier_fix`)."""
+    nwu = xt.shape[2]
+    rows = qweight.shape[0]
+    batch = xt.shape[0]
+    n_groups = scales.shape[1]
+    lg = 3 if bits == 4 else 4
+    inv_gw = np.float32(1 / gw)
+    og = np.zeros(1, np.float32)  # no offsets
+    nblk = (rows + 3) // 4
+    blk_per = (nblk + chunks - 1) // chunks
+    for ch in prange(chunks):
+        qpad = np.zeros(nwu, np.uint32)
+        sg = np.zeros((4, n_groups + WIDTH), np.float32)  # WIDTH past the last group: a vector load from any group
+        acc = np.empty((4, batch), np.float32)
+        for blk in range(ch * blk_per, min(nblk, ch * blk_per + blk_per)):
+            r0 = blk * 4
+            nr = min(4, rows - r0)
+            for i in range(nr):
+                sg[i, :n_groups] = scales[r0 + i]
+            if nr == 4:
+                qs = _block_rows(qweight, r0, qpad)
+                ls = (lut, lut, lut, lut)
+                ss = (sg[0], sg[1], sg[2], sg[3])
+                for b0 in range(0, batch - 1, 2):
+                    xs2 = (xt[b0], xt[b0 + 1])
+                    t2 = (_grows4x2_4(qs, xs2, ls, ss, rel, first) if bits == 4 else
+                          _grows4x2_2(qs, xs2, ls, ss, rel, first))
+                    for i in range(4):
+                        acc[i, b0] = t2[2 * i]
+                        acc[i, b0 + 1] = t2[2 * i + 1]
+                if batch % 2:
+                    xs1 = (xt[batch - 1],)
+                    t1 = _grows4_4(qs, xs1, ls, ss, rel, first) if bits == 4 else _grows4_2(qs, xs1, ls, ss, rel, first)
+                    for i in range(4):
+                        acc[i, batch - 1] = t1[i]
+            else:
+                for i in range(nr):
+                    q1, l1, s1 = (_whole_vectors(qweight, r0 + i, qpad),), (lut,), (sg[i],)
+                    for b in range(batch):
+                        xs1 = (xt[b],)
+                        acc[i, b] = (_grows1_4(q1, xs1, l1, s1, rel, first) if bits == 4 else
+                                     _grows1_2(q1, xs1, l1, s1, rel, first))[0]
+            for i in range(nr):
+                r = r0 + i
+                p0 = rowptr[r]
+                p1 = rowptr[r + 1]
+                for b in range(batch):
+                    t = acc[i, b]
+                    if p1 > p0:
+                        t += _outlier_fix(qweight[r], ocols[p0:p1], ovals[p0:p1], kind, x[b], xc[b], sg[i], og, inv_gw,
+                                          lut, bits, lg, False, has_col)
+                    out[b, r] = t
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv_rows_kernel(xt, x, xc, has_col, qweight, luts, step, scales, bits, grid, qmin, zeros, rowptr, ocols, ovals,
                       kind, chunks, out):
@@ -675,8 +747,7 @@ def _gemv_rows_kernel(xt, x, xc, has_col, qweight, luts, step, scales, bits, gri
             r0 = blk * 4
             nr = min(4, rows - r0)
             if nr == 4:
-                qs = (_whole_vectors(qweight, r0, qpad), _whole_vectors(qweight, r0 + 1, qpad),
-                      _whole_vectors(qweight, r0 + 2, qpad), _whole_vectors(qweight, r0 + 3, qpad))
+                qs = _block_rows(qweight, r0, qpad)
                 ls = (luts[r0 * step], luts[(r0 + 1) * step], luts[(r0 + 2) * step], luts[(r0 + 3) * step])
                 for b0 in range(0, batch, 4):
                     _rows_block(qs, xt, ls, b0, min(4, batch - b0), bits, acc)
@@ -902,6 +973,11 @@ def matmul(x, qt) -> np.ndarray:
         if table is not None:
             offset, lut = table
             rel, first = _word_groups(nwu, gw)
+            if not offset and batch <= SIMD_BATCH:  # groups without offsets: the row-lookup GEMV in groups
+                _dynamic(_gemv_group_rows_kernel, xt, x, xc, qt.col_scales is not None, qw,
+                         _row_luts(qt, bits, table)[0][0], float_scales(qt), gw, rel, first, bits, rowptr, ocols, ovals,
+                         kind, _chunks(-(-rows // 4)), out)
+                return out
             if batch <= SIMD_BATCH:  # any whole-word groups, one row of x at a time
                 _dynamic(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, *_stored_scales(qt), gw, rel, first,
                          bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)

@@ -18,6 +18,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 TABLE = 16  # entries of a register lookup (codes of 2 or 4 bits)
+AHEAD = 4  # rows_dot prefetches each row's words this many rows on: the next block's (4096x4096 4-bit at batch 1,
+# weights from memory: 0.78-1.0 -> 0.73-0.78 ms; 8 or 16 rows on no better)
 
 
 def host_width() -> int:
@@ -177,62 +179,106 @@ def group_levels(bits: int, offset: bool, width: int = WIDTH):
     return levels
 
 
-def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH):
+def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH, grouped: bool = False):
     """An intrinsic ``dot(qs, xs, luts) -> (float32,) * (nrows * nx)``: for each of ``nrows`` rows i
     and ``nx`` rows of x b, at [i * nx + b], the sum over slots k < 32 // bits and words w < nwu -
     nwu % width of luts[i][code] * xs[b][k, w], code = bits k * bits of qs[i][w] (``qs``, ``luts``,
     ``xs``: tuples of 1-D uint32, 1-D float32 of 16 entries, and C-contiguous (per, nwu) float32
-    arrays, x in slot-major order as :func:`group_dot` takes it). One scale per row, applied by the
-    caller: the rows' levels are looked up, never scaled, so a code costs a shift and a register
-    lookup (the lookup reads the low 4 bits, so no mask: 2-bit codes need their 4 levels repeated
-    over the 16 entries), each level serves every row of x and each load of x every row of W (4
-    rows of 4096 4-bit columns at batch 1: 0.25 ms for 4096x4096 on 2 threads, against 0.48 for the
-    masked slot dot). Two accumulators a row at batch 1, one per row and row of x above."""
+    arrays, x in slot-major order as :func:`group_dot` takes it). The rows' levels are looked up,
+    never scaled, so a code costs a shift and a register lookup (the lookup reads the low 4 bits,
+    so no mask: 2-bit codes need their 4 levels repeated over the 16 entries), each level serves
+    every row of x and each load of x every row of W (4 rows of 4096 4-bit columns at batch 1: 0.25
+    ms for 4096x4096 on 2 threads, against 0.48 for the masked slot dot); each row's words
+    :data:`AHEAD` rows on are prefetched.
+
+    One scale per row, applied by the caller; or, ``grouped``, ``dot(qs, xs, luts, sgs, rel,
+    first)`` with each row's group scales ``sgs[i]`` in whole-word groups (``rel``, ``first`` as
+    :func:`group_dot` takes them): each word's sum over its slots, then times its group's scale
+    (a word's slots share its group), so the scale costs one FMA per word, not one multiply per
+    code. Two accumulators a row at batch 1 (per vector and in all, when grouped), one above."""
     if bits not in (2, 4):
         raise ValueError(f"rows_dot looks up codes of 2 or 4 bits, not {bits}")
     vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
     nacc = 2 if nx == 1 else 1
 
-    @intrinsic
-    def dot(typingctx, qs, xs, luts):
+    def typer(qs, xs, luts, *groups):
         if not (all(isinstance(t, types.UniTuple) for t in (qs, xs, luts)) and _slot_major(xs.dtype)
                 and qs.count == nrows and luts.count == nrows and xs.count == nx):
             return None
-        ret = types.UniTuple(types.float32, nrows * nx)
+        if grouped and not (isinstance(groups[0], types.UniTuple) and groups[0].count == nrows):
+            return None
+        return types.UniTuple(types.float32, nrows * nx)
 
-        def codegen(context, builder, signature, args):
-            def unpack(n, t, tup):
-                return [context.make_array(t.dtype)(context, builder, builder.extract_value(tup, i)) for i in range(n)]
+    def codegen(context, builder, signature, args):
+        def unpack(n, t, tup):
+            return [context.make_array(t.dtype)(context, builder, builder.extract_value(tup, i)) for i in range(n)]
 
-            qa, xa, la = unpack(nrows, qs, args[0]), unpack(nx, xs, args[1]), unpack(nrows, luts, args[2])
-            fma = _declare(builder, f"llvm.fma.v{width}f32", vf, [vf, vf, vf])
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(nacc)]
-                    for _ in range(nrows * nx)]
+        qs, xs, luts = signature.args[:3]
+        qa, xa, la = unpack(nrows, qs, args[0]), unpack(nx, xs, args[1]), unpack(nrows, luts, args[2])
+        fma = _declare(builder, f"llvm.fma.v{width}f32", vf, [vf, vf, vf])
+        zero = ir.Constant(vf, [0.0] * width)
 
-            def load(ptr, i, vt):
-                return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
+        def accumulators():
+            return [[cgutils.alloca_once_value(builder, zero) for _ in range(nacc)] for _ in range(nrows * nx)]
 
-            tables = [[load(a.data, _I64(8 * h), vf) for h in range(TABLE // width)] for a in la]
-            with cgutils.for_range(builder, builder.udiv(builder.extract_value(xa[0].shape, 1), _I64(width))) as loop:
-                w = builder.mul(loop.index, _I64(width))
-                qv = [load(a.data, w, vi) for a in qa]
-                for k in range(32 // bits):
-                    xv = [builder.load(_slot_vector(builder, a, k, w, vf), align=4) for a in xa]
-                    for i in range(nrows):
-                        code = qv[i] if k == 0 else builder.lshr(qv[i], ir.Constant(vi, [k * bits] * width))
-                        lev = _lookup(builder, width, tables[i], code)
-                        for b in range(nx):
-                            acc = accs[i * nx + b][k % nacc]
-                            builder.store(builder.call(fma, [lev, xv[b], builder.load(acc)]), acc)
-            red = _declare(builder, f"llvm.vector.reduce.fadd.v{width}f32", _F32, [_F32, vf])
-            sums = []
-            for a in accs:
-                total = builder.load(a[0]) if nacc == 1 else builder.fadd(builder.load(a[0]), builder.load(a[1]))
-                t = builder.call(red, [ir.Constant(_F32, 0.0), total])
-                t.fastmath.add("reassoc")
-                sums.append(t)
-            return context.make_tuple(builder, ret, sums)
+        def add(acc, a, b):
+            builder.store(builder.call(fma, [a, b, builder.load(acc)]), acc)
 
-        return ret(qs, xs, luts), codegen
+        def load(ptr, i, vt):
+            return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
 
+        accs = accumulators()
+        if grouped:
+            sa = unpack(nrows, signature.args[3], args[3])
+            ra, fa = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[4:], args[4:]))
+            words = accumulators()
+        tables = [[load(a.data, _I64(8 * h), vf) for h in range(TABLE // width)] for a in la]
+        pf = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+        with cgutils.for_range(builder, builder.udiv(builder.extract_value(xa[0].shape, 1), _I64(width))) as loop:
+            w = builder.mul(loop.index, _I64(width))
+            qv = [load(a.data, w, vi) for a in qa]
+            for a in qa:  # a row's words AHEAD rows on (a hint: never faults, even past the array)
+                ahead = builder.add(w, builder.mul(builder.extract_value(a.shape, 0), _I64(AHEAD)))
+                builder.call(pf, [builder.bitcast(builder.gep(a.data, [ahead]), ir.IntType(8).as_pointer()),
+                                  _I32(0), _I32(3), _I32(1)])
+            sums = accs
+            if grouped:
+                for a in words:
+                    for acc in a:
+                        builder.store(zero, acc)
+                sums = words
+            for k in range(32 // bits):
+                xv = [builder.load(_slot_vector(builder, a, k, w, vf), align=4) for a in xa]
+                for i in range(nrows):
+                    code = qv[i] if k == 0 else builder.lshr(qv[i], ir.Constant(vi, [k * bits] * width))
+                    lev = _lookup(builder, width, tables[i], code)
+                    for b in range(nx):
+                        add(sums[i * nx + b][k % nacc], lev, xv[b])
+            if grouped:
+                g0 = builder.sext(builder.load(builder.gep(fa.data, [loop.index])), _I64)
+                idx = load(ra.data, w, vi)
+                for i in range(nrows):
+                    sv = _permute(builder, width, load(sa[i].data, g0, vf), idx)
+                    for b in range(nx):
+                        for j in range(nacc):
+                            add(accs[i * nx + b][j], builder.load(words[i * nx + b][j]), sv)
+        red = _declare(builder, f"llvm.vector.reduce.fadd.v{width}f32", _F32, [_F32, vf])
+        out = []
+        for a in accs:
+            total = builder.load(a[0]) if nacc == 1 else builder.fadd(builder.load(a[0]), builder.load(a[1]))
+            t = builder.call(red, [ir.Constant(_F32, 0.0), total])
+            t.fastmath.add("reassoc")
+            out.append(t)
+        return context.make_tuple(builder, signature.return_type, out)
+
+    if grouped:
+        @intrinsic
+        def dot(typingctx, qs, xs, luts, sgs, rel, first):
+            ret = typer(qs, xs, luts, sgs)
+            return None if ret is None else (ret(qs, xs, luts, sgs, rel, first), codegen)
+    else:
+        @intrinsic
+        def dot(typingctx, qs, xs, luts):
+            ret = typer(qs, xs, luts)
+            return None if ret is None else (ret(qs, xs, luts), codegen)
     return dot
