@@ -11,11 +11,16 @@ defaults at --bits (4), or with the settings of --method, an eqcore method of th
 benchmark (bench/eval/quality.py's METHODS, e.g. the 4-bit quality pick). eqcore runs as QuantizedLinear calls it, ``eqcore.matmul(x, qt,
 check=False)`` (the tensor validated once, when the layer is built); the cost of the per-call
 ``qt.validate()`` that ``check=True`` adds is measured and reported apart. The four methods run in
---rounds rounds, each method's calls back to back within a round (a warm-up, then --repeat timed
-calls: Numba's and torch's OpenMP threads spin for a while after a parallel region and take the
-cores from the other's threads, so alternating call by call would charge every method for the
-previous one); the best time over all rounds counts. Writes bench/results/matmul_cpu.md (with
-the 1-minute load average at each row) and prints each row as it goes.
+--rounds rounds, each method's calls back to back within a round (WARMUP_S seconds of untimed calls,
+then --repeat timed calls: Numba's and torch's OpenMP threads spin for a while after a parallel
+region and take the cores from the other's threads, so alternating call by call, or timing right
+after the other runtime's calls, would charge every method for the previous one); the best time
+over all rounds counts. Each method cycles through copies of its weight that together exceed
+twice the last-level cache, so that its weight comes from memory as a model's does (a 4096x4096
+4-bit weight, 9 MB, would otherwise stay in this machine's 32 MiB L3 between calls, and its time
+then depends on what other tenants of the host do to that cache); ``--warm`` keeps one copy.
+Writes bench/results/matmul_cpu.md (with the 1-minute load average at each row) and prints each
+row as it goes.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +46,16 @@ TARGETS = ("batch 1: >= 3x torch fp32 and >= 1.5x torch bf16, >= 60% of the copy
            "never slower than dequantize + F.linear")
 
 
-def best(fn, repeat):
-    """Best of ``repeat`` timed calls after one untimed warm-up call (compilation, page faults)."""
+WARMUP_S = 0.5  # seconds of untimed calls before each method's timed ones, so that each starts from steady state
+
+
+def best(fn, repeat, warmup: float = WARMUP_S):
+    """Best of ``repeat`` timed calls after ``warmup`` seconds of untimed calls (at least one:
+    compilation, page faults, the other runtime's spinning threads going idle)."""
+    t_end = time.perf_counter() + warmup
     fn()
+    while time.perf_counter() < t_end:
+        fn()
     return best_time(fn, repeat)[0]
 
 
@@ -53,6 +66,33 @@ def best_in_rounds(fns: dict, repeat: int, rounds: int) -> dict:
         for k, fn in fns.items():
             t[k] = min(t[k], best(fn, repeat))
     return t
+
+
+def last_level_cache() -> int:
+    """Bytes of this machine's largest CPU cache (sysfs; 32 MiB if it cannot be read)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        unit = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * unit)
+    return max(sizes, default=32 << 20)
+
+
+def cycled(items):
+    """A function returning the next of ``items`` each call, round and round."""
+    state = [0]
+
+    def nxt():
+        state[0] = (state[0] + 1) % len(items)
+        return items[state[0]]
+
+    return nxt
+
+
+def copies(make, nbytes: int, cache: int, cold: bool) -> list:
+    """Enough separate copies from ``make()`` (each ``nbytes``) that cycling through them reads
+    from memory, not cache: together at least twice ``cache`` (one when not ``cold``)."""
+    return [make() for _ in range(max(1, -(-2 * cache // nbytes)) if cold else 1)]
 
 
 def copy_bandwidth(nbytes: int = 1 << 28, repeat: int = 5) -> float:
@@ -75,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "matmul_cpu.md"))
+    ap.add_argument("--warm", dest="cold", action="store_false",
+                    help="call every method on one copy of its weight, which may stay in the CPU's cache (default: "
+                         "cycle through copies that together exceed it twice, so weights come from memory)")
     a = ap.parse_args(argv)
     options, layout = {}, "eqcore defaults (per-row scales, 3-sigma row outliers)"
     if a.method is not None:
@@ -85,6 +128,7 @@ def main(argv=None) -> int:
             ap.error(f"--method must be one of {sorted(k for k, m in METHODS.items() if m.kind == 'eqcore')}")
         options, layout = spec.options, f"{spec.label} (`{a.method}`)"
     load = os.getloadavg()[0]
+    cache = last_level_cache()
     torch.set_num_threads(os.cpu_count())
     bw = copy_bandwidth()
     print(f"np.copyto bandwidth {bw / 1e9:.1f} GB/s (read + write)", flush=True)
@@ -94,16 +138,18 @@ def main(argv=None) -> int:
         w = (np.random.default_rng(0).standard_t(4, (rows, cols)) * 0.02).astype(np.float16)
         qt = eqcore.quantize(w, bits=a.bits, **options)
         validate = best(qt.validate, a.repeat)
-        w32 = torch.from_numpy(w.astype(np.float32))
-        wbf = w32.to(torch.bfloat16)
+        qts = cycled(copies(lambda: qt.map_arrays(np.copy), qt.nbytes, cache, a.cold))
+        w32s = cycled(copies(lambda: torch.from_numpy(w.astype(np.float32)), 4 * w.size, cache, a.cold))
+        wbfs = cycled(copies(lambda: torch.from_numpy(w.astype(np.float32)).to(torch.bfloat16), 2 * w.size, cache,
+                             a.cold))
         for b in a.batches:
             x = np.random.default_rng(b).normal(size=(b, cols)).astype(np.float32)
             xt = torch.from_numpy(x)
             xbf = xt.to(torch.bfloat16)
-            t = best_in_rounds({"eqcore": lambda: eqcore.matmul(x, qt, check=False),
-                                "fp32": lambda: F.linear(xt, w32),
-                                "bf16": lambda: F.linear(xbf, wbf),
-                                "deq": lambda: F.linear(xt, torch.from_numpy(eqcore.dequantize(qt, np.float32)))},
+            t = best_in_rounds({"eqcore": lambda: eqcore.matmul(x, qts(), check=False),
+                                "fp32": lambda: F.linear(xt, w32s()),
+                                "bf16": lambda: F.linear(xbf, wbfs()),
+                                "deq": lambda: F.linear(xt, torch.from_numpy(eqcore.dequantize(qts(), np.float32)))},
                                a.repeat, a.rounds)
             rows_out.append((shape, b, t, qt.nbytes, validate, os.getloadavg()[0]))
             print(f"{shape} batch {b}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()) +
@@ -116,8 +162,11 @@ def main(argv=None) -> int:
                 f"{' '.join(map(str, DEFAULT_BATCHES))}): the other batches' rows are in this file's git history"]
                if not set(DEFAULT_BATCHES) <= set(a.batches) else []),
              f"- memory bandwidth (np.copyto of 256 MiB, bytes read + written): {bw / 1e9:.1f} GB/s",
+             (f"- weights from memory: each method cycles through copies of its weight that together exceed twice the "
+              f"{cache >> 20} MiB last-level cache (a model larger than the cache; `--warm` keeps one copy)" if a.cold
+              else f"- `--warm`: one copy of each weight, which may stay in the {cache >> 20} MiB last-level cache"),
              f"- weight: Student-t(4) * 0.02, {a.bits}-bit {layout}, {qt.bits_per_weight:.3f} bits/w;"
-             f" best of {a.rounds} rounds x {a.repeat} calls (each after a warm-up); torch {torch.__version__} with "
+             f" best of {a.rounds} rounds x {a.repeat} calls (each after {WARMUP_S} s of untimed calls); torch {torch.__version__} with "
              f"{torch.get_num_threads()} threads; Numba {numba.__version__} with {numba.get_num_threads()} threads",
              "- eqcore: `eqcore.matmul(x, qt, check=False)`, as QuantizedLinear calls it; `check=True` adds "
              "`qt.validate()` each call (column 'validate', per weight, not included in eqcore's time)",
