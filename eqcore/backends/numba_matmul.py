@@ -531,8 +531,8 @@ _rows4_2, _rows4_4, _rows4x2_2, _rows4x2_4, _rows4x4_2, _rows4x4_4, _rows1_2, _r
     rows_dot(b, n, nx, WIDTH or 8) for n, nx in ((4, 1), (4, 2), (4, 4), (1, 1)) for b in (2, 4))
 _grows4_2, _grows4_4, _grows4x2_2, _grows4x2_4, _grows1_2, _grows1_4 = (
     rows_dot(b, n, nx, WIDTH or 8, grouped=True) for n, nx in ((4, 1), (4, 2), (1, 1)) for b in (2, 4))
-ROWS_BATCH = 8  # rows of x up to which one scale per row, 2 and 4 bits, take the row-lookup GEMV (batch 8: 2.0 vs
-# 2.4 ms through the block kernel, 4096x4096)
+ROWS_BATCH = 4  # rows of x up to which one scale per row, 2 and 4 bits, take the row-lookup GEMV (batch 4: 1.5-2.1
+# vs 1.7-2.4 ms through the block kernel, 4096x4096; batch 8 2.9-3.7 vs 2.8-3.3, after 2.0 vs 2.4 in an earlier run)
 SIMD_BATCH = 2  # rows of x up to which groups take the row-lookup GEMV in groups (4096x4096 4-bit pick: batch 1
 # 0.71-0.75 vs 0.77-1.1 ms for the SIMD GEMV, batch 2 1.1-1.3 vs 1.6-2.2; batch 4 2.2-2.7 vs 1.6-1.7 for the block
 # kernel), or, with offsets or 8 bits, the SIMD GEMV, one row of x at a time
