@@ -165,65 +165,43 @@ def _rows_caller(dot, nrows, nx, grouped=False):
     return njit(ns["call"])
 
 
-_ROWS_KINDS = [(4, 1), (4, 2), (4, 4), (1, 1)]  # (rows of W, rows of x) the kernel calls rows_dot with
-_ROWS = {(b, n, nx, w): _rows_caller(numba_simd.rows_dot(b, n, nx, w), n, nx)
-         for w in (8, 16) for b in (2, 4) for n, nx in _ROWS_KINDS}
+_ROWS_KINDS = {False: [(4, 1), (4, 2), (4, 4), (1, 1)],  # (rows of W, rows of x) the kernels call rows_dot with
+               True: [(4, 1), (4, 2), (1, 1)]}  # grouped
+_ROWS = {(g, b, n, nx, w): _rows_caller(numba_simd.rows_dot(b, n, nx, w, grouped=g), n, nx, grouped=g)
+         for g in (False, True) for w in (8, 16) for b in (2, 4) for n, nx in _ROWS_KINDS[g]}
 
 
 @pytest.mark.parametrize("width", [8, 16])
-@given(st.sampled_from([2, 4]), st.sampled_from(_ROWS_KINDS), st.integers(0, 70), st.integers(0, 2 ** 32 - 1))
+@pytest.mark.parametrize("grouped", [False, True])
+@given(st.sampled_from([2, 4]), st.integers(0, 3), st.integers(0, 70), st.integers(1, 20), st.integers(0, 2 ** 32 - 1))
 @settings(max_examples=60, deadline=None)
-def test_rows_dot_is_each_rows_levels_times_x(width, bits, kind, nwu, seed):
+def test_rows_dot_is_each_rows_levels_times_x(width, grouped, bits, kind, nwu, gw, seed):
     """rows_dot(qs, xs, luts)[i * nx + b] = sum over slots and the full vectors' words of
-    luts[i][code] * xs[b], each row of W its own table; 2-bit tables repeated over 16 entries, as
-    the kernel builds them (the lookup reads 4 bits: a mutation that shifts by the wrong slot, or
-    pairs the wrong rows, fails)."""
+    luts[i][code] * xs[b], each row of W its own table, and with ``grouped`` times sgs[i][j], j the
+    word's group of ``gw`` words; 2-bit tables repeated over 16 entries, as the kernels build them
+    (the lookup reads 4 bits). A mutation that shifts by the wrong slot, pairs the wrong rows,
+    takes another row's scales or the vector's first group for every word, fails."""
     if not _HOST[width]:
         pytest.skip(f"no {width}-lane SIMD on this host")
-    nrows, nx = kind
+    nrows, nx = _ROWS_KINDS[grouped][kind % len(_ROWS_KINDS[grouped])]
     per = 32 // bits
     rng = np.random.default_rng(seed)
     q = rng.integers(0, 2 ** 32, (nrows, nwu), dtype=np.uint64).astype(np.uint32)
     xt = rng.normal(size=(nx, per, nwu)).astype(np.float32)
     levels = rng.normal(size=(nrows, 1 << bits)).astype(np.float32)
     lut = np.ascontiguousarray(levels[:, np.arange(16) % (1 << bits)])
-    got = np.array(_ROWS[bits, nrows, nx, width](q, xt, lut), np.float64).reshape(nrows, nx)
     n = nwu - nwu % width
     codes = (q[:, None, :n] >> (bits * np.arange(per, dtype=np.uint32))[None, :, None]) & np.uint32((1 << bits) - 1)
     lev = np.stack([levels[i][codes[i]] for i in range(nrows)]).astype(np.float64)  # (nrows, per, n)
-    want = np.einsum("ikw,bkw->ib", lev, xt[:, :, :n].astype(np.float64))
-    bound = 1e-5 * np.einsum("ikw,bkw->ib", np.abs(lev), np.abs(xt[:, :, :n]).astype(np.float64)) + 1e-30
-    assert np.all(np.abs(got - want) <= bound)
-
-
-_GROUPED = {(b, n, nx, w): _rows_caller(numba_simd.rows_dot(b, n, nx, w, grouped=True), n, nx, grouped=True)
-            for w in (8, 16) for b in (2, 4) for n, nx in [(4, 1), (4, 2), (1, 1)]}
-
-
-@pytest.mark.parametrize("width", [8, 16])
-@given(st.sampled_from([2, 4]), st.sampled_from([(4, 1), (4, 2), (1, 1)]), st.integers(0, 70), st.integers(1, 20),
-       st.integers(0, 2 ** 32 - 1))
-@settings(max_examples=60, deadline=None)
-def test_grouped_rows_dot_scales_each_word_by_its_group(width, bits, kind, nwu, gw, seed):
-    """rows_dot(grouped=True)[i * nx + b] = the sum of luts[i][code] * sgs[i][j] * xs[b] over the
-    full vectors' words, j the word's group of ``gw`` words (each row its own scales: a mutation
-    that takes another row's scales, or the vector's first group for every word, fails)."""
-    if not _HOST[width]:
-        pytest.skip(f"no {width}-lane SIMD on this host")
-    nrows, nx = kind
-    per = 32 // bits
-    rng = np.random.default_rng(seed)
-    q = rng.integers(0, 2 ** 32, (nrows, nwu), dtype=np.uint64).astype(np.uint32)
-    xt = rng.normal(size=(nx, per, nwu)).astype(np.float32)
-    levels = rng.normal(size=(nrows, 1 << bits)).astype(np.float32)
-    lut = np.ascontiguousarray(levels[:, np.arange(16) % (1 << bits)])
-    rel, first = nb._word_groups(nwu, gw, width)
-    sg = rng.uniform(0.5, 2, (nrows, -(-nwu // gw) + width)).astype(np.float32)
-    got = np.array(_GROUPED[bits, nrows, nx, width](q, xt, lut, sg, rel, first), np.float64).reshape(nrows, nx)
-    n = nwu - nwu % width
-    codes = (q[:, None, :n] >> (bits * np.arange(per, dtype=np.uint32))[None, :, None]) & np.uint32((1 << bits) - 1)
-    j = np.arange(n) // gw
-    lev = np.stack([levels[i][codes[i]] * sg[i, j] for i in range(nrows)]).astype(np.float64)
+    dot = _ROWS[grouped, bits, nrows, nx, width]
+    if grouped:
+        rel, first = nb._word_groups(nwu, gw, width)
+        sg = rng.uniform(0.5, 2, (nrows, -(-nwu // gw) + width)).astype(np.float32)
+        got = dot(q, xt, lut, sg, rel, first)
+        lev *= sg[:, None, np.arange(n) // gw]
+    else:
+        got = dot(q, xt, lut)
+    got = np.array(got, np.float64).reshape(nrows, nx)
     want = np.einsum("ikw,bkw->ib", lev, xt[:, :, :n].astype(np.float64))
     bound = 1e-5 * np.einsum("ikw,bkw->ib", np.abs(lev), np.abs(xt[:, :, :n]).astype(np.float64)) + 1e-30
     assert np.all(np.abs(got - want) <= bound)
