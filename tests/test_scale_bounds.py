@@ -55,7 +55,7 @@ def test_numba_decodes_scales_bit_for_bit(dtype, rows, groups, special, seed):
     scales) gives layout.float_scales' float32 bits exactly, specials and subnormals included."""
     from types import SimpleNamespace
 
-    from eqcore.backends.numba import float_scales as numba_scales
+    from eqcore.backends.numba_scales import float_scales as numba_scales
 
     rng = np.random.default_rng(seed)
     with np.errstate(over="ignore"):

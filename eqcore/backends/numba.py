@@ -13,9 +13,10 @@ from numba import njit, prange
 
 from .. import cache
 from ..dtypes import all_finite, bfloat16, finite_max, saturate, weight_dtype
-from ..layout import (BLOCK, LOG8, GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, check_bits, col_index_dtype,
+from ..layout import (BLOCK, GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, check_bits, col_index_dtype,
                       group_layout, narrow_rowptr, packed_cols, qrange)
 from .numba_bits import code_at, f32_to_bf16_bits, f32_to_f16_bits, half_bits_to_f32, unpack_stream as _unpack_stream
+from .numba_scales import float_scales
 from .numpy import check_codes, check_packed
 
 name = "numba"
@@ -362,36 +363,6 @@ def _tensor_args(qt) -> tuple:
 def _half_to_f32(h, out):
     for i in prange(h.shape[0]):
         out[i] = half_bits_to_f32(h[i])
-
-
-@njit(parallel=True, cache=True)
-def _widen_scales(sbits, rbits, kind, log8, out):
-    """out = float32 scales from their stored bits: float16 (kind 0), bfloat16 (1), or log8 codes
-    times the rows' float16 scales ``rbits`` (2), each product rounded once as the reference's."""
-    for r in prange(sbits.shape[0]):
-        rs = half_bits_to_f32(rbits[r]) if kind == 2 else np.float32(0)
-        for j in range(sbits.shape[1]):
-            v = sbits[r, j]
-            if kind == 0:
-                out[r, j] = half_bits_to_f32(np.uint16(v))
-            elif kind == 1:
-                out[r, j] = np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
-            else:
-                out[r, j] = rs * log8[v]
-
-
-def float_scales(qt) -> np.ndarray:
-    """``qt.float_scales()``, float16, bfloat16 and log8 scales decoded by a parallel kernel (NumPy's
-    float16 cast of 4096x43 scales took 0.3 ms; the log8 ``take`` 0.18 ms for 4096x32)."""
-    s = qt.scales
-    if s.dtype == np.float32:
-        return np.ascontiguousarray(s)
-    kind = 2 if qt.row_scales is not None else (0 if s.dtype == np.float16 else 1)
-    bits = np.ascontiguousarray(s).view(np.uint8 if kind == 2 else np.uint16)
-    rbits = np.ascontiguousarray(qt.row_scales).view(np.uint16) if kind == 2 else np.zeros(1, np.uint16)
-    out = np.empty(s.shape, np.float32)
-    _widen_scales(bits, rbits, kind, LOG8, out)
-    return out
 
 
 def _outlier_values(vals, dtype):

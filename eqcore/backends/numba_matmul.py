@@ -38,8 +38,8 @@ from numba import njit, prange
 
 from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, LOG8, group_layout, qrange
-from .numba import float_scales
 from .numba_bits import code_at, half_bits_to_f32, unpack_stream
+from .numba_scales import float_scales
 from .numba_simd import TABLE, WIDTH, group_dot, group_levels, rows_dot
 
 RB = 4  # rows of W per block: their levels are formed once, then meet x four rows of x at a time
