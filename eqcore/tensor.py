@@ -58,7 +58,21 @@ class QuantizedTensor:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         self.validate()
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_derived", None)  # rebuilt where needed
+        return state
+
     # -- derived quantities -------------------------------------------------
+    def derived(self, key: str, make):
+        """``make(self)``, computed once and kept until :meth:`validate` runs again: what a kernel
+        derives from the arrays alone (after changing an array in place, validate before using
+        the tensor again, as ``matmul(x, qt, check=False)`` asks anyway)."""
+        memo = self.__dict__.setdefault("_derived", {})
+        if key not in memo:
+            memo[key] = make(self)
+        return memo[key]
+
     @property
     def outliers(self) -> Outliers:
         return Outliers(self.outlier_rowptr, self.outlier_cols, self.outlier_vals)
@@ -172,6 +186,7 @@ class QuantizedTensor:
             if not cond:
                 raise FormatError(msg)
 
+        self.__dict__.pop("_derived", None)  # the arrays may have changed: nothing derived from them holds
         try:
             check_bits(self.bits)
         except ValueError as e:

@@ -147,3 +147,23 @@ def test_rows_of_near_zero_levels_do_not_cancel(rows, grid, bits, batch):
     qt = eqcore.quantize(w, bits=bits, grid=grid, sigma=None)
     x = np.random.default_rng(bits).normal(size=(batch, cols)).astype(np.float32) * 100
     close(eqcore.matmul(x, qt), x, qt)
+
+
+def test_what_matmul_keeps_with_a_tensor_is_renewed_by_validate():
+    """matmul keeps what it derives from a tensor alone (row scales, level tables) with it
+    (QuantizedTensor.derived); validate() drops it, so a tensor changed in place and validated
+    again, as check=True does on every call, gives the new product; pickling leaves it out."""
+    import pickle
+
+    w = weights(9, 200, seed=7, dtype=np.float16)
+    qt = eqcore.quantize(w, bits=4, sigma=2.0, steps=3)
+    x = np.random.default_rng(0).normal(size=(1, 200)).astype(np.float32)
+    close(eqcore.matmul(x, qt, check=False), x, qt)
+    assert "_derived" in qt.__dict__ and "_derived" not in pickle.loads(pickle.dumps(qt)).__dict__
+    calls = []
+    assert qt.derived("k", lambda t: calls.append(1) or 5) == 5 == qt.derived("k", lambda t: calls.append(1) or 6)
+    assert calls == [1]
+    qt.scales[:] = (qt.scales.astype(np.float32) * 2).astype(qt.scales.dtype)  # in place
+    y = eqcore.matmul(x, qt)  # check=True validates: the doubled scales are used
+    close(y, x, qt)
+    assert "k" not in qt.__dict__["_derived"]

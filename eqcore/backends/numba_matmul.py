@@ -51,9 +51,10 @@ GEMV_BATCH = 2  # up to this many rows of x, one scale per row: slot dots, codes
 CHUNKS_PER_THREAD = 16  # chunks of rows per thread, handed out one at a time (dynamic scheduling)
 
 
-def _chunks(rows: int) -> int:
-    """How many chunks of rows a parallel kernel splits ``rows`` into."""
-    return max(1, min(rows, CHUNKS_PER_THREAD * numba.get_num_threads()))
+def _chunks(rows: int, threads: int | None = None) -> int:
+    """How many chunks of rows a parallel kernel splits ``rows`` into (``threads``: Numba's, asked
+    for if not given; asking costs 3 us)."""
+    return max(1, min(rows, CHUNKS_PER_THREAD * (threads or numba.get_num_threads())))
 
 
 def _dynamic(kernel, *args):
@@ -64,6 +65,14 @@ def _dynamic(kernel, *args):
         kernel(*args)
     finally:
         numba.set_parallel_chunksize(old)
+
+
+DYNAMIC_WEIGHTS = 1 << 20  # weights from which matmul hands out chunks one at a time (below, setting and
+# restoring the chunk size cost 4 us of a 576x576 call's 35 us kernel)
+
+
+def _call(kernel, *args):
+    kernel(*args)
 
 
 _V_F32, _V_F16, _V_BF16 = 0, 1, 2  # outlier values as stored: float32 (as uint32 bits), float16 or bfloat16 bits
@@ -927,6 +936,19 @@ def _f32(a, shape=None):
     return np.ascontiguousarray(np.asarray(a).astype(np.float32))
 
 
+def _static(qt) -> tuple:
+    """(the SIMD levels table or None, row luts and their step or None, float32 scales when one
+    per row else None, int64 row pointers): what :func:`matmul` derives from ``qt`` alone, kept
+    with it until it is validated again (a layer's calls share them: at SmolLM2's 576x576, forming
+    them took 10 of a call's 100 us)."""
+    bits = int(qt.bits)
+    grid = GRIDS.index(qt.grid)
+    table = _levels_table(qt, bits, grid) if WIDTH and bits != 3 else None
+    one = group_layout(qt.shape[1], qt.group_size)[1] == 1
+    luts = _row_luts(qt, bits, table) if table is not None and bits <= 4 and (one or not table[0]) else None
+    return table, luts, float_scales(qt) if one else None, qt.outlier_rowptr.astype(np.int64)
+
+
 def matmul(x, qt) -> np.ndarray:
     """y = x @ W^T (float32) for (batch, cols) ``x``, from the packed form (see
     :func:`eqcore.backends.numpy.matmul`; equal up to float summation order)."""
@@ -941,14 +963,16 @@ def matmul(x, qt) -> np.ndarray:
     zeros = _f32(qt.zeros, 2)
     codebook = _f32(qt.codebook)
     col = _f32(qt.col_scales)
-    rowptr = qt.outlier_rowptr.astype(np.int64)
+    simd_table, luts, row_scales, rowptr = qt.derived("numba.matmul", _static)
+    launch = _dynamic if rows * cols >= DYNAMIC_WEIGHTS else _call
     ocols = np.ascontiguousarray(qt.outlier_cols)
     ovals, kind = _float_bits(qt.outlier_vals)
     xc = x if qt.col_scales is None else np.ascontiguousarray(x * col)
     out = np.empty((batch, rows), dtype=np.float32)
     if batch == 0 or rows == 0:
         return out
-    chunks = _chunks(rows)
+    threads = numba.get_num_threads()
+    chunks = _chunks(rows, threads)
     per = 32 // bits
     slot = bits != 3 and (g % per == 0 or n_groups == 1)
     if slot:  # x in slot-major order: xt[b, k, w] = x[b, w * per + k], 0 past the last column
@@ -956,43 +980,43 @@ def matmul(x, qt) -> np.ndarray:
         gw = -(-g // per)
         lookup = bool(WIDTH) and batch <= ROWS_BATCH and n_groups == 1 and bits <= 4
         masked = not lookup and batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK
-        table = _levels_table(qt, bits, grid) if WIDTH and (nwu < SIMD_WORDS or lookup) and not masked else None
+        table = simd_table if (nwu < SIMD_WORDS or lookup) and not masked else None
         if table is not None:  # the SIMD kernels read whole vectors: x padded with zeros to a multiple of WIDTH words
             nwu = -(-nwu // WIDTH) * WIDTH
         xt = np.zeros((batch, nwu * per), np.float32)
         xt[:, :cols] = xc
         xt = np.ascontiguousarray(xt.reshape(batch, nwu, per).transpose(0, 2, 1))
         if masked:
-            _dynamic(_gemv_kernel, xt, x, xc, qt.col_scales is not None, qw, float_scales(qt), bits, qmin, grid, zeros,
-                     rowptr, ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4)), out)
+            launch(_gemv_kernel, xt, x, xc, qt.col_scales is not None, qw, row_scales, bits, qmin, grid, zeros, rowptr,
+                   ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4), threads),
+                   out)
             return out
         if lookup:
-            _dynamic(_gemv_rows_kernel, xt, x, xc, qt.col_scales is not None, qw, *_row_luts(qt, bits, table),
-                     float_scales(qt), bits, grid, qmin, zeros, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4)), out)
+            launch(_gemv_rows_kernel, xt, x, xc, qt.col_scales is not None, qw, *luts, row_scales, bits, grid, qmin,
+                   zeros, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4), threads), out)
             return out
         if table is not None:
             offset, lut = table
             rel, first = _word_groups(nwu, gw)
             if not offset and batch <= SIMD_BATCH:  # groups without offsets: the row-lookup GEMV in groups
-                _dynamic(_gemv_group_rows_kernel, xt, x, xc, qt.col_scales is not None, qw,
-                         _row_luts(qt, bits, table)[0][0], float_scales(qt), gw, rel, first, bits, rowptr, ocols, ovals,
-                         kind, _chunks(-(-rows // 4)), out)
+                launch(_gemv_group_rows_kernel, xt, x, xc, qt.col_scales is not None, qw, luts[0][0], float_scales(qt),
+                       gw, rel, first, bits, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4), threads), out)
                 return out
             if batch <= SIMD_BATCH:  # any whole-word groups, one row of x at a time
-                _dynamic(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, *_stored_scales(qt), gw, rel, first,
-                         bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
+                launch(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, *_stored_scales(qt), gw, rel, first,
+                       bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
                 return out
-        scales = float_scales(qt)  # decoded here, not by the kernel above
+        scales = float_scales(qt) if row_scales is None else row_scales  # decoded here, not by the kernel above
         if table is None and batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
-            _dynamic(_gemv_groups_kernel, xt[0], x[0], xc[0], qw, scales, gw, g.bit_length() - 1, bits, qmin, grid,
-                     zeros, rowptr, ocols, ovals, kind, chunks, out)
+            launch(_gemv_groups_kernel, xt[0], x[0], xc[0], qw, scales, gw, g.bit_length() - 1, bits, qmin, grid,
+                   zeros, rowptr, ocols, ovals, kind, chunks, out)
             return out
         xt = xt.reshape(batch, nwu * per)
     else:
-        xt, nwu, gw, scales, table = xc, 0, 0, float_scales(qt), None
+        xt, nwu, gw, scales, table = xc, 0, 0, float_scales(qt) if row_scales is None else row_scales, None
     if table is None:
         offset, lut, rel = False, np.zeros(TABLE, np.float32), np.zeros(0, np.int32)
         first = rel
-    _dynamic(_block_kernel, xt, x, qw, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols,
-             ovals, kind, table is not None, offset, lut, rel, first, chunks, out)
+    launch(_block_kernel, xt, x, qw, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols,
+           ovals, kind, table is not None, offset, lut, rel, first, chunks, out)
     return out

@@ -8,6 +8,7 @@ from numba import njit, prange
 from ..layout import LOG8
 from .numba_bits import half_bits_to_f32
 
+SMALL = 4096  # scales below which NumPy decodes them: a parallel launch costs more (6 us against 1 for 576)
 
 @njit(parallel=True, cache=True)
 def _widen_scales(sbits, rbits, kind, log8, out):
@@ -26,11 +27,14 @@ def _widen_scales(sbits, rbits, kind, log8, out):
 
 
 def float_scales(qt) -> np.ndarray:
-    """``qt.float_scales()``, float16, bfloat16 and log8 scales decoded by a parallel kernel (NumPy's
-    float16 cast of 4096x43 scales took 0.3 ms; the log8 ``take`` 0.18 ms for 4096x32)."""
+    """``qt.float_scales()``, float16, bfloat16 and log8 scales decoded by a parallel kernel from
+    :data:`SMALL` of them on (NumPy's float16 cast of 4096x43 scales took 0.3 ms; the log8 ``take``
+    0.18 ms for 4096x32)."""
     s = qt.scales
     if s.dtype == np.float32:
         return np.ascontiguousarray(s)
+    if s.size < SMALL:
+        return np.ascontiguousarray(qt.float_scales())
     kind = 2 if qt.row_scales is not None else (0 if s.dtype == np.float16 else 1)
     bits = np.ascontiguousarray(s).view(np.uint8 if kind == 2 else np.uint16)
     rbits = np.ascontiguousarray(qt.row_scales).view(np.uint16) if kind == 2 else np.zeros(1, np.uint16)
