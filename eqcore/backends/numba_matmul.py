@@ -12,7 +12,7 @@ Three kernels, W never formed whole:
   added as a sparse correction;
 - batches up to :data:`SIMD_BATCH`, codes of 2/4/8 bits in groups of whole words, any grid
   (codebooks of up to 16 entries), on hosts with AVX2 or AVX-512 (:mod:`eqcore.backends.numba_simd`):
-  each row's group scales decoded from their stored form, then an explicit-SIMD dot per row of x
+  each row's float32 group scales (:mod:`eqcore.backends.numba_scales`), then an explicit-SIMD dot per row of x
   in which a codebook level is one register lookup and each vector's scales one permute (LLVM
   alone made both gathers: 5.2 against 0.8 ms for 4096x4096 in groups of 128); without AVX2,
   batch 1 in groups of 2**k columns takes a scaled slot dot;
@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..dtypes import bfloat16
-from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, LOG8, group_layout, qrange
+from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, group_layout, qrange
 from .numba_bits import code_at, half_bits_to_f32, unpack_stream
 from .numba_scales import float_scales
 from .numba_simd import TABLE, WIDTH, group_dot, group_levels, rows_dot
@@ -546,7 +546,6 @@ SIMD_BATCH = 2  # rows of x up to which groups take the row-lookup GEMV in group
 # 0.71-0.75 vs 0.77-1.1 ms for the SIMD GEMV, batch 2 1.1-1.3 vs 1.6-2.2; batch 4 2.2-2.7 vs 1.6-1.7 for the block
 # kernel), or, with offsets or 8 bits, the SIMD GEMV, one row of x at a time
 SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a group in float32
-_S_LOG8 = 3  # scales stored as log8 codes (:data:`eqcore.layout.LOG8`); 0-2 are _oval's kinds
 
 
 @njit(fastmath=True, inline="always")
@@ -586,21 +585,19 @@ def _outlier_fix(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, rel, first, bits, offset, lut, qmin, zeros,
-                      rowptr, ocols, ovals, kind, chunks, out):
+def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, scales, gw, rel, first, bits, offset, lut, qmin, zeros, rowptr,
+                      ocols, ovals, kind, chunks, out):
     """Rows of x one at a time (``xt``: (batch, per, nwu), nwu a multiple of WIDTH, zeros past the
     last column), codes of 2/4/8 bits in groups of ``gw`` whole words (``rel``, ``first``: as
-    :func:`eqcore.backends.numba_simd.group_dot` takes them): each row's group scales
-    decoded from their stored bits ``sbits`` (``skind``: :func:`_oval`'s kinds, or log8 codes under
-    the row scales ``rscale``, as :func:`eqcore.layout.float_scales` decodes them) with its
-    offsets, then its explicit-SIMD dot (:mod:`eqcore.backends.numba_simd`). Each level is lut[code]
+    :func:`eqcore.backends.numba_simd.group_dot` takes them): each row's float32 group scales
+    (:func:`eqcore.backends.numba_scales.float_scales`) and offsets, then its explicit-SIMD dot (:mod:`eqcore.backends.numba_simd`). Each level is lut[code]
     (codebooks, and the symmetric grid below 8 bits as lut = code + qmin; a register lookup) or, with
     ``offset``, (lut[code] + offset) * scale, lut[code] = code and the offset -zero (asymmetric grid)
     or ``qmin`` (8 bits). The dot reads whole vectors of words (:func:`_whole_vectors`); then the
     row's outliers (:func:`_outlier_fix`)."""
     per, nwu = xt.shape[1:]
     rows = qweight.shape[0]
-    n_groups = sbits.shape[1]
+    n_groups = scales.shape[1]
     asym = zeros.shape[0] > 0
     lg = 3 if bits == 4 else (4 if bits == 2 else 2)
     inv_gw = np.float32(1 / gw)
@@ -610,12 +607,7 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, sbits, skind, rscale, gw, r
         og = np.full(n_groups + WIDTH, qmin if offset else 0, np.float32)
         qpad = np.zeros(nwu, np.uint32)
         for r in range(ch * rows_per, min(rows, ch * rows_per + rows_per)):
-            if skind == _S_LOG8:  # a loop each (the test inside one: 0.1 us a row, 43 groups)
-                for j in range(n_groups):
-                    sg[j] = rscale[r] * LOG8[sbits[r, j]]
-            else:
-                for j in range(n_groups):
-                    sg[j] = _oval(sbits[r, j], skind)
+            sg[:n_groups] = scales[r]
             if asym:
                 for j in range(n_groups):
                     og[j] = -zeros[r, j]
@@ -792,16 +784,6 @@ def _word_groups(nwu: int, gw: int, width: int = WIDTH) -> tuple:
     rel = np.zeros(nwu, np.int32)
     rel[:nfull] = wg[:nfull] - np.repeat(first, width)
     return rel, first
-
-
-def _stored_scales(qt):
-    """(stored scale bits as uint32, their kind, float32 row scales) of ``qt``, which
-    :func:`_gemv_simd_kernel` decodes row by row (no decoding pass: float16 to float32 in NumPy
-    took 0.3 ms for 4096x43 scales; widening the bits takes 15 us)."""
-    if qt.row_scales is not None:
-        return qt.scales.astype(np.uint32), _S_LOG8, _f32(qt.row_scales)
-    sbits, skind = _float_bits(qt.scales)
-    return sbits.astype(np.uint32), skind, np.zeros(0, np.float32)
 
 
 def _levels_table(qt, bits: int, grid: int):
@@ -1003,7 +985,7 @@ def matmul(x, qt) -> np.ndarray:
                        gw, rel, first, bits, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4), threads), out)
                 return out
             if batch <= SIMD_BATCH:  # any whole-word groups, one row of x at a time
-                launch(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, *_stored_scales(qt), gw, rel, first,
+                launch(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, float_scales(qt), gw, rel, first,
                        bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
                 return out
         scales = float_scales(qt) if row_scales is None else row_scales  # decoded here, not by the kernel above
