@@ -42,6 +42,27 @@ def _declare(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
+def _load(builder, ptr, i, vt):
+    """The vector ``vt`` at ptr[i] (element pointer ``ptr``)."""
+    return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
+
+
+def _sum_lanes(builder, width, vec):
+    """The sum of a float32 vector's lanes, in any order."""
+    vf = ir.VectorType(_F32, width)
+    t = builder.call(_declare(builder, f"llvm.vector.reduce.fadd.v{width}f32", _F32, [_F32, vf]),
+                     [ir.Constant(_F32, 0.0), vec])
+    t.fastmath.add("reassoc")
+    return t
+
+
+def _vector_groups(builder, width, ra, fa, i, w):
+    """(the first group of the i-th vector of words, which starts at word w; its words' groups
+    relative to it): a vector of group values is one load there and a permute by the second."""
+    return (builder.sext(builder.load(builder.gep(fa.data, [i])), _I64),
+            _load(builder, ra.data, w, ir.VectorType(_I32, width)))
+
+
 def _permute(builder, width, vec, idx):
     """vec[idx] lane by lane, one register of ``width`` float32 (the low log2(width) bits of idx)."""
     vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
@@ -65,18 +86,13 @@ def _scaled_levels(builder, width, bits, offset, arrays, nwu, emit):
     qa, sa, oa, la, ra, fa = arrays
     per, mask, lookup = 32 // bits, (1 << bits) - 1, bits <= 4
     vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
-
-    def load(ptr, i, vt):
-        return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
-
-    lut_v = [load(la.data, _I64(8 * h), vf) for h in range(TABLE // width)] if lookup else None
+    lut_v = [_load(builder, la.data, _I64(8 * h), vf) for h in range(TABLE // width)] if lookup else None
     with cgutils.for_range(builder, builder.udiv(nwu, _I64(width))) as loop:
         w = builder.mul(loop.index, _I64(width))
-        g0 = builder.sext(builder.load(builder.gep(fa.data, [loop.index])), _I64)
-        idx = load(ra.data, w, vi)
-        qv = load(qa.data, w, vi)
-        sv = _permute(builder, width, load(sa.data, g0, vf), idx)
-        ov = _permute(builder, width, load(oa.data, g0, vf), idx) if offset else None
+        g0, idx = _vector_groups(builder, width, ra, fa, loop.index, w)
+        qv = _load(builder, qa.data, w, vi)
+        sv = _permute(builder, width, _load(builder, sa.data, g0, vf), idx)
+        ov = _permute(builder, width, _load(builder, oa.data, g0, vf), idx) if offset else None
         for k in range(per):
             code = builder.and_(builder.lshr(qv, ir.Constant(vi, [k * bits] * width)), ir.Constant(vi, [mask] * width))
             lev = _lookup(builder, width, lut_v, code) if lookup else builder.sitofp(code, vf)
@@ -141,10 +157,7 @@ def group_dot(bits: int, offset: bool, width: int = WIDTH):
                            emit)
             total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
                                  builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
-            red = builder.call(_declare(builder, f"llvm.vector.reduce.fadd.v{width}f32", _F32, [_F32, vf]),
-                               [ir.Constant(_F32, 0.0), total])
-            red.fastmath.add("reassoc")
-            return red
+            return _sum_lanes(builder, width, total)
 
         return types.float32(q, xt, sg, og, lut, rel, first), codegen
 
@@ -224,19 +237,16 @@ def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH, grouped: bo
         def add(acc, a, b):
             builder.store(builder.call(fma, [a, b, builder.load(acc)]), acc)
 
-        def load(ptr, i, vt):
-            return builder.load(builder.bitcast(builder.gep(ptr, [i]), vt.as_pointer()), align=4)
-
         accs = accumulators()
         if grouped:
             sa = unpack(nrows, signature.args[3], args[3])
             ra, fa = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[4:], args[4:]))
             words = accumulators()
-        tables = [[load(a.data, _I64(8 * h), vf) for h in range(TABLE // width)] for a in la]
+        tables = [[_load(builder, a.data, _I64(8 * h), vf) for h in range(TABLE // width)] for a in la]
         pf = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
         with cgutils.for_range(builder, builder.udiv(builder.extract_value(xa[0].shape, 1), _I64(width))) as loop:
             w = builder.mul(loop.index, _I64(width))
-            qv = [load(a.data, w, vi) for a in qa]
+            qv = [_load(builder, a.data, w, vi) for a in qa]
             for a in qa:  # a row's words AHEAD rows on (a hint: never faults, even past the array)
                 ahead = builder.add(w, builder.mul(builder.extract_value(a.shape, 0), _I64(AHEAD)))
                 builder.call(pf, [builder.bitcast(builder.gep(a.data, [ahead]), ir.IntType(8).as_pointer()),
@@ -255,20 +265,14 @@ def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH, grouped: bo
                     for b in range(nx):
                         add(sums[i * nx + b][k % nacc], lev, xv[b])
             if grouped:
-                g0 = builder.sext(builder.load(builder.gep(fa.data, [loop.index])), _I64)
-                idx = load(ra.data, w, vi)
+                g0, idx = _vector_groups(builder, width, ra, fa, loop.index, w)
                 for i in range(nrows):
-                    sv = _permute(builder, width, load(sa[i].data, g0, vf), idx)
+                    sv = _permute(builder, width, _load(builder, sa[i].data, g0, vf), idx)
                     for b in range(nx):
                         for j in range(nacc):
                             add(accs[i * nx + b][j], builder.load(words[i * nx + b][j]), sv)
-        red = _declare(builder, f"llvm.vector.reduce.fadd.v{width}f32", _F32, [_F32, vf])
-        out = []
-        for a in accs:
-            total = builder.load(a[0]) if nacc == 1 else builder.fadd(builder.load(a[0]), builder.load(a[1]))
-            t = builder.call(red, [ir.Constant(_F32, 0.0), total])
-            t.fastmath.add("reassoc")
-            out.append(t)
+        out = [_sum_lanes(builder, width, builder.load(a[0]) if nacc == 1 else
+                          builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
         return context.make_tuple(builder, signature.return_type, out)
 
     if grouped:
