@@ -167,3 +167,26 @@ def test_what_matmul_keeps_with_a_tensor_is_renewed_by_validate():
     y = eqcore.matmul(x, qt)  # check=True validates: the doubled scales are used
     close(y, x, qt)
     assert "k" not in qt.__dict__["_derived"]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("grid", ["symmetric", "asymmetric", "codebook"])
+def test_outliers_over_codes_that_are_not_zero(grid, group, batch):
+    """The GEMV kernels add each outlier as its exact value less the level the dense dot gave its
+    place. eqcore's quantize puts outliers on the symmetric grid's zero level, where that is the
+    stored value itself (nothing kept); any other code under an outlier (the other grids, or a
+    tensor built elsewhere) needs the difference, kept as float32."""
+    w = weights(12, 256, seed=3, dtype=np.float16)
+    qt = eqcore.quantize(w, bits=4, group_size=group, grid=grid, sigma=2.0, steps=3)
+    assert qt.outlier_vals.size > 0
+    x = np.random.default_rng(batch).normal(size=(batch, 256)).astype(np.float32)
+    close(eqcore.matmul(x, qt), x, qt)
+    d, _ = nb._outlier_deltas(qt, qt.outlier_rowptr.astype(np.int64))
+    assert np.shares_memory(d, qt.outlier_vals) == (grid == "symmetric")  # the zero level: the stored values serve
+    rng = np.random.default_rng(0)  # every code redrawn: outliers now sit over levels that are not 0
+    codes = rng.integers(0, 16, size=qt.shape).astype(np.uint8)
+    other = qt.map_arrays(np.copy)
+    other.qweight[:] = ref.pack(codes, 4)
+    other.validate()
+    close(eqcore.matmul(x, other), x, other)

@@ -4,24 +4,27 @@
 NumPy reference (:func:`eqcore.backends.numpy.matmul`, x @ dequantize(W, float32)^T) up to float32
 summation order, |y - y_dense| <= 1e-5 * (|x| @ |W|^T) + 1e-30 (tests/test_matmul.py).
 
-Three kernels, W never formed whole:
+W is never formed whole. The kernels, by layout and batch:
 
-- batch 1 (2 with one scale per row), 2/4/8-bit codes on the symmetric or asymmetric grid, one
-  scale per row: a slot dot (:func:`_slot_kernels`), codes unpacked in registers and multiplied
-  into x, 4 rows at a time with codes masked in place rather than shifted, the row's outliers
-  added as a sparse correction;
-- batches up to :data:`SIMD_BATCH`, codes of 2/4/8 bits in groups of whole words, any grid
-  (codebooks of up to 16 entries), on hosts with AVX2 or AVX-512 (:mod:`eqcore.backends.numba_simd`):
-  each row's float32 group scales (:mod:`eqcore.backends.numba_scales`), then an explicit-SIMD dot per row of x
-  in which a codebook level is one register lookup and each vector's scales one permute (LLVM
-  alone made both gathers: 5.2 against 0.8 ms for 4096x4096 in groups of 128); without AVX2,
-  batch 1 in groups of 2**k columns takes a scaled slot dot;
-- everything else (any batch, groups, codebooks, 3 bits): rows in blocks of :data:`RB`; each block's
-  scaled levels are formed once (by the same register lookups where the SIMD dot would run; each
-  outlier's exact value in its slot), then multiplied into x
-  :data:`RB` rows of W by 4 rows of x at a time (16 accumulators: each level and x value loaded
-  feeds 4 products). Outliers cost nothing more there: added apart, one x[b, c] at a time, they
-  took 2/3 of a batch-64 product at 1.3% outliers.
+- one scale per row, 2/4-bit codes, any grid, batches up to :data:`ROWS_BATCH`, on hosts with
+  AVX2 or AVX-512: the row-lookup GEMV (:func:`_gemv_rows_kernel`): 4 rows of W at a time, each
+  code's level one register lookup (:func:`eqcore.backends.numba_simd.rows_dot`), each load of x
+  serving the 4 rows; without SIMD (and for 8 bits) up to :data:`GEMV_BATCH` rows of x take slot
+  dots (:func:`_slot_kernels`), codes unpacked in registers;
+- groups of whole words, batches up to :data:`SIMD_BATCH`: the same lookup with each word's slot
+  sum times its group's scale (no offsets), or an explicit-SIMD dot per row of x (asymmetric
+  groups, 8 bits); each row's float32 group scales from :mod:`eqcore.backends.numba_scales`;
+  without SIMD, batch 1 takes a scaled slot dot;
+- everything else (any batch, 3 bits, groups that split a word): rows in blocks of :data:`RB`;
+  each block's scaled levels are formed once (by the same register lookups where the SIMD dot
+  would run; each outlier's exact value in its slot), then multiplied into x :data:`RB` rows of
+  W by 4 rows of x at a time (16 accumulators: each level and x value loaded feeds 4 products).
+
+The GEMV kernels take the dense dot over every code, outliers' places included, and then add
+each outlier's exact value less the level that place got (:func:`_outlier_deltas`, formed once
+per tensor) times x: one gather of x per outlier. Under eqcore's own symmetric tensors that
+level is 0 and the stored values serve as they are; otherwise the float32 differences are kept
+with the tensor (4 bytes an outlier, :meth:`eqcore.QuantizedTensor.derived`).
 
 Codes of 2/4/8 bits in groups of whole words run in slot-major order: slot k of every word meets a
 contiguous run of x, ``xt[b, k * nwu + w]`` = x[b, w * per + k], so unpacking is a constant shift
@@ -38,7 +41,7 @@ from numba import njit, prange
 
 from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, group_layout, qrange
-from .numba_bits import code_at, half_bits_to_f32, unpack_stream
+from .numba_bits import half_bits_to_f32, unpack_stream
 from .numba_scales import float_scales
 from .numba_simd import TABLE, WIDTH, group_dot, group_levels, rows_dot
 
@@ -407,23 +410,6 @@ def _block_kernel(xt, x, qweight, scales, zeros, codebook, col, g, gw, bits, qmi
 
 
 @njit(fastmath=True)
-def _outlier_dot(q, oc, ov, kind, x0, xc0, off, bits, lg):
-    """Row q's outlier correction at batch 1, one scale per row (times that scale by the caller
-    for the second part): (sum of ovals * x0[c], sum of (code + off) * xc0[c]) over its outliers
-    (columns ``oc``, raw values ``ov``), for codes of 2/4/8 bits (``1 << lg`` per word). The
-    slot dot summed code terms at these columns; the caller takes them back out. A loop LLVM
-    vectorises with gathers (the scalar version, an outlier at a time, cost 12 cycles each:
-    half the time of a 4096-column GEMV at 1.3% outliers)."""
-    t1 = np.float32(0)
-    t2 = np.float32(0)
-    for p in range(oc.shape[0]):
-        c = np.int64(oc[p])
-        t1 += _oval(ov[p], kind) * x0[c]
-        t2 += (np.float32(code_at(q, c, bits, lg)) + off) * xc0[c]
-    return t1, t2
-
-
-@njit(fastmath=True)
 def _oval_f32(v):
     return np.uint32(v).view(np.float32)
 
@@ -439,72 +425,82 @@ def _oval_bf16(v):
 
 
 @njit(fastmath=True)
-def _outlier_delta_dot(q, oc, ov, conv, x0, off, s, bits, lg):
-    """:func:`_outlier_dot` in one sum, when x has no column scales: the sum over the row's outliers
-    of (exact value - (code + off) * s) * x0[c], one gather of x per outlier rather than two;
-    ``conv`` is the stored values' conversion (:func:`_oval_f32` and the others), chosen by the
-    caller outside the loop (:func:`_oval`'s branch inside it, or in a function between, kept it
-    slow): 0.42 -> 0.31 ms for the 224k outliers of a 4096x4096 weight on one thread, against a
-    slot dot of 0.7."""
+def _outlier_dot(d, kind, oc, x0):
+    """The sum over a row's outliers of d[p] * x0[oc[p]]: ``d`` their exact values less the levels
+    the dense dot gave their places (:func:`_outlier_deltas`), as ``kind`` bits; a loop per kind,
+    none with a branch inside (LLVM vectorises each with one gather of x)."""
     t = np.float32(0)
-    for p in range(oc.shape[0]):
-        c = np.int64(oc[p])
-        t += (conv(ov[p]) - (np.float32(code_at(q, c, bits, lg)) + off) * s) * x0[c]
-    return t
-
-
-@njit(fastmath=True)
-def _outlier_deltas(q, oc, ov, kind, off, s, bits, lg, d):
-    """d[p] = exact value - (code + off) * s at each of a row's outliers: :func:`_outlier_delta_dot`'s
-    terms before x, formed once for every row of x (a loop per stored kind: no branch inside)."""
     if kind == _V_F16:
         for p in range(oc.shape[0]):
-            d[p] = _oval_f16(ov[p]) - (np.float32(code_at(q, np.int64(oc[p]), bits, lg)) + off) * s
+            t += _oval_f16(d[p]) * x0[np.int64(oc[p])]
     elif kind == _V_BF16:
         for p in range(oc.shape[0]):
-            d[p] = _oval_bf16(ov[p]) - (np.float32(code_at(q, np.int64(oc[p]), bits, lg)) + off) * s
+            t += _oval_bf16(d[p]) * x0[np.int64(oc[p])]
     else:
         for p in range(oc.shape[0]):
-            d[p] = _oval_f32(ov[p]) - (np.float32(code_at(q, np.int64(oc[p]), bits, lg)) + off) * s
-
-
-@njit(fastmath=True)
-def _gathered_dot(d, oc, x0):
-    """The sum of d[p] * x0[oc[p]]."""
-    t = np.float32(0)
-    for p in range(oc.shape[0]):
-        t += d[p] * x0[np.int64(oc[p])]
+            t += _oval_f32(d[p]) * x0[np.int64(oc[p])]
     return t
 
 
-@njit(fastmath=True)
-def _outlier_dot_groups(q, r, oc, ov, kind, x0, xc0, scales, zeros, asym, qmin, bits, lg, lgg):
-    """:func:`_outlier_dot` for groups of ``1 << lgg`` columns: the second sum is taken with each
-    outlier's group scale, (code + off) * s * xc0[c] (a shift, not an int64 division, finds the
-    group: with division the outliers took 40% of a 128-column-group GEMV)."""
-    t1 = np.float32(0)
-    t2 = np.float32(0)
-    for p in range(oc.shape[0]):
-        c = np.int64(oc[p])
-        j = c >> lgg
-        off = -zeros[r, j] if asym else qmin
-        t1 += _oval(ov[p], kind) * x0[c]
-        t2 += (np.float32(code_at(q, c, bits, lg)) + off) * scales[r, j] * xc0[c]
-    return t1, t2
+@njit(parallel=True, cache=True)
+def _delta_kernel(qweight, rowptr, ocols, ovals, kind, scales, g, bits, grid, qmin, zeros, codebook, col, chunks, d):
+    """d[p] = outlier p's exact value less the grid's value at its place (its level times its
+    group's scale, times its column's scale if any), for every layout (codes read across words)."""
+    rows = qweight.shape[0]
+    per = (rows + chunks - 1) // chunks
+    mask = np.uint64((1 << bits) - 1)
+    for ch in prange(chunks):
+        for r in range(ch * per, min(rows, ch * per + per)):
+            q = qweight[r]
+            for p in range(rowptr[r], rowptr[r + 1]):
+                c = np.int64(ocols[p])
+                j = c // g
+                b = c * bits
+                v = np.uint64(q[b >> 5]) >> np.uint64(b & 31)
+                if (b & 31) + bits > 32:
+                    v |= np.uint64(q[(b >> 5) + 1]) << np.uint64(32 - (b & 31))
+                code = np.int64(v & mask)
+                if grid == GRID_CODEBOOK:
+                    lev = codebook[code]
+                elif grid == GRID_ASYMMETRIC:
+                    lev = np.float32(code) - zeros[r, j]
+                else:
+                    lev = np.float32(code) + qmin
+                w = lev * scales[r, j]
+                if col.shape[0] > 0:
+                    w *= col[c]
+                d[p] = _oval(ovals[p], kind) - w
+
+
+def _outlier_deltas(qt, rowptr) -> tuple:
+    """(each outlier's exact value less the grid's value at its place, as :func:`_outlier_dot`
+    takes it: bits and kind). Where every such value is 0 (the symmetric grid's zero level, where
+    eqcore's quantize puts every outlier) that is the stored values themselves, and nothing is kept;
+    otherwise float32 deltas, 4 bytes an outlier kept with the tensor (:func:`_static`). Taking
+    them from the memo rather than reading each outlier's code per call: 0.60-0.67 -> 0.46-0.53 ms
+    for a 4096x4096 default weight at batch 1, weights from memory."""
+    ovals, kind = _float_bits(qt.outlier_vals)
+    if ovals.shape[0] == 0:
+        return ovals, kind
+    d = np.empty(ovals.shape[0], np.float32)
+    _delta_kernel(np.ascontiguousarray(qt.qweight), rowptr, np.ascontiguousarray(qt.outlier_cols), ovals, kind,
+                  float_scales(qt), group_layout(qt.shape[1], qt.group_size)[0], int(qt.bits), GRIDS.index(qt.grid),
+                  np.float32(qrange(int(qt.bits))[0]), _f32(qt.zeros, 2), _f32(qt.codebook), _f32(qt.col_scales),
+                  _chunks(qt.shape[0]), d)
+    exact = ovals.view(np.float32) if kind == _V_F32 else qt.outlier_vals.astype(np.float32)
+    return (ovals, kind) if np.array_equal(d, exact) else (d.view(np.uint32), _V_F32)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_groups_kernel(xt, x0, xc0, qweight, scales, gw, lgg, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind,
-                        chunks, out):
-    """Batch 1 with groups of ``gw`` whole words, ``1 << lgg`` columns (2/4/8-bit codes, symmetric or
-    asymmetric grid):
+def _gemv_groups_kernel(xt, x0, qweight, scales, gw, bits, qmin, grid, zeros, rowptr, ocols, dvals, dkind, chunks,
+                        out):
+    """Batch 1 with groups of ``gw`` whole words (2/4/8-bit codes, symmetric or asymmetric grid):
     each row's scale and scaled offset spread over its words once, then its scaled slot dot
-    (:func:`_slot_kernels`) and its outliers (:func:`_outlier_dot_groups`)."""
+    (:func:`_slot_kernels`) and its outliers (:func:`_outlier_dot`)."""
     per, nwu = xt.shape
     rows = qweight.shape[0]
     n_groups = scales.shape[1]
     asym = grid == GRID_ASYMMETRIC
-    lg = 3 if bits == 4 else (4 if bits == 2 else 2)
     rows_per = (rows + chunks - 1) // chunks
     for ch in prange(chunks):
         sw = np.empty(nwu, np.float32)
@@ -526,9 +522,7 @@ def _gemv_groups_kernel(xt, x0, xc0, qweight, scales, gw, lgg, bits, qmin, grid,
             p0 = rowptr[r]
             p1 = rowptr[r + 1]
             if p1 > p0:
-                t1, t2 = _outlier_dot_groups(q, r, ocols[p0:p1], ovals[p0:p1], kind, x0, xc0, scales, zeros, asym, qmin,
-                                             bits, lg, lgg)
-                t += t1 - t2
+                t += _outlier_dot(dvals[p0:p1], dkind, ocols[p0:p1], x0)
             out[0, r] = t
 
 
@@ -545,48 +539,11 @@ ROWS_BATCH = 4  # rows of x up to which one scale per row, 2 and 4 bits, take th
 SIMD_BATCH = 2  # rows of x up to which groups take the row-lookup GEMV in groups (4096x4096 4-bit pick: batch 1
 # 0.71-0.75 vs 0.77-1.1 ms for the SIMD GEMV, batch 2 1.1-1.3 vs 1.6-2.2; batch 4 2.2-2.7 vs 1.6-1.7 for the block
 # kernel), or, with offsets or 8 bits, the SIMD GEMV, one row of x at a time
-SIMD_WORDS = 1 << 21  # words per row below which :func:`_outlier_fix` finds a group in float32
-
-
-@njit(fastmath=True, inline="always")
-def _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset, has_col):
-    """:func:`_outlier_fix`'s loop, for constant ``offset`` and ``has_col`` (folded once inlined)."""
-    t = np.float32(0)
-    for p in range(oc.shape[0]):
-        c = np.int64(oc[p])
-        j = np.int64((np.float32(c >> lg) + np.float32(0.5)) * inv_gw)
-        lev = lut[code_at(q, c, bits, lg)]
-        if offset:
-            lev += og[j]
-        lev *= sg[j]
-        if has_col:
-            t += _oval(ov[p], kind) * x0[c] - lev * xc0[c]
-        else:
-            t += (_oval(ov[p], kind) - lev) * x0[c]
-    return t
-
-
-@njit(fastmath=True)
-def _outlier_fix(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, offset, has_col):
-    """A row's outliers against one row of x, groups of whole words: the sum over its outlier
-    columns c of exact value * x0[c] - level * xc0[c], the level (lut[code] + og[j]) * sg[j] as the
-    SIMD dot formed it, in group j = floor((w + 0.5) / gw) of word w (in float32, exact below
-    SIMD_WORDS words: (w + 0.5) / gw is 0.5 / gw from an integer, its rounding at most (w + gw) *
-    2**-23 / gw). Without column scales (x0 is xc0) in one term, (exact - level) * x0[c]; without
-    ``offset`` the offsets are 0 and not read. A loop per case, each with no gather it does not
-    need."""
-    if offset and has_col:
-        return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, True, True)
-    if offset:
-        return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, True, False)
-    if has_col:
-        return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, False, True)
-    return _fix_loop(q, oc, ov, kind, x0, xc0, sg, og, inv_gw, lut, bits, lg, False, False)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, scales, gw, rel, first, bits, offset, lut, qmin, zeros, rowptr,
-                      ocols, ovals, kind, chunks, out):
+def _gemv_simd_kernel(xt, x, qweight, scales, rel, first, bits, offset, lut, qmin, zeros, rowptr, ocols, dvals, dkind,
+                      chunks, out):
     """Rows of x one at a time (``xt``: (batch, per, nwu), nwu a multiple of WIDTH, zeros past the
     last column), codes of 2/4/8 bits in groups of ``gw`` whole words (``rel``, ``first``: as
     :func:`eqcore.backends.numba_simd.group_dot` takes them): each row's float32 group scales
@@ -594,13 +551,11 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, scales, gw, rel, first, bit
     (codebooks, and the symmetric grid below 8 bits as lut = code + qmin; a register lookup) or, with
     ``offset``, (lut[code] + offset) * scale, lut[code] = code and the offset -zero (asymmetric grid)
     or ``qmin`` (8 bits). The dot reads whole vectors of words (:func:`_whole_vectors`); then the
-    row's outliers (:func:`_outlier_fix`)."""
+    row's outliers (:func:`_outlier_dot`)."""
     per, nwu = xt.shape[1:]
     rows = qweight.shape[0]
     n_groups = scales.shape[1]
     asym = zeros.shape[0] > 0
-    lg = 3 if bits == 4 else (4 if bits == 2 else 2)
-    inv_gw = np.float32(1 / gw)
     rows_per = (rows + chunks - 1) // chunks
     for ch in prange(chunks):
         sg = np.zeros(n_groups + WIDTH, np.float32)  # WIDTH past the last group: a vector load from any group
@@ -627,8 +582,7 @@ def _gemv_simd_kernel(xt, x0, xc0, has_col, qweight, scales, gw, rel, first, bit
                 else:
                     t = _dot2(q, xb, sg, og, lut, rel, first)
                 if p1 > p0:
-                    t += _outlier_fix(q, ocols[p0:p1], ovals[p0:p1], kind, x0[b], xc0[b], sg, og, inv_gw, lut, bits, lg,
-                                      offset, has_col)
+                    t += _outlier_dot(dvals[p0:p1], dkind, ocols[p0:p1], x[b])
                 out[b, r] = t
 
 
@@ -665,19 +619,15 @@ def _block_rows(qweight, r0, qpad):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_group_rows_kernel(xt, x, xc, has_col, qweight, lut, scales, gw, rel, first, bits, rowptr, ocols, ovals, kind,
-                            chunks, out):
+def _gemv_group_rows_kernel(xt, x, qweight, lut, scales, rel, first, bits, rowptr, ocols, dvals, dkind, chunks, out):
     """:func:`_gemv_rows_kernel` for groups of ``gw`` whole words, levels lut[code] (the symmetric
     grid's code + qmin, or a codebook) times the group's float32 scale ``scales[r, j]``: blocks of 4
     rows, rows of x 2 and 1 at a time (``rows_dot(grouped=True)``: each word's slot sum times its
-    group's scale), then the rows' outliers (:func:`_outlier_fix`)."""
+    group's scale), then the rows' outliers (:func:`_outlier_dot`)."""
     nwu = xt.shape[2]
     rows = qweight.shape[0]
     batch = xt.shape[0]
     n_groups = scales.shape[1]
-    lg = 3 if bits == 4 else 4
-    inv_gw = np.float32(1 / gw)
-    og = np.zeros(1, np.float32)  # no offsets
     nblk = (rows + 3) // 4
     blk_per = (nblk + chunks - 1) // chunks
     for ch in prange(chunks):
@@ -713,37 +663,23 @@ def _gemv_group_rows_kernel(xt, x, xc, has_col, qweight, lut, scales, gw, rel, f
                         acc[i, b] = (_grows1_4(q1, xs1, l1, s1, rel, first) if bits == 4 else
                                      _grows1_2(q1, xs1, l1, s1, rel, first))[0]
             for i in range(nr):
-                r = r0 + i
-                p0 = rowptr[r]
-                p1 = rowptr[r + 1]
-                for b in range(batch):
-                    t = acc[i, b]
-                    if p1 > p0:
-                        t += _outlier_fix(qweight[r], ocols[p0:p1], ovals[p0:p1], kind, x[b], xc[b], sg[i], og, inv_gw,
-                                          lut, bits, lg, False, has_col)
-                    out[b, r] = t
+                _gemv_row(acc[i], r0 + i, np.float32(1), rowptr, ocols, dvals, dkind, x, out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_rows_kernel(xt, x, xc, has_col, qweight, luts, step, scales, bits, grid, qmin, zeros, rowptr, ocols, ovals,
-                      kind, chunks, out):
+def _gemv_rows_kernel(xt, x, qweight, luts, step, scales, bits, rowptr, ocols, dvals, dkind, chunks, out):
     """Batches up to ROWS_BATCH, one scale per row, codes of 2 or 4 bits: rows in blocks of 4, each
     block's lookup dots with the rows of x, up to 4 at a time (:func:`_rows_block`; row r's levels
-    by code ``luts[r * step]``, 16 entries), then its outliers and scale (:func:`_gemv_row` on the
-    symmetric and asymmetric grids, whose levels are code + qmin or code - zero; codebooks
-    :func:`_outlier_fix`, one group). ``xt`` as :func:`_gemv_simd_kernel` takes it."""
+    by code ``luts[r * step]``, 16 entries: code + qmin, code - zero or a codebook), then its scale
+    and outliers (:func:`_gemv_row`). ``xt`` as :func:`_gemv_simd_kernel` takes it."""
     nwu = xt.shape[2]
     rows = qweight.shape[0]
     batch = xt.shape[0]
-    asym = grid == GRID_ASYMMETRIC
-    lg = 3 if bits == 4 else 4
     nblk = (rows + 3) // 4
     blk_per = (nblk + chunks - 1) // chunks
-    og = np.zeros(1, np.float32)  # a codebook's levels have no offsets
     for ch in prange(chunks):
         qpad = np.zeros(nwu, np.uint32)
         acc = np.empty((4, batch), np.float32)
-        dl = np.empty(x.shape[1], np.float32)  # a row's outliers' exact values less their levels
         for blk in range(ch * blk_per, min(nblk, ch * blk_per + blk_per)):
             r0 = blk * 4
             nr = min(4, rows - r0)
@@ -760,19 +696,7 @@ def _gemv_rows_kernel(xt, x, xc, has_col, qweight, luts, step, scales, bits, gri
                         xs1 = (xt[b],)
                         acc[i, b] = (_rows1_4(q1, xs1, l1) if bits == 4 else _rows1_2(q1, xs1, l1))[0]
             for i in range(nr):
-                r = r0 + i
-                if grid != GRID_CODEBOOK:
-                    _gemv_row(qweight[r], xt, x, xc, has_col, acc[i], r, bits, asym, qmin, zeros, scales, rowptr, ocols,
-                              ovals, kind, lg, dl, out)
-                    continue
-                p0 = rowptr[r]
-                p1 = rowptr[r + 1]
-                for b in range(batch):
-                    t = acc[i, b] * scales[r, 0]
-                    if p1 > p0:
-                        t += _outlier_fix(qweight[r], ocols[p0:p1], ovals[p0:p1], kind, x[b], xc[b], scales[r], og,
-                                          np.float32(0), luts[r * step], bits, lg, False, has_col)
-                    out[b, r] = t
+                _gemv_row(acc[i], r0 + i, scales[r0 + i, 0], rowptr, ocols, dvals, dkind, x, out)
 
 
 def _word_groups(nwu: int, gw: int, width: int = WIDTH) -> tuple:
@@ -815,58 +739,32 @@ def _row_luts(qt, bits: int, table) -> tuple:
 
 
 @njit(fastmath=True, inline="always")  # a call, with its arrays' reference counts, cost 100 ns a row
-def _gemv_row(q, xt, x, xc, has_col, acc, r, bits, asym, qmin, zeros, scales, rowptr, ocols, ovals, kind, lg, dl, out):
-    """out[b, r] from row r's slot dots ``acc[b]`` (one per row of x): minus the level terms at its
-    outliers plus their exact terms, times its scale (without column scales, ``xc`` is ``x``: the
-    outliers in one sum, :func:`_outlier_delta_dot`; for more than one row of x, each outlier's
-    exact value less its level once into ``dl``, then a gathered dot with each row of x)."""
-    off = -zeros[r, 0] if asym else qmin
-    s = scales[r, 0]
+def _gemv_row(acc, r, s, rowptr, ocols, dvals, dkind, x, out):
+    """out[b, r] from row r's dots ``acc[b]`` (one per row of x, before its scale ``s``): times s,
+    plus its outliers' exact values less their levels dotted with x (:func:`_outlier_dot`)."""
     p0 = rowptr[r]
     p1 = rowptr[r + 1]
-    batch = xt.shape[0]
-    if p1 > p0 and not has_col and batch > 1:
-        oc, d = ocols[p0:p1], dl[:p1 - p0]
-        _outlier_deltas(q, oc, ovals[p0:p1], kind, off, s, bits, lg, d)
-        for b in range(batch):
-            out[b, r] = acc[b] * s + _gathered_dot(d, oc, x[b])
-        return
-    for b in range(batch):
-        t = acc[b]
-        if p1 > p0 and not has_col:
-            oc, ov = ocols[p0:p1], ovals[p0:p1]
-            if kind == _V_F16:
-                d = _outlier_delta_dot(q, oc, ov, _oval_f16, x[b], off, s, bits, lg)
-            elif kind == _V_BF16:
-                d = _outlier_delta_dot(q, oc, ov, _oval_bf16, x[b], off, s, bits, lg)
-            else:
-                d = _outlier_delta_dot(q, oc, ov, _oval_f32, x[b], off, s, bits, lg)
-            out[b, r] = t * s + d
-        elif p1 > p0:
-            t1, t2 = _outlier_dot(q, ocols[p0:p1], ovals[p0:p1], kind, x[b], xc[b], off, bits, lg)
-            out[b, r] = (t - t2) * s + t1
-        else:
-            out[b, r] = t * s
+    for b in range(x.shape[0]):
+        t = acc[b] * s
+        if p1 > p0:
+            t += _outlier_dot(dvals[p0:p1], dkind, ocols[p0:p1], x[b])
+        out[b, r] = t
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_kernel(xt, x, xc, has_col, qweight, scales, bits, qmin, grid, zeros, rowptr, ocols, ovals, kind, masked,
-                 chunks, out):
+def _gemv_kernel(xt, x, qweight, scales, bits, qmin, grid, zeros, rowptr, ocols, dvals, dkind, masked, chunks, out):
     """Batches up to GEMV_BATCH, one scale per row, 2/4/8-bit codes on the symmetric or asymmetric
     grid: rows in blocks of 4, each block's masked slot dots (:func:`_slot_kernels`) with each row
     of x when ``masked`` (see :func:`_masked_ok`; else, and for the last rows, each row's shifting
     slot dot), then :func:`_gemv_row`. ``xt`` is (batch, per, nwu): x (column-scaled)
-    in slot-major order; ``x``, ``xc`` (column-scaled) in
-    column order, ``has_col`` whether there are column scales."""
+    in slot-major order; ``x`` in column order."""
     batch = xt.shape[0]
     rows = qweight.shape[0]
     asym = grid == GRID_ASYMMETRIC
-    lg = 3 if bits == 4 else (4 if bits == 2 else 2)
     nblk = (rows + 3) // 4
     blk_per = (nblk + chunks - 1) // chunks
     for ch in prange(chunks):
         acc = np.empty((4, batch), np.float32)
-        dl = np.empty(x.shape[1], np.float32)  # a row's outliers' exact values less their levels
         for blk in range(ch * blk_per, min(nblk, ch * blk_per + blk_per)):
             r0 = blk * 4
             nr = min(4, rows - r0)
@@ -899,8 +797,7 @@ def _gemv_kernel(xt, x, xc, has_col, qweight, scales, bits, qmin, grid, zeros, r
                         else:
                             acc[i, b] = _slot_dot8(q, xt[b], off)
             for i in range(nr):
-                _gemv_row(qweight[r0 + i], xt, x, xc, has_col, acc[i], r0 + i, bits, asym, qmin, zeros, scales, rowptr,
-                          ocols, ovals, kind, lg, dl, out)
+                _gemv_row(acc[i], r0 + i, scales[r0 + i, 0], rowptr, ocols, dvals, dkind, x, out)
 
 
 def _largest_level(qt, bits: int) -> float:
@@ -928,7 +825,8 @@ def _static(qt) -> tuple:
     table = _levels_table(qt, bits, grid) if WIDTH and bits != 3 else None
     one = group_layout(qt.shape[1], qt.group_size)[1] == 1
     luts = _row_luts(qt, bits, table) if table is not None and bits <= 4 and (one or not table[0]) else None
-    return table, luts, float_scales(qt) if one else None, qt.outlier_rowptr.astype(np.int64)
+    rowptr = qt.outlier_rowptr.astype(np.int64)
+    return table, luts, float_scales(qt) if one else None, rowptr, *_outlier_deltas(qt, rowptr)
 
 
 def matmul(x, qt) -> np.ndarray:
@@ -945,10 +843,9 @@ def matmul(x, qt) -> np.ndarray:
     zeros = _f32(qt.zeros, 2)
     codebook = _f32(qt.codebook)
     col = _f32(qt.col_scales)
-    simd_table, luts, row_scales, rowptr = qt.derived("numba.matmul", _static)
+    simd_table, luts, row_scales, rowptr, dvals, dkind = qt.derived("numba.matmul", _static)
     launch = _dynamic if rows * cols >= DYNAMIC_WEIGHTS else _call
     ocols = np.ascontiguousarray(qt.outlier_cols)
-    ovals, kind = _float_bits(qt.outlier_vals)
     xc = x if qt.col_scales is None else np.ascontiguousarray(x * col)
     out = np.empty((batch, rows), dtype=np.float32)
     if batch == 0 or rows == 0:
@@ -962,36 +859,35 @@ def matmul(x, qt) -> np.ndarray:
         gw = -(-g // per)
         lookup = bool(WIDTH) and batch <= ROWS_BATCH and n_groups == 1 and bits <= 4
         masked = not lookup and batch <= GEMV_BATCH and n_groups == 1 and grid != GRID_CODEBOOK
-        table = simd_table if (nwu < SIMD_WORDS or lookup) and not masked else None
+        table = None if masked else simd_table
         if table is not None:  # the SIMD kernels read whole vectors: x padded with zeros to a multiple of WIDTH words
             nwu = -(-nwu // WIDTH) * WIDTH
         xt = np.zeros((batch, nwu * per), np.float32)
         xt[:, :cols] = xc
         xt = np.ascontiguousarray(xt.reshape(batch, nwu, per).transpose(0, 2, 1))
         if masked:
-            launch(_gemv_kernel, xt, x, xc, qt.col_scales is not None, qw, row_scales, bits, qmin, grid, zeros, rowptr,
-                   ocols, ovals, kind, _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4), threads),
-                   out)
+            launch(_gemv_kernel, xt, x, qw, row_scales, bits, qmin, grid, zeros, rowptr, ocols, dvals, dkind,
+                   _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4), threads), out)
             return out
         if lookup:
-            launch(_gemv_rows_kernel, xt, x, xc, qt.col_scales is not None, qw, *luts, row_scales, bits, grid, qmin,
-                   zeros, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4), threads), out)
+            launch(_gemv_rows_kernel, xt, x, qw, *luts, row_scales, bits, rowptr, ocols, dvals, dkind,
+                   _chunks(-(-rows // 4), threads), out)
             return out
         if table is not None:
             offset, lut = table
             rel, first = _word_groups(nwu, gw)
             if not offset and batch <= SIMD_BATCH:  # groups without offsets: the row-lookup GEMV in groups
-                launch(_gemv_group_rows_kernel, xt, x, xc, qt.col_scales is not None, qw, luts[0][0], float_scales(qt),
-                       gw, rel, first, bits, rowptr, ocols, ovals, kind, _chunks(-(-rows // 4), threads), out)
+                launch(_gemv_group_rows_kernel, xt, x, qw, luts[0][0], float_scales(qt), rel, first, bits, rowptr, ocols,
+                       dvals, dkind, _chunks(-(-rows // 4), threads), out)
                 return out
             if batch <= SIMD_BATCH:  # any whole-word groups, one row of x at a time
-                launch(_gemv_simd_kernel, xt, x, xc, qt.col_scales is not None, qw, float_scales(qt), gw, rel, first,
-                       bits, offset, lut, qmin, zeros, rowptr, ocols, ovals, kind, chunks, out)
+                launch(_gemv_simd_kernel, xt, x, qw, float_scales(qt), rel, first, bits, offset, lut, qmin, zeros,
+                       rowptr, ocols, dvals, dkind, chunks, out)
                 return out
         scales = float_scales(qt) if row_scales is None else row_scales  # decoded here, not by the kernel above
-        if table is None and batch == 1 and grid != GRID_CODEBOOK and g & (g - 1) == 0:  # groups of 2**k columns
-            launch(_gemv_groups_kernel, xt[0], x[0], xc[0], qw, scales, gw, g.bit_length() - 1, bits, qmin, grid,
-                   zeros, rowptr, ocols, ovals, kind, chunks, out)
+        if table is None and batch == 1 and grid != GRID_CODEBOOK:
+            launch(_gemv_groups_kernel, xt[0], x[0], qw, scales, gw, bits, qmin, grid, zeros, rowptr, ocols, dvals, dkind,
+                   chunks, out)
             return out
         xt = xt.reshape(batch, nwu * per)
     else:
@@ -999,6 +895,7 @@ def matmul(x, qt) -> np.ndarray:
     if table is None:
         offset, lut, rel = False, np.zeros(TABLE, np.float32), np.zeros(0, np.int32)
         first = rel
+    ovals, kind = _float_bits(qt.outlier_vals)
     launch(_block_kernel, xt, x, qw, scales, zeros, codebook, col, g, gw, bits, qmin, grid, slot, rowptr, ocols,
            ovals, kind, table is not None, offset, lut, rel, first, chunks, out)
     return out
