@@ -13,7 +13,7 @@ def generate(path, prompt: str, max_new_tokens: int = 32) -> dict:
     """Greedy continuation of ``prompt`` by the model in folder ``path`` (an ``eqcore quantize``
     output of a transformers causal LM, with its tokenizer). Returns the text, the new token ids,
     tokens/s of the generation loop, the peak resident memory of this process and the bytes the
-    linear weights take (stored) against their fp16 size."""
+    linear weights take (stored, and what the kernels keep beside them) against their fp16 size."""
     import torch
     import transformers
 
@@ -38,18 +38,20 @@ def generate(path, prompt: str, max_new_tokens: int = 32) -> dict:
                              do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
         seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
-    stored, fp16 = linear_bytes(model)
+    stored, kept, fp16 = linear_bytes(model)
     return {"text": tok.decode(new, skip_special_tokens=True), "tokens": new, "seconds": seconds,
             "tokens_per_s": len(new) / seconds if seconds > 0 else float("inf"), "peak_rss": _peak_rss(),
-            "linear_bytes": stored, "linear_fp16_bytes": fp16}
+            "linear_bytes": stored, "linear_kept_bytes": kept, "linear_fp16_bytes": fp16}
 
 
-def linear_bytes(model) -> tuple[int, int]:
-    """(bytes stored, bytes in fp16) of the :class:`eqcore.torch.QuantizedLinear` weights of ``model``."""
+def linear_bytes(model) -> tuple[int, int, int]:
+    """(bytes stored, bytes the matmul keeps beside them (:meth:`eqcore.QuantizedTensor.derived_nbytes`,
+    after a forward pass), bytes in fp16) of the :class:`eqcore.torch.QuantizedLinear` weights of ``model``."""
     from .torch import QuantizedLinear
 
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    return sum(m.quantized.nbytes for m in layers), sum(2 * m.in_features * m.out_features for m in layers)
+    layers = [m.quantized for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return (sum(q.nbytes for q in layers), sum(q.derived_nbytes() for q in layers),
+            sum(2 * q.shape[0] * q.shape[1] for q in layers))
 
 
 def _peak_rss() -> int:

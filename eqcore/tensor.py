@@ -73,6 +73,21 @@ class QuantizedTensor:
             memo[key] = make(self)
         return memo[key]
 
+    def derived_nbytes(self) -> int:
+        """Bytes of the arrays :meth:`derived` keeps now (those that are not views of the tensor's
+        own arrays): memory the kernels hold beyond :attr:`nbytes`."""
+        own = list(self.arrays().values())
+        seen, stack, total = set(), list(self.__dict__.get("_derived", {}).values()), 0
+        while stack:
+            v = stack.pop()
+            if isinstance(v, (tuple, list)):
+                stack.extend(v)
+            elif hasattr(v, "nbytes") and hasattr(v, "shape") and id(v) not in seen:
+                seen.add(id(v))
+                if not any(np.shares_memory(v, a) for a in own if isinstance(a, np.ndarray) and isinstance(v, np.ndarray)):
+                    total += int(v.nbytes)
+        return total
+
     @property
     def outliers(self) -> Outliers:
         return Outliers(self.outlier_rowptr, self.outlier_cols, self.outlier_vals)

@@ -187,9 +187,10 @@ def test_generate_cli_continues_a_prompt_like_the_dequantized_model(tmp_path, ca
                             pad_token_id=1)[0, ids.shape[1]:].tolist()
     assert r["tokens"] == want and len(want) >= 1
     assert 0 < r["linear_bytes"] < 0.6 * r["linear_fp16_bytes"]  # 8-bit codes + fp16 scales
+    assert 0 < r["linear_kept_bytes"] < r["linear_bytes"]  # float32 row scales, level tables: no copy of the weights
     assert main(["generate", str(tmp_path / "q"), "w3 w7 w11", "--max-new-tokens", "4"]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("w3 w7 w11") and "tokens/s" in err and "of fp16" in err
+    assert out.startswith("w3 w7 w11") and "tokens/s" in err and "of fp16" in err and "kept by the matmul" in err
     assert main(["generate", str(tmp_path / "nowhere"), "w1"]) == 2
     assert "no config.json" in capsys.readouterr().err
 
