@@ -101,7 +101,7 @@ def _float_bits(vals) -> tuple:
         return vals.view(np.uint16), _V_F16
     if vals.dtype == bfloat16:
         return vals.view(np.uint16), _V_BF16
-    return vals.astype(np.float32).view(np.uint32), _V_F32
+    return vals.astype(np.float32, copy=False).view(np.uint32), _V_F32
 
 
 def _masked4_source(bits: int):
