@@ -103,7 +103,7 @@ class _Blocks:
 
     def tensor(self, w, config: QuantConfig) -> QuantizedTensor:
         scales, row_scales = stored_scales(self.scales, config.scale_dtype)
-        return QuantizedTensor(self.qweight, scales, *concat_csr(self.outliers), shape=w.shape,
+        return QuantizedTensor.built(self.qweight, scales, *concat_csr(self.outliers), shape=w.shape,
                                dtype=dtype_name(w.dtype), bits=config.bits, group_size=config.group_size,
                                sigma=_sigma_of(config), grid=config.grid, row_scales=row_scales)
 
@@ -160,7 +160,7 @@ def quantize_split(w, x, outliers, config: QuantConfig, keep, *, backend: str) -
     qweight = be.encode(x, f32(scales), config.bits, config.group_size, zeros=f32(zeros), codebook=codebook,
                         col_scales=f32(col))
     scales, row_scales = stored_scales(scales, config.scale_dtype)
-    return QuantizedTensor(qweight, scales, *outliers, shape=w.shape, dtype=dtype_name(w.dtype),
+    return QuantizedTensor.built(qweight, scales, *outliers, shape=w.shape, dtype=dtype_name(w.dtype),
                            bits=config.bits, group_size=config.group_size, sigma=_sigma_of(config),
                            grid=config.grid, zeros=zeros, codebook=codebook, col_scales=col, row_scales=row_scales)
 

@@ -166,3 +166,22 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
             w.add("a", np.ones(3, np.float32))
     assert target.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("grid", ["symmetric", "codebook"])
+def test_built_tensors_are_the_constructors_and_the_tests_validate_them(grid):
+    """quantize assembles its result with QuantizedTensor.built (no validation: valid by
+    construction); it binds arguments as the constructor does, and in the tests (conftest) every
+    built tensor is validated, so an invalid one fails."""
+    from eqcore.tensor import QuantizedTensor
+
+    qt = eqcore.quantize(weights(6, 100, seed=2), bits=4, grid=grid, group_size=32, sigma=2.0, steps=2)
+    args = [getattr(qt, f) for f in FIELDS]
+    meta = dict(shape=list(qt.shape), dtype=qt.dtype, bits=qt.bits, group_size=qt.group_size, sigma=qt.sigma,
+                grid=qt.grid, codebook=qt.codebook)
+    a, b = QuantizedTensor(*args, **meta), QuantizedTensor.built(*args, **meta)
+    assert a.metadata() == b.metadata() and a.shape == b.shape == qt.shape
+    assert all(a.arrays()[k] is b.arrays()[k] for k in a.arrays()) and a.arrays().keys() == b.arrays().keys()
+    bad = dict(meta, bits=3)  # the packed words no longer match the shape
+    with pytest.raises(FormatError):
+        QuantizedTensor.built(*args, **bad)
