@@ -260,7 +260,7 @@ def matmul(x, qt: QuantizedTensor, *, backend: str = "auto", check: bool = True)
         qt.validate()
     be = backends.get(backends.select(backend, x, qt.qweight))
     lead = x.shape[:-1]
-    y = be.matmul(x.reshape(-1, qt.shape[1]).astype(np.float32), qt)
+    y = be.matmul(x.reshape(-1, qt.shape[1]).astype(np.float32, copy=False), qt)
     return y.reshape(*lead, qt.shape[0])
 
 

@@ -67,22 +67,28 @@ class QuantizedLinear(nn.Module):
         """The weight as a QuantizedTensor (views of this module's buffers), validated. Built and
         validated once, then kept while the buffers stay the same tensors, unchanged: ``.to()``
         and loading replace them, and torch counts in-place changes (``Tensor._version``)."""
-        buffers = [getattr(self, f) for f in self._dtypes]
-        key = (id(self._meta), *((b.data_ptr(), b.device, b.dtype, tuple(b.shape), b._version) for b in buffers))
+        buffers = self._buffers
         cached = self.__dict__.get("_quantized_cache")
-        if cached is None or cached[0] != key:
-            arrays = {f: _from_buffer(b, self._dtypes[f]) for f, b in zip(self._dtypes, buffers)}
-            cached = self.__dict__["_quantized_cache"] = (key, QuantizedTensor.from_arrays(arrays, self._meta))
-        return cached[1]
+        if cached is not None and cached[0] is self._meta and all(
+                buffers.get(f) is b and b._version == v and b.data_ptr() == p and b.shape == shape
+                for f, b, v, p, shape in cached[1]):
+            return cached[2]  # the same buffer tensors, unchanged (in place: _version; ``.data =``: pointer, shape)
+        held = [(f, b, b._version, b.data_ptr(), b.shape) for f, b in ((f, buffers[f]) for f in self._dtypes)]
+        arrays = {f: _from_buffer(b, self._dtypes[f]) for f, b, *_ in held}
+        qt = QuantizedTensor.from_arrays(arrays, self._meta)
+        self.__dict__["_quantized_cache"] = (self._meta, held, qt)
+        return qt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device != self.qweight.device:
-            raise ValueError(f"input on {x.device} but the quantized weight is on {self.qweight.device}; "
+        qweight = self._buffers["qweight"]
+        if x.is_cuda != qweight.is_cuda or (x.is_cuda and x.device != qweight.device):
+            raise ValueError(f"input on {x.device} but the quantized weight is on {qweight.device}; "
                              "move one of them (module.to(device))")
-        y = to_torch(matmul(x.detach().float().contiguous(), self.quantized, check=False))  # validated there
+        xf = x if x.dtype == torch.float32 else x.float()
+        y = to_torch(matmul(xf.contiguous(), self.quantized, check=False))  # validated there
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def get_extra_state(self) -> dict:
         return {"meta": dict(self._meta), "dtypes": {f: str(d) for f, d in self._dtypes.items()}}

@@ -198,7 +198,8 @@ def test_generate_cli_continues_a_prompt_like_the_dequantized_model(tmp_path, ca
 def test_forward_validates_once_and_again_after_an_in_place_change(monkeypatch):
     """A layer validates its QuantizedTensor when built, not on every call (on a GPU each
     validation was 2-3 ms of small launches, 100x the GEMV); an in-place change of a buffer,
-    which torch counts, makes the next call validate again and refuse bad values."""
+    which torch counts, or other memory put under a buffer (``.data =``) makes the next call
+    validate again and refuse bad values."""
     from eqcore.tensor import FormatError, QuantizedTensor
 
     torch.manual_seed(3)
@@ -210,8 +211,15 @@ def test_forward_validates_once_and_again_after_an_in_place_change(monkeypatch):
     monkeypatch.setattr(QuantizedTensor, "validate", lambda self: (calls.append(1), real(self))[1])
     assert torch.equal(q(x), y) and torch.equal(q(x), y)
     assert calls == []
+    good = q.scales.detach().clone()
     with torch.no_grad():
         q.scales.fill_(float("nan"))
     with pytest.raises(FormatError, match="finite"):
         q(x)
     assert calls
+    q.scales.data = good.clone()  # other memory under the same tensor object: built and validated again
+    calls.clear()
+    assert torch.equal(q(x), y) and calls == [1]
+    q.scales.data = torch.full_like(good, float("nan"))
+    with pytest.raises(FormatError, match="finite"):
+        q(x)

@@ -19,11 +19,17 @@ BACKENDS = {"numpy": "eqcore.backends.numpy", "numba": "eqcore.backends.numba", 
 CHOICES = ("auto", *BACKENDS)
 
 
+_MODULES = {}
+
+
 def get(name: str):
     """The backend module ``name`` (imported on first use)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
-    return importlib.import_module(BACKENDS[name])
+    module = _MODULES.get(name)
+    if module is None:
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
+        module = _MODULES[name] = importlib.import_module(BACKENDS[name])
+    return module
 
 
 def gpu_available() -> bool:

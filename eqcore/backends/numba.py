@@ -722,8 +722,13 @@ def _chunks(rows: int) -> int:
 def matmul(x, qt) -> np.ndarray:
     """y = x @ W^T (float32) for (batch, cols) ``x``, from the packed form: the kernels live in
     :mod:`eqcore.backends.numba_matmul` (imported on first use)."""
-    from .numba_matmul import matmul as fused
-    return fused(x, qt)
+    if not _FUSED:
+        from .numba_matmul import matmul as fused
+        _FUSED.append(fused)
+    return _FUSED[0](x, qt)
+
+
+_FUSED = []  # numba_matmul.matmul, once imported
 
 
 

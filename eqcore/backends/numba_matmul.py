@@ -35,6 +35,8 @@ codec backend.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -815,18 +817,38 @@ def _f32(a, shape=None):
     return np.ascontiguousarray(np.asarray(a).astype(np.float32))
 
 
-def _static(qt) -> tuple:
-    """(the SIMD levels table or None, row luts and their step or None, float32 scales when one
-    per row else None, int64 row pointers): what :func:`matmul` derives from ``qt`` alone, kept
-    with it until it is validated again (a layer's calls share them: at SmolLM2's 576x576, forming
-    them took 10 of a call's 100 us)."""
+class _Static(NamedTuple):
+    """What :func:`matmul` derives from a tensor alone, kept with it until it is validated again
+    (a layer's calls share it: at SmolLM2's 576x576, forming it took 10 of a call's 100 us)."""
+
+    g: int  # columns per group
+    n_groups: int
+    grid: int  # index in GRIDS
+    qmin: np.float32
+    qweight: np.ndarray  # C-contiguous
+    zeros: np.ndarray  # float32, empty without
+    codebook: np.ndarray
+    col: np.ndarray
+    table: tuple | None  # the SIMD levels table (:func:`_levels_table`)
+    luts: tuple | None  # row luts and their step (:func:`_row_luts`)
+    row_scales: np.ndarray | None  # float32, when one scale per row
+    rowptr: np.ndarray  # int64
+    ocols: np.ndarray  # C-contiguous
+    dvals: np.ndarray  # the outliers' differences, as :func:`_outlier_dot` takes them
+    dkind: int
+
+
+def _static(qt) -> _Static:
     bits = int(qt.bits)
     grid = GRIDS.index(qt.grid)
+    g, n_groups = group_layout(qt.shape[1], qt.group_size)
     table = _levels_table(qt, bits, grid) if WIDTH and bits != 3 else None
-    one = group_layout(qt.shape[1], qt.group_size)[1] == 1
+    one = n_groups == 1
     luts = _row_luts(qt, bits, table) if table is not None and bits <= 4 and (one or not table[0]) else None
     rowptr = qt.outlier_rowptr.astype(np.int64)
-    return table, luts, float_scales(qt) if one else None, rowptr, *_outlier_deltas(qt, rowptr)
+    return _Static(g, n_groups, grid, np.float32(qrange(bits)[0]), np.ascontiguousarray(qt.qweight), _f32(qt.zeros, 2),
+                   _f32(qt.codebook), _f32(qt.col_scales), table, luts, float_scales(qt) if one else None, rowptr,
+                   np.ascontiguousarray(qt.outlier_cols), *_outlier_deltas(qt, rowptr))
 
 
 def matmul(x, qt) -> np.ndarray:
@@ -836,16 +858,10 @@ def matmul(x, qt) -> np.ndarray:
     batch = x.shape[0]
     rows, cols = qt.shape
     bits = int(qt.bits)
-    g, n_groups = group_layout(cols, qt.group_size)
-    grid = GRIDS.index(qt.grid)
-    qmin = np.float32(qrange(bits)[0])
-    qw = np.ascontiguousarray(qt.qweight)
-    zeros = _f32(qt.zeros, 2)
-    codebook = _f32(qt.codebook)
-    col = _f32(qt.col_scales)
-    simd_table, luts, row_scales, rowptr, dvals, dkind = qt.derived("numba.matmul", _static)
+    st = qt.derived("numba.matmul", _static)
+    g, n_groups, grid, qmin, qw, zeros, codebook, col = st[:8]
+    simd_table, luts, row_scales, rowptr, ocols, dvals, dkind = st[8:]
     launch = _dynamic if rows * cols >= DYNAMIC_WEIGHTS else _call
-    ocols = np.ascontiguousarray(qt.outlier_cols)
     xc = x if qt.col_scales is None else np.ascontiguousarray(x * col)
     out = np.empty((batch, rows), dtype=np.float32)
     if batch == 0 or rows == 0:
