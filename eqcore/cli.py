@@ -224,7 +224,8 @@ def _run(a) -> int:
         r = generate(a.model, a.prompt, a.max_new_tokens)
         print(a.prompt + r["text"])
         share = f" ({r['linear_bytes'] / r['linear_fp16_bytes']:.1%} of fp16)" if r["linear_fp16_bytes"] else ""
-        print(f"{len(r['tokens'])} tokens in {r['seconds']:.2f} s ({r['tokens_per_s']:.1f} tokens/s); peak resident "
+        print(f"{len(r['tokens'])} tokens in {r['seconds']:.2f} s ({r['tokens_per_s']:.1f} tokens/s; a two-token "
+              f"warm-up before it took {r['warmup_seconds']:.2f} s); peak resident "
               f"memory {r['peak_rss'] / 2**20:.0f} MiB; quantized linear weights {r['linear_bytes'] / 2**20:.1f} MiB"
               f"{share}, {r['linear_kept_bytes'] / 2**20:.1f} MiB more kept by the matmul", file=sys.stderr)
     elif a.command == "demo":

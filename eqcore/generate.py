@@ -12,8 +12,10 @@ __all__ = ["generate", "linear_bytes"]
 def generate(path, prompt: str, max_new_tokens: int = 32) -> dict:
     """Greedy continuation of ``prompt`` by the model in folder ``path`` (an ``eqcore quantize``
     output of a transformers causal LM, with its tokenizer). Returns the text, the new token ids,
-    tokens/s of the generation loop, the peak resident memory of this process and the bytes the
-    linear weights take (stored, and what the kernels keep beside them) against their fp16 size."""
+    tokens/s of the generation loop (after an untimed two-token warm-up, which compiles the
+    kernels on a first run: ``warmup_seconds``), the peak resident memory of this process and the
+    bytes the linear weights take (stored, and what the kernels keep beside them) against their
+    fp16 size."""
     import torch
     import transformers
 
@@ -32,15 +34,19 @@ def generate(path, prompt: str, max_new_tokens: int = 32) -> dict:
     ids = tok(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ValueError("the prompt gives no tokens")
+    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        model.generate(ids, max_new_tokens=min(2, max_new_tokens), **options)  # the prompt's and one token's kernels
+        warmup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new_tokens, **options)
         seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
     stored, kept, fp16 = linear_bytes(model)
     return {"text": tok.decode(new, skip_special_tokens=True), "tokens": new, "seconds": seconds,
-            "tokens_per_s": len(new) / seconds if seconds > 0 else float("inf"), "peak_rss": _peak_rss(),
+            "tokens_per_s": len(new) / seconds if seconds > 0 else float("inf"), "warmup_seconds": warmup,
+            "peak_rss": _peak_rss(),
             "linear_bytes": stored, "linear_kept_bytes": kept, "linear_fp16_bytes": fp16}
 
 

@@ -191,6 +191,7 @@ def test_generate_cli_continues_a_prompt_like_the_dequantized_model(tmp_path, ca
     assert main(["generate", str(tmp_path / "q"), "w3 w7 w11", "--max-new-tokens", "4"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("w3 w7 w11") and "tokens/s" in err and "of fp16" in err and "kept by the matmul" in err
+    assert "warm-up" in err and r["warmup_seconds"] > 0
     assert main(["generate", str(tmp_path / "nowhere"), "w1"]) == 2
     assert "no config.json" in capsys.readouterr().err
 
