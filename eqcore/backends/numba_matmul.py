@@ -43,7 +43,7 @@ from numba import njit, prange
 
 from ..dtypes import bfloat16
 from ..layout import GRID_ASYMMETRIC, GRID_CODEBOOK, GRID_SYMMETRIC, GRIDS, group_layout, qrange
-from .numba_bits import half_bits_to_f32, unpack_stream
+from .numba_bits import code_at, half_bits_to_f32, unpack_stream
 from .numba_scales import float_scales
 from .numba_simd import TABLE, WIDTH, group_dot, group_levels, rows_dot
 
@@ -447,21 +447,17 @@ def _outlier_dot(d, kind, oc, x0):
 @njit(parallel=True, cache=True)
 def _delta_kernel(qweight, rowptr, ocols, ovals, kind, scales, g, bits, grid, qmin, zeros, codebook, col, chunks, d):
     """d[p] = outlier p's exact value less the grid's value at its place (its level times its
-    group's scale, times its column's scale if any), for every layout (codes read across words)."""
+    group's scale, times its column's scale if any), for codes of 2, 4 or 8 bits (whole words)."""
+    lg = 4 if bits == 2 else (3 if bits == 4 else 2)
     rows = qweight.shape[0]
     per = (rows + chunks - 1) // chunks
-    mask = np.uint64((1 << bits) - 1)
     for ch in prange(chunks):
         for r in range(ch * per, min(rows, ch * per + per)):
             q = qweight[r]
             for p in range(rowptr[r], rowptr[r + 1]):
                 c = np.int64(ocols[p])
                 j = c // g
-                b = c * bits
-                v = np.uint64(q[b >> 5]) >> np.uint64(b & 31)
-                if (b & 31) + bits > 32:
-                    v |= np.uint64(q[(b >> 5) + 1]) << np.uint64(32 - (b & 31))
-                code = np.int64(v & mask)
+                code = np.int64(code_at(q, c, bits, lg))
                 if grid == GRID_CODEBOOK:
                     lev = codebook[code]
                 elif grid == GRID_ASYMMETRIC:
@@ -482,8 +478,8 @@ def _outlier_deltas(qt, rowptr) -> tuple:
     them from the memo rather than reading each outlier's code per call: 0.60-0.67 -> 0.46-0.53 ms
     for a 4096x4096 default weight at batch 1, weights from memory."""
     ovals, kind = _float_bits(qt.outlier_vals)
-    if ovals.shape[0] == 0:
-        return ovals, kind
+    if ovals.shape[0] == 0 or qt.bits == 3:  # 3-bit codes take the block kernel, which needs none
+        return ovals[:0], kind
     d = np.empty(ovals.shape[0], np.float32)
     _delta_kernel(np.ascontiguousarray(qt.qweight), rowptr, np.ascontiguousarray(qt.outlier_cols), ovals, kind,
                   float_scales(qt), group_layout(qt.shape[1], qt.group_size)[0], int(qt.bits), GRIDS.index(qt.grid),
