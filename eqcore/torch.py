@@ -81,7 +81,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qweight = self._buffers["qweight"]
-        if x.is_cuda != qweight.is_cuda or (x.is_cuda and x.device != qweight.device):
+        if x.device != qweight.device:
             raise ValueError(f"input on {x.device} but the quantized weight is on {qweight.device}; "
                              "move one of them (module.to(device))")
         xf = x if x.dtype == torch.float32 else x.float()
