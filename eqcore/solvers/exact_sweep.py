@@ -111,6 +111,22 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         return total
 
     @jit_sum
+    def loss_moments(wa, wtop, n, s):
+        """(:func:`direct_loss`, then :func:`moments`' A and B) at ``s``, in one pass."""
+        total = 0.0
+        A = 0.0
+        B = 0.0
+        sd = float64(s)
+        for i in range(n):
+            c = float64(code(wa[i], s, wtop[i]))
+            a = float64(wa[i])
+            e = sd * c - a
+            total += e * e
+            A += c * c
+            B += a * c
+        return total, A, B
+
+    @jit_sum
     def clamp_bound(wa, wtop, n, s):
         """Lower bound of the loss at every scale <= s (entries certainly clipped at s)."""
         lb = 0.0
@@ -308,24 +324,26 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         amax, C = prepare(x, start, n, qmax, wa, wtop)
         if amax == 0:
             return min(float32(1.0), smax)
-        # 1. Lloyd from the better of the max-abs scale and an RMS-based guess
+        # 1. Lloyd from the better of the max-abs scale and an RMS-based guess (each scale's loss
+        # and next step in one pass)
         s = min(float32(float64(amax) / float64(qmax)), smax)
-        best = direct_loss(wa, wtop, n, s)
+        best, A, B = loss_moments(wa, wtop, n, s)
         guess = min(float32(math.sqrt(C / n) * rms_step(qmax)), smax)
         if guess > 0:
-            q = direct_loss(wa, wtop, n, guess)
+            q, Ag, Bg = loss_moments(wa, wtop, n, guess)
             if q < best:
                 best = q
                 s = guess
+                A = Ag
+                B = Bg
         best_s = s
         for _ in range(LLOYD):
-            A, B = moments(wa, wtop, n, s)
             if A <= 0.0:
                 break
             s_new = min(float32(B / A), smax)
             if not (s_new > 0) or s_new == s:
                 break
-            q = direct_loss(wa, wtop, n, s_new)
+            q, A, B = loss_moments(wa, wtop, n, s_new)
             if not (q < best):
                 break
             best = q
