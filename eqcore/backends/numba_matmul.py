@@ -470,20 +470,19 @@ def _delta_kernel(qweight, rowptr, ocols, ovals, kind, scales, g, bits, grid, qm
                 d[p] = _oval(ovals[p], kind) - w
 
 
-def _outlier_deltas(qt, rowptr) -> tuple:
+def _outlier_deltas(qt, qweight, rowptr, ocols, scales, g, grid, qmin, zeros, codebook, col) -> tuple:
     """(each outlier's exact value less the grid's value at its place, as :func:`_outlier_dot`
     takes it: bits and kind). Where every such value is 0 (the symmetric grid's zero level, where
     eqcore's quantize puts every outlier) that is the stored values themselves, and nothing is kept;
     otherwise float32 deltas, 4 bytes an outlier kept with the tensor (:func:`_static`). Taking
     them from the memo rather than reading each outlier's code per call: 0.60-0.67 -> 0.46-0.53 ms
-    for a 4096x4096 default weight at batch 1, weights from memory."""
+    for a 4096x4096 default weight at batch 1, weights from memory. The other arguments are
+    :class:`_Static`'s, and ``scales`` every group's float32 scale."""
     ovals, kind = _float_bits(qt.outlier_vals)
     if ovals.shape[0] == 0 or qt.bits == 3:  # 3-bit codes take the block kernel, which needs none
         return ovals[:0], kind
     d = np.empty(ovals.shape[0], np.float32)
-    _delta_kernel(np.ascontiguousarray(qt.qweight), rowptr, np.ascontiguousarray(qt.outlier_cols), ovals, kind,
-                  float_scales(qt), group_layout(qt.shape[1], qt.group_size)[0], int(qt.bits), GRIDS.index(qt.grid),
-                  np.float32(qrange(int(qt.bits))[0]), _f32(qt.zeros, 2), _f32(qt.codebook), _f32(qt.col_scales),
+    _delta_kernel(qweight, rowptr, ocols, ovals, kind, scales, g, int(qt.bits), grid, qmin, zeros, codebook, col,
                   _chunks(qt.shape[0]), d)
     exact = ovals.view(np.float32) if kind == _V_F32 else qt.outlier_vals.astype(np.float32)
     return (ovals, kind) if np.array_equal(d, exact) else (d.view(np.uint32), _V_F32)
@@ -841,10 +840,13 @@ def _static(qt) -> _Static:
     table = _levels_table(qt, bits, grid) if WIDTH and bits != 3 else None
     one = n_groups == 1
     luts = _row_luts(qt, bits, table) if table is not None and bits <= 4 and (one or not table[0]) else None
-    rowptr = qt.outlier_rowptr.astype(np.int64)
-    return _Static(g, n_groups, grid, np.float32(qrange(bits)[0]), np.ascontiguousarray(qt.qweight), _f32(qt.zeros, 2),
-                   _f32(qt.codebook), _f32(qt.col_scales), table, luts, float_scales(qt) if one else None, rowptr,
-                   np.ascontiguousarray(qt.outlier_cols), *_outlier_deltas(qt, rowptr))
+    qmin, qweight = np.float32(qrange(bits)[0]), np.ascontiguousarray(qt.qweight)
+    zeros, codebook, col = _f32(qt.zeros, 2), _f32(qt.codebook), _f32(qt.col_scales)
+    rowptr, ocols = qt.outlier_rowptr.astype(np.int64), np.ascontiguousarray(qt.outlier_cols)
+    scales = float_scales(qt)  # decoded once: kept only with one scale per row (as many as the rows)
+    deltas = _outlier_deltas(qt, qweight, rowptr, ocols, scales, g, grid, qmin, zeros, codebook, col)
+    return _Static(g, n_groups, grid, qmin, qweight, zeros, codebook, col, table, luts, scales if one else None, rowptr,
+                   ocols, *deltas)
 
 
 def matmul(x, qt) -> np.ndarray:
