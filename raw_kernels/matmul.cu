@@ -9,8 +9,8 @@
 
 namespace eq {
 
-constexpr int GV_WARPS = EQ_GV_WARPS;          // warps per block
-constexpr int GV_ROWS = EQ_GV_ROWS;            // output rows per warp (each x value read serves them all)
+constexpr int GV_WARPS = EQ_GV_WARPS;          // most warps per block; the launch picks 1..GV_WARPS
+constexpr int GV_ROWS = EQ_GV_ROWS;            // output rows per block (each x value read serves them all)
 constexpr int GV_THREADS = 32 * GV_WARPS;
 
 // Packed words are read in units of whole blocks that are whole 16-byte vectors: 1 block (BITS 4, 8),
@@ -146,12 +146,14 @@ __device__ __forceinline__ void block_any(const u32* const (&wr)[GV_ROWS], const
     }
 }
 
-// ---- GEMV for small batches: grid ceil(rows / (GV_WARPS * GV_ROWS)), block GV_THREADS ----
-// x (batch, cols) float32 with batch <= NB, y (batch, rows) float32. Each warp computes GV_ROWS output
-// rows: lane l takes units l, l + 32, ... of the rows' packed words (vector loads), sums level * x
-// over each block and multiplies the sum by the block's group scale once (blocks that are ragged,
-// cross a group boundary or meet an unaligned x go column by column), then adds its share of the
-// rows' outliers, (exact value - dense value at that position) * x, and the warp reduces by shuffles. Grid parameters as in dequant (the codebook copied to shared memory);
+// ---- GEMV for small batches: grid ceil(rows / GV_ROWS), block 32 * nw threads, 1 <= nw <= GV_WARPS ----
+// x (batch, cols) float32 with batch <= NB, y (batch, rows) float32. A block computes GV_ROWS output
+// rows, its nw warps splitting the columns: thread t takes units t, t + 32 * nw, ... of the rows'
+// packed words (vector loads), sums level * x over each block and multiplies the sum by the block's
+// group scale once (blocks that are ragged, cross a group boundary or meet an unaligned x go column by
+// column), then adds its share of the rows' outliers, (exact value - dense value at that position) * x.
+// Each warp reduces by shuffles, and the warps' sums are added in warp order through shared memory
+// (deterministic). Grid parameters as in dequant (the codebook copied to shared memory);
 // itype: outlier columns are 0 uint16, 1 int32; vtype as load_val.
 template <int BITS, int GRID, int NB>
 __global__ void __launch_bounds__(GV_THREADS, 1)  // min 1 block: without it ptxas spills at 80 / 128 registers
@@ -159,16 +161,17 @@ gemv(const float* __restrict__ x, int batch, const u32* __restrict__ packed, con
      const float* __restrict__ zeros, const float* __restrict__ codebook, const float* __restrict__ col_scales,
      int has_col, const int* __restrict__ rowptr, const void* __restrict__ ocols, int itype,
      const void* __restrict__ ovals, int vtype, float* __restrict__ y, int rows, int cols, int group, int n_groups) {
-    constexpr int U = unit_blocks<BITS>(), WU = U * BITS;
-    static_assert(GV_ROWS * NB <= 32, "one lane writes each output of a warp");
+    constexpr int U = unit_blocks<BITS>(), WU = U * BITS, OUT = GV_ROWS * NB;
+    static_assert(OUT <= 32, "one lane holds each output of a warp");
     __shared__ float cb[GRID == CODEBOOK ? (1 << BITS) : 1];
+    __shared__ float part[GV_WARPS][OUT];
+    const int nthreads = (int)blockDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if constexpr (GRID == CODEBOOK) {
-        for (int j = threadIdx.x; j < (1 << BITS); j += GV_THREADS) cb[j] = codebook[j];
+        for (int j = threadIdx.x; j < (1 << BITS); j += nthreads) cb[j] = codebook[j];
         __syncthreads();
     }
-    const int lane = threadIdx.x & 31;
-    const int r0 = (blockIdx.x * GV_WARPS + (threadIdx.x >> 5)) * GV_ROWS;
-    if (r0 >= rows) return;  // the whole warp
+    const int r0 = blockIdx.x * GV_ROWS;
+    if (r0 >= rows) return;  // the whole block
     const int nblk = (cols + BLOCK - 1) / BLOCK, nunit = (nblk + U - 1) / U;
     const float* col = has_col ? col_scales : nullptr;
     const bool xvec = (cols & 3) == 0 && aligned(x, 16) && (col == nullptr || aligned(col, 16));
@@ -190,7 +193,7 @@ gemv(const float* __restrict__ x, int batch, const u32* __restrict__ packed, con
 #pragma unroll
         for (int b = 0; b < NB; ++b) acc[i][b] = 0.0f;
 
-    for (int un = lane; un < nunit; un += 32) {
+    for (int un = threadIdx.x; un < nunit; un += nthreads) {
         const int b0 = un * U;
         u32 w[GV_ROWS][WU];
 #pragma unroll
@@ -214,7 +217,7 @@ gemv(const float* __restrict__ x, int batch, const u32* __restrict__ packed, con
     for (int i = 0; i < GV_ROWS; ++i) {
         if (r0 + i >= rows) break;
         const int end = rowptr[r0 + i + 1];
-        for (int p = rowptr[r0 + i] + lane; p < end; p += 32) {
+        for (int p = rowptr[r0 + i] + threadIdx.x; p < end; p += nthreads) {
             const int c = itype ? static_cast<const int*>(ocols)[p] : (int)static_cast<const u16*>(ocols)[p];
             const float d = __fsub_rn(load_val<float>(ovals, vtype, p),
                                       dense_value<BITS, GRID>(wr[i], sr[i], zr[i], cb, col, c, c / group));
@@ -230,8 +233,15 @@ gemv(const float* __restrict__ x, int batch, const u32* __restrict__ packed, con
         for (int b = 0; b < NB; ++b) {
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) acc[i][b] = __fadd_rn(acc[i][b], __shfl_xor_sync(0xffffffffu, acc[i][b], off));
-            if (lane == i * NB + b && r0 + i < rows && b < batch) y[(i64)b * rows + r0 + i] = acc[i][b];
+            if (lane == i * NB + b) part[warp][lane] = acc[i][b];
         }
+    __syncthreads();
+    if (threadIdx.x < OUT) {
+        const int i = threadIdx.x / NB, b = threadIdx.x % NB;
+        float s = part[0][threadIdx.x];
+        for (int v = 1; v < nthreads / 32; ++v) s = __fadd_rn(s, part[v][threadIdx.x]);
+        if (r0 + i < rows && b < batch) y[(i64)b * rows + r0 + i] = s;
+    }
 }
 
 }  // namespace eq

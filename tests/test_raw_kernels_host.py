@@ -257,12 +257,13 @@ def test_float64_outliers_round_like_the_reference(lib):
         same_bits(dequant_host(lib, qt, out_dtype), dequantize_reference(qt, out_dtype))
 
 
-def gemv_host(lib, x, qt: QuantizedTensor, misalign=False) -> np.ndarray:
-    """x @ W^T by the GEMV kernel on the host (x and qweight 16-byte aligned unless ``misalign``)."""
+def gemv_host(lib, x, qt: QuantizedTensor, misalign=False, warps=None) -> np.ndarray:
+    """x @ W^T by the GEMV kernel on the host (x and qweight 16-byte aligned unless ``misalign``;
+    ``warps`` per block, default the launch's)."""
     out = np.full((x.shape[0], qt.shape[0]), np.nan, np.float32)
     run(lib, launch.gemv_launch(place(x, misalign), place(qt.qweight, misalign), qt.float_scales(), qt.outlier_rowptr,
                                 qt.outlier_cols, qt.outlier_vals, out, qt.bits, qt.group_size, f32(qt.zeros),
-                                f32(qt.codebook), f32(qt.col_scales)))
+                                f32(qt.codebook), f32(qt.col_scales), warps=warps))
     return out
 
 
@@ -274,22 +275,38 @@ gemv_groups = st.one_of(st.none(), st.sampled_from([32, 64]), st.integers(1, 80)
 @SETTINGS
 @given(st.tuples(st.integers(1, 19), gemv_cols), BITS, gemv_groups, st.integers(1, launch.GEMV_BATCHES[-1]),
        st.sampled_from(DTYPES), st.sampled_from([None, 1.5, 3.0]), st.integers(0, 2**32 - 1), st.booleans(),
-       GRID_OPTIONS)
-def test_gemv_matches_the_reference(lib, shape, bits, g, batch, dtype, sigma, seed, misalign, grid):
+       GRID_OPTIONS, st.sampled_from([None, 2, launch.GV_WARPS]))
+def test_gemv_matches_the_reference(lib, shape, bits, g, batch, dtype, sigma, seed, misalign, grid, warps):
+    """Warps forced above what the row fills leave some with no units (their sums are zeros)."""
     rng = np.random.default_rng(seed)
     qt = quantized(rng, *shape, dtype, bits, sigma, g, **grid)
     x = rng.standard_normal((batch, shape[1])).astype(np.float32)
-    assert_matmul_close(gemv_host(lib, x, qt, misalign), x, qt)
+    assert_matmul_close(gemv_host(lib, x, qt, misalign, warps), x, qt)
 
 
 @pytest.mark.parametrize("bits, cols, batch", [(2, 2048 + 64, 1), (3, 4096 + 128, 5), (4, 1024 + 96, 8),
                                                (8, 1024 + 36, 2), (3, 65536 + 77, 3)])
 def test_gemv_long_rows(lib, bits, cols, batch):
-    """Lanes that take several units of a row; 65536+ columns: int32 outlier columns."""
+    """Several warps on a row's columns, lanes that take several units of it; 65536+ columns: int32
+    outlier columns. The warps' sums are added in a fixed order: one warp or several, the same bits."""
     rng = np.random.default_rng(bits)
     qt = quantized(rng, 3, cols, "bfloat16", bits, 2.5, 128, steps=1, grid="asymmetric")
     x = rng.standard_normal((batch, cols)).astype(np.float32)
-    assert_matmul_close(gemv_host(lib, x, qt), x, qt)
+    assert launch.gemv_warps(bits, cols) > 1
+    y = gemv_host(lib, x, qt)
+    assert_matmul_close(y, x, qt)
+    assert_matmul_close(gemv_host(lib, x, qt, warps=1), x, qt)
+    assert np.array_equal(y, gemv_host(lib, x, qt))
+
+
+def test_gemv_warps_fill_the_row():
+    """One warp per 32 vector units of a row (16 bytes each), at most GV_WARPS: LLaMA-7B's 4096
+    columns at 4 bits are 128 units, so 4 warps of one unit per lane."""
+    assert launch.gemv_warps(4, 4096) == min(4, launch.GV_WARPS)
+    assert launch.gemv_warps(4, 1024) == 1 and launch.gemv_warps(4, 1025) == 2
+    assert launch.gemv_warps(2, 2048) == 1 and launch.gemv_warps(2, 2049) == 2  # 64 codes a unit
+    assert launch.gemv_warps(3, 4096) == 1 and launch.gemv_warps(3, 4097) == 2  # 128 codes a unit
+    assert launch.gemv_warps(8, 1) == 1 and launch.gemv_warps(8, 10**6) == launch.GV_WARPS
 
 
 def test_gemv_outliers_are_part_of_the_product(lib):
@@ -325,3 +342,6 @@ def test_launch_plans_refuse_bad_arrays():
     with pytest.raises(ValueError, match="GEMV takes 1 to"):
         launch.gemv_launch(np.zeros((9, 32), np.float32), np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32),
                            *empty, np.zeros((9, 2), np.float32), 4, None)
+    with pytest.raises(ValueError, match="GEMV block has 1 to"):
+        launch.gemv_launch(np.zeros((2, 32), np.float32), np.zeros((2, 4), np.uint32), np.ones((2, 1), np.float32),
+                           *empty, np.zeros((2, 2), np.float32), 4, None, warps=launch.GV_WARPS + 1)

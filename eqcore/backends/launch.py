@@ -18,8 +18,9 @@ from ..outliers import check_csr
 THREADS = 256      # threads per block: encode, pack, unpack (one packing block per thread)
 DQ_THREADS = 128   # threads per block: dequant (one packing block per thread)
 DQ_TILE = DQ_THREADS * BLOCK  # codes of one row per dequant block
-GV_WARPS = 4       # warps per block: matmul GEMV
-GV_ROWS = 4        # output rows per GEMV warp (4 x 4 measured best on an H200: bench/results/gpu_geometry.md)
+GV_WARPS = 4       # most warps per GEMV block; they split a row's columns (the launch uses as many as it fills)
+GV_ROWS = 4        # output rows per GEMV block (4 a warp measured best on an H200 in the one-warp-per-rows layout
+                   # of 2026-11-29, bench/results/gpu_geometry.md; the column split is not measured yet)
 GEMV_BATCHES = (1, 4, 8)  # GEMV instantiations (NB); a batch runs on the smallest NB >= batch
 
 # weight dtype -> CUDA type; the index is the `vtype` code of load_val() in eqcore.cuh
@@ -202,10 +203,19 @@ def dequant_launch(qweight, scales, rowptr, ocols, ovals, out, bits: int, group_
                   (DQ_THREADS, 1, 1), (*dense, *csr, *vals, out, _i32(rows), _i32(cols), _i32(g), _i32(ng)))
 
 
+def gemv_warps(bits: int, cols: int) -> int:
+    """Warps of a GEMV block for rows of ``cols`` columns: one 32-lane pass over the row's vector
+    units (16-byte loads; 2 packing blocks at 2 bits, 4 at 3) each, at most GV_WARPS."""
+    blocks = -(-cols // BLOCK)
+    units = -(-blocks // {2: 2, 3: 4}.get(bits, 1))
+    return max(1, min(GV_WARPS, -(-units // 32)))
+
+
 def gemv_launch(x, qweight, scales, rowptr, ocols, ovals, out, bits: int, group_size: int | None, zeros=None,
-                codebook=None, col=None) -> Launch:
+                codebook=None, col=None, warps: int | None = None) -> Launch:
     """float32 ``out`` (batch, rows) = ``x`` (batch, cols) float32 @ W^T for 1 <= batch <= max(GEMV_BATCHES),
-    from the packed W (arrays as in :func:`dequant_launch`) with its outliers, one launch."""
+    from the packed W (arrays as in :func:`dequant_launch`) with its outliers, one launch. A block
+    takes GV_ROWS rows, its ``warps`` (default :func:`gemv_warps`) splitting their columns."""
     bits = check_bits(bits)
     batch, rows = out.shape
     cols = x.shape[1] if x.ndim == 2 else -1
@@ -215,7 +225,10 @@ def gemv_launch(x, qweight, scales, rowptr, ocols, ovals, out, bits: int, group_
     _check(out, "out", np.float32, (batch, rows))
     grid, g, ng, dense, (rp, oc), vals = _tensor_params(rows, cols, qweight, scales, rowptr, ocols, ovals, bits,
                                                         group_size, zeros, codebook, col)
+    warps = gemv_warps(bits, cols) if warps is None else warps
+    if not 1 <= warps <= GV_WARPS:
+        raise ValueError(f"a GEMV block has 1 to {GV_WARPS} warps, got {warps}")
     nb = next(n for n in GEMV_BATCHES if n >= batch)
-    return Launch(gemv_name(bits, nb, grid), _grid1(rows, GV_WARPS * GV_ROWS), (32 * GV_WARPS, 1, 1),
+    return Launch(gemv_name(bits, nb, grid), _grid1(rows, GV_ROWS), (32 * warps, 1, 1),
                   (x, _i32(batch), *dense, rp, oc, np.int32(oc.dtype == np.int32), *vals, out, _i32(rows),
                    _i32(cols), _i32(g), _i32(ng)))
