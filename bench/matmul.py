@@ -5,12 +5,16 @@ bytes each reads against the machine's memory bandwidth (a large np.copyto, byte
 
     python bench/matmul.py [--shapes 4096x4096 11008x4096 4096x11008] [--batches 1 4 16 64]
                            [--method eqcore-cb-g96-s3.3-log8 --out bench/results/matmul_cpu_cb_g96_log8.md]
+    python bench/matmul.py --layer --shapes 576x576 1536x576 576x1536 4096x4096 11008x4096 \
+                           --batches 128 256 320 512 1024 --warm --out bench/results/matmul_cpu_large.md
 
 Weights: Student-t(4) * 0.02 in fp16 (heavy tails like LLM weights), quantized with eqcore's
 defaults at --bits (4), or with the settings of --method, an eqcore method of the quality
 benchmark (bench/eval/quality.py's METHODS, e.g. the 4-bit quality pick). eqcore runs as QuantizedLinear calls it, ``eqcore.matmul(x, qt,
 check=False)`` (the tensor validated once, when the layer is built); the cost of the per-call
-``qt.validate()`` that ``check=True`` adds is measured and reported apart. The four methods run in
+``qt.validate()`` that ``check=True`` adds is measured and reported apart. ``--layer`` times
+``eqcore.torch.QuantizedLinear``'s forward instead (torch tensors in and out), which from
+``eqcore.torch.dense_rows(weights)`` rows of x multiplies by W dequantized in float32 tiles through F.linear. The four methods run in
 --rounds rounds, each method's calls back to back within a round (WARMUP_S seconds of untimed calls,
 then --repeat timed calls: Numba's and torch's OpenMP threads spin for a while after a parallel
 region and take the cores from the other's threads, so alternating call by call, or timing right
@@ -111,6 +115,8 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from eqcore.torch import TILE_WEIGHTS, dense_rows
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"])
     ap.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES)
@@ -119,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "matmul_cpu.md"))
+    ap.add_argument("--layer", action="store_true",
+                    help="time eqcore.torch.QuantizedLinear's forward (default: eqcore.matmul(x, qt, check=False))")
     ap.add_argument("--warm", dest="cold", action="store_false",
                     help="call every method on one copy of its weight, which may stay in the CPU's cache (default: "
                          f"cycle through copies that together exceed it {COLD_FACTOR} times, so weights come from memory)")
@@ -143,6 +151,10 @@ def main(argv=None) -> int:
         qt = eqcore.quantize(w, bits=a.bits, **options)
         validate = best(qt.validate, a.repeat)
         qts = cycled(copies(lambda: qt.map_arrays(np.copy), qt.nbytes, cache, a.cold))
+        if a.layer:
+            from eqcore.torch import QuantizedLinear
+
+            layers = cycled(copies(lambda: QuantizedLinear(qt.map_arrays(np.copy)), qt.nbytes, cache, a.cold))
         w32s = cycled(copies(lambda: torch.from_numpy(w.astype(np.float32)), 4 * w.size, cache, a.cold))
         wbfs = cycled(copies(lambda: torch.from_numpy(w.astype(np.float32)).to(torch.bfloat16), 2 * w.size, cache,
                              a.cold))
@@ -150,7 +162,8 @@ def main(argv=None) -> int:
             x = np.random.default_rng(b).normal(size=(b, cols)).astype(np.float32)
             xt = torch.from_numpy(x)
             xbf = xt.to(torch.bfloat16)
-            t = best_in_rounds({"eqcore": lambda: eqcore.matmul(x, qts(), check=False),
+            ours = (lambda: layers()(xt)) if a.layer else (lambda: eqcore.matmul(x, qts(), check=False))
+            t = best_in_rounds({"eqcore": ours,
                                 "fp32": lambda: F.linear(xt, w32s()),
                                 "bf16": lambda: F.linear(xbf, wbfs()),
                                 "deq": lambda: F.linear(xt, torch.from_numpy(eqcore.dequantize(qts(), np.float32)))},
@@ -172,8 +185,12 @@ def main(argv=None) -> int:
              f"- weight: Student-t(4) * 0.02, {a.bits}-bit {layout}, {qt.bits_per_weight:.3f} bits/w;"
              f" best of {a.rounds} rounds x {a.repeat} calls (each after {WARMUP_S} s of untimed calls); torch {torch.__version__} with "
              f"{torch.get_num_threads()} threads; Numba {numba.__version__} with {numba.get_num_threads()} threads",
-             "- eqcore: `eqcore.matmul(x, qt, check=False)`, as QuantizedLinear calls it; `check=True` adds "
-             "`qt.validate()` each call (column 'validate', per weight, not included in eqcore's time)",
+             ("- eqcore: `QuantizedLinear(qt)(x)`, the torch layer's forward (torch tensors in and out); from "
+              f"{dense_rows(1)} rows of x (up to 4M weights; {dense_rows(1 << 30)} above) it multiplies by W dequantized "
+              f"to float32 in tiles of at most {TILE_WEIGHTS >> 20}M weights through F.linear" if a.layer else
+              "- eqcore: `eqcore.matmul(x, qt, check=False)`, as QuantizedLinear calls it for fewer rows of x than "
+              "`eqcore.torch.dense_rows`; `check=True` adds `qt.validate()` each call (column 'validate', per weight, "
+              "not included in eqcore's time)"),
              f"- targets (issue 10): {TARGETS}", "",
              "| shape | batch | eqcore (ms) | torch fp32 (ms) | torch bf16 (ms) | dequantize + F.linear (ms) | "
              "vs fp32 | vs bf16 | vs dequant | eqcore weight GB/s | % of copy bw | validate (ms) | load |",

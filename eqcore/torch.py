@@ -2,7 +2,10 @@
 :func:`quantize_model` and :func:`load_quantized`.
 
 The forward pass is :func:`eqcore.matmul` on the module's buffers, shared with torch through
-DLPack (CPU: the Numba kernels; CUDA: the CuPy backend): the dense weight is never stored.
+DLPack (CPU: the Numba kernels; CUDA: the CuPy backend): the dense weight is never stored. On the
+CPU, from :func:`dense_rows` rows of x (a long prompt, a perplexity pass) torch's float32 GEMM is
+faster than the packed kernel, so W is dequantized to float32 a tile of rows at a time for
+``F.linear`` (the same contract: x @ dequantize(W, float32).T up to summation order).
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ import re
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .api import matmul, quantize
+from .api import dequantize, matmul, quantize
 from .config import QuantConfig
 from .interop import as_array, to_torch
 from .tensor import FIELDS, OPTIONAL, QuantizedTensor
@@ -21,6 +25,15 @@ from .tensor import FIELDS, OPTIONAL, QuantizedTensor
 __all__ = ["QuantizedLinear", "quantize_model", "load_quantized", "load_pretrained"]
 
 _VIEWS = {np.dtype(np.uint32): np.int32, np.dtype(np.uint16): np.int16}  # dtypes torch handles fully
+TILE_WEIGHTS = 1 << 23  # weights of W per float32 tile when the CPU forward dequantizes it (32 MiB)
+
+
+def dense_rows(weights: int) -> int:
+    """Rows of x from which the CPU forward multiplies by W dequantized (float32 tiles, F.linear)
+    rather than by the packed kernel: where that was faster on a 2-core Zen 5, 320 rows for up to
+    4M weights (SmolLM2's 576x576 to 1536x576: crossovers at 256-320), 512 above (LLaMA-7B's
+    4096x4096 and 11008x4096: 384-512); bench/results/matmul_cpu_large.md."""
+    return 320 if weights <= 1 << 22 else 512
 
 
 def _to_buffer(a) -> torch.Tensor:
@@ -84,8 +97,13 @@ class QuantizedLinear(nn.Module):
         if x.device != qweight.device:
             raise ValueError(f"input on {x.device} but the quantized weight is on {qweight.device}; "
                              "move one of them (module.to(device))")
-        xf = x if x.dtype == torch.float32 else x.float()
-        y = to_torch(matmul(xf.contiguous(), self.quantized, check=False))  # validated there
+        xf = (x if x.dtype == torch.float32 else x.float()).contiguous()
+        if (qweight.device.type == "cpu"
+                and xf.numel() >= dense_rows(self.out_features * self.in_features) * max(1, self.in_features)
+                and torch.get_float32_matmul_precision() == "highest"):  # else F.linear may round to bf16 / tf32
+            y = _dense_linear(xf.reshape(-1, self.in_features), self.quantized).reshape(*x.shape[:-1], -1)
+        else:
+            y = to_torch(matmul(xf, self.quantized, check=False))  # validated there
         if self.bias is not None:
             y = y + self.bias.float()
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -109,6 +127,17 @@ class QuantizedLinear(nn.Module):
         group = "row" if m.get("group_size") is None else m["group_size"]
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={m['bits']}, group_size={group}, grid={m.get('grid', 'symmetric')}")
+
+
+def _dense_linear(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """x (n, cols) float32 @ W^T by F.linear on W dequantized to float32, tiles of at most
+    TILE_WEIGHTS weights (whole rows) at a time, all written into one buffer."""
+    rows, cols = qt.shape
+    step = min(rows, max(1, TILE_WEIGHTS // max(1, cols)))
+    tiles = [qt] if step == rows else [qt.row_block(r, min(rows, r + step)) for r in range(0, rows, step)]
+    buf = np.empty((step, cols), np.float32)
+    parts = [F.linear(x, to_torch(dequantize(t, np.float32, out=buf[:t.shape[0]]))) for t in tiles]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _np_dtype(name: str):

@@ -224,3 +224,44 @@ def test_forward_validates_once_and_again_after_an_in_place_change(monkeypatch):
     q.scales.data = torch.full_like(good, float("nan"))
     with pytest.raises(FormatError, match="finite"):
         q(x)
+
+
+@pytest.mark.parametrize("tile_rows", [None, 5])
+def test_many_rows_multiply_by_the_weight_dequantized_in_tiles(monkeypatch, tile_rows):
+    """From dense_rows() rows of x the CPU forward is F.linear on W dequantized to float32, a tile of
+    whole rows at a time (here one tile, or 5 rows each: 9 tiles of 43 rows), within the matmul
+    contract, without the packed kernel; fewer rows, or a float32 matmul precision that lets torch
+    round (bf16 / tf32), take the kernel."""
+    import eqcore.torch as et
+    from helpers import assert_matmul_close
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(96, 43)
+    q = QuantizedLinear.from_linear(lin, bits=4, group_size=32, grid="asymmetric", sigma=1.5)
+    assert q.quantized.outlier_vals.size > 0
+    bias = lin.bias.detach()
+    assert et.dense_rows(43 * 96) % 2 == 0 and et.dense_rows(43 * 96) < et.dense_rows(4096 * 4096)
+    x = torch.randn(2, et.dense_rows(43 * 96) // 2, 96)
+    if tile_rows:
+        monkeypatch.setattr(et, "TILE_WEIGHTS", tile_rows * 96)
+    kernel, dense_linear = et.matmul, et._dense_linear
+    monkeypatch.setattr(et, "matmul", lambda *a, **k: pytest.fail("the packed kernel ran"))
+    y = q(x)
+    assert y.shape == (2, et.dense_rows(43 * 96) // 2, 43)
+    assert_matmul_close((y - bias).numpy(), x.numpy(), q.quantized)
+    tiles = []
+    monkeypatch.setattr(et, "_dense_linear", lambda *a: pytest.fail("the dense path ran"))
+    monkeypatch.setattr(et, "matmul", lambda *a, **k: (tiles.append(1), kernel(*a, **k))[1])
+    assert_matmul_close((q(x[:, :-1]) - bias).numpy(), x[:, :-1].numpy(), q.quantized)  # one row short
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert_matmul_close((q(x) - bias).numpy(), x.numpy(), q.quantized)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert len(tiles) == 2
+    monkeypatch.setattr(et, "_dense_linear", dense_linear)
+    monkeypatch.setattr(et, "dequantize", lambda t, *a, **k: (tiles.append(t.shape), eqcore.dequantize(t, *a, **k))[1])
+    tiles.clear()
+    q(x)
+    assert tiles == ([(43, 96)] if tile_rows is None else [(5, 96)] * 8 + [(3, 96)])
