@@ -61,6 +61,15 @@ def linear_bytes(model) -> tuple[int, int, int]:
 
 
 def _peak_rss() -> int:
-    """Peak resident memory of this process in bytes."""
+    """Peak resident memory of this process in bytes: Linux's VmHWM, the high-water mark of this
+    program's own memory. (``ru_maxrss`` keeps the parent's peak across the exec that started a
+    child process, so a process started by a large one reported the parent's peak.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024

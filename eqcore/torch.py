@@ -228,8 +228,26 @@ def load_pretrained(path, model_class=None, **config_options):
     config = transformers.AutoConfig.from_pretrained(path, **config_options)
     config.__dict__.pop("quantization_config", None)
     cls = model_class or transformers.AutoModelForCausalLM
-    model = cls.from_config(config)
+    with _no_init_weights():  # every weight comes from the file: random ones would only take memory
+        model = cls.from_config(config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # part of the initialisation skipped above
     return load_quantized(model, path).eval()
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (untouched pages of the float
+    linear weights that QuantizedLinear replaces are never resident); a null context if absent."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _device_of(model: nn.Module, m: nn.Module) -> torch.device:
