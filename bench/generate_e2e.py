@@ -169,9 +169,9 @@ def main(argv=None) -> int:
         f"{gen_q['tokens_per_s'] / gen_f['tokens_per_s']:.2f}x the fp32 model's tokens/s on this CPU; SmolLM2's "
         "matrices are 576-1536 wide, so each call's fixed costs (launching the parallel kernel, converting x) "
         "weigh about as much as the weights read, unlike LLaMA-7B's shapes (bench/results/matmul_cpu.md). "
-        "Peak resident memory includes torch, transformers and the fp32 embeddings and LM head (and, for the "
-        "quantized model, what `load_pretrained` builds from the config before it replaces the linear layers): "
-        "the stored-bytes line is the memory claim, not the RSS.",
+        "Peak resident memory (the `eqcore generate` process's own high-water mark, VmHWM) includes torch, "
+        "transformers, the tokenizer and the fp32 embeddings and LM head: the stored-bytes line is the memory "
+        "claim, not the RSS.",
         "",
         f"Quantized text: {json.dumps(gen_q['text'])}",
         "",
