@@ -6,7 +6,7 @@ bytes each reads against the machine's memory bandwidth (a large np.copyto, byte
     python bench/matmul.py [--shapes 4096x4096 11008x4096 4096x11008] [--batches 1 4 16 64]
                            [--method eqcore-cb-g96-s3.3-log8 --out bench/results/matmul_cpu_cb_g96_log8.md]
     python bench/matmul.py --layer --shapes 576x576 1536x576 576x1536 4096x4096 11008x4096 \
-                           --batches 128 256 320 512 1024 --warm --out bench/results/matmul_cpu_large.md
+                           --batches 128 192 256 384 512 1024 --warm --out bench/results/matmul_cpu_large.md
 
 Weights: Student-t(4) * 0.02 in fp16 (heavy tails like LLM weights), quantized with eqcore's
 defaults at --bits (4), or with the settings of --method, an eqcore method of the quality

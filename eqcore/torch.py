@@ -30,10 +30,11 @@ TILE_WEIGHTS = 1 << 23  # weights of W per float32 tile when the CPU forward deq
 
 def dense_rows(weights: int) -> int:
     """Rows of x from which the CPU forward multiplies by W dequantized (float32 tiles, F.linear)
-    rather than by the packed kernel: where that was faster on a 2-core Zen 5, 320 rows for up to
-    4M weights (SmolLM2's 576x576 to 1536x576: crossovers at 256-320), 512 above (LLaMA-7B's
-    4096x4096 and 11008x4096: 384-512); bench/results/matmul_cpu_large.md."""
-    return 320 if weights <= 1 << 22 else 512
+    rather than by the packed kernel: where that was faster on a 2-core Zen 5, 256 rows for up to
+    4M weights (SmolLM2's 576x576 to 1536x576: crossovers at 256-320 with per-row scales, 200-256
+    for the codebook in groups of 96), 512 above (LLaMA-7B's 4096x4096 and 11008x4096: 384-512);
+    bench/results/matmul_cpu_large*.md."""
+    return 256 if weights <= 1 << 22 else 512
 
 
 def _to_buffer(a) -> torch.Tensor:
