@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from eqcore.torch import TILE_WEIGHTS, dense_rows
+    from eqcore.torch import TILE_WEIGHTS, QuantizedLinear, dense_rows
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"])
@@ -152,8 +152,6 @@ def main(argv=None) -> int:
         validate = best(qt.validate, a.repeat)
         qts = cycled(copies(lambda: qt.map_arrays(np.copy), qt.nbytes, cache, a.cold))
         if a.layer:
-            from eqcore.torch import QuantizedLinear
-
             layers = cycled(copies(lambda: QuantizedLinear(qt.map_arrays(np.copy)), qt.nbytes, cache, a.cold))
         w32s = cycled(copies(lambda: torch.from_numpy(w.astype(np.float32)), 4 * w.size, cache, a.cold))
         wbfs = cycled(copies(lambda: torch.from_numpy(w.astype(np.float32)).to(torch.bfloat16), 2 * w.size, cache,

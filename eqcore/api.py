@@ -210,15 +210,17 @@ def _sigma_of(config) -> float | None:
     return config.sigma if config.outliers in ("sigma", "adpq") else None
 
 
-def dequantize(qt: QuantizedTensor, dtype=None, *, backend: str = "auto", out=None):
+def dequantize(qt: QuantizedTensor, dtype=None, *, backend: str = "auto", out=None, check: bool = True):
     """Dense (rows, cols) matrix of ``qt`` in ``dtype`` (default: the original dtype), outliers
     restored exactly, in one pass; where ``qt``'s arrays live (NumPy or CuPy). ``out``: an array
     to write it into and return (C-contiguous, writeable, of that shape and dtype, where the
     backend runs), like NumPy's ``out=``: no fresh pages, which cost a new array about as much as
-    the kernel itself on the CPU."""
+    the kernel itself on the CPU. ``check=False`` skips ``qt.validate()``, as in :func:`matmul`,
+    for a tensor validated since it last changed."""
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"expected a QuantizedTensor, got {type(qt).__name__}")
-    qt.validate()  # O(scales + nnz): its arrays may have been changed since construction
+    if check:
+        qt.validate()  # O(scales + nnz): its arrays may have been changed since construction
     name = backends.select(backend, qt.qweight)
     if out is not None:
         _check_out(out, qt.shape, weight_dtype(dtype or qt.dtype), name == "cupy")

@@ -132,12 +132,13 @@ class QuantizedLinear(nn.Module):
 
 def _dense_linear(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """x (n, cols) float32 @ W^T by F.linear on W dequantized to float32, tiles of at most
-    TILE_WEIGHTS weights (whole rows) at a time, all written into one buffer."""
+    TILE_WEIGHTS weights (whole rows) at a time, all written into one buffer; ``qt`` validated by
+    the caller (:attr:`QuantizedLinear.quantized`), so not again per call."""
     rows, cols = qt.shape
     step = min(rows, max(1, TILE_WEIGHTS // max(1, cols)))
     tiles = [qt] if step == rows else [qt.row_block(r, min(rows, r + step)) for r in range(0, rows, step)]
     buf = np.empty((step, cols), np.float32)
-    parts = [F.linear(x, to_torch(dequantize(t, np.float32, out=buf[:t.shape[0]]))) for t in tiles]
+    parts = [F.linear(x, to_torch(dequantize(t, np.float32, out=buf[:t.shape[0]], check=False))) for t in tiles]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

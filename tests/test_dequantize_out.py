@@ -65,3 +65,20 @@ def test_outlier_casts_are_the_float64_formula(src, dst):
     b = np.array([np.inf, -np.inf, 1.0]).astype(src)  # never in a valid tensor, but saturate clamps them
     np.testing.assert_array_equal(saturate(b, dst).view(np.uint8),
                                   b.astype(np.float64).clip(-top, top).astype(dst).view(np.uint8))
+
+
+def test_check_false_skips_validation_and_the_default_keeps_it(monkeypatch):
+    """``check=False`` (as in matmul) skips ``qt.validate()``: QuantizedLinear's dense path takes a
+    tensor it validated once; the default still refuses a tensor changed in place."""
+    from eqcore.tensor import FormatError, QuantizedTensor
+
+    qt = eqcore.quantize(weights(8, 64, seed=1, dtype=np.float16))
+    calls = []
+    real = QuantizedTensor.validate
+    monkeypatch.setattr(QuantizedTensor, "validate", lambda self: (calls.append(1), real(self))[1])
+    want = eqcore.dequantize(qt, np.float32)
+    assert calls == [1]
+    assert np.array_equal(eqcore.dequantize(qt, np.float32, check=False), want) and calls == [1]
+    qt.scales[0, 0] = np.nan
+    with pytest.raises(FormatError, match="finite"):
+        eqcore.dequantize(qt, np.float32)

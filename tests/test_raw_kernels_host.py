@@ -288,7 +288,7 @@ def test_gemv_matches_the_reference(lib, shape, bits, g, batch, dtype, sigma, se
                                                (8, 1024 + 36, 2), (3, 65536 + 77, 3)])
 def test_gemv_long_rows(lib, bits, cols, batch):
     """Several warps on a row's columns, lanes that take several units of it; 65536+ columns: int32
-    outlier columns. The warps' sums are added in a fixed order: one warp or several, the same bits."""
+    outlier columns. The warps' sums are added in a fixed order: a repeated launch gives the same bits."""
     rng = np.random.default_rng(bits)
     qt = quantized(rng, 3, cols, "bfloat16", bits, 2.5, 128, steps=1, grid="asymmetric")
     x = rng.standard_normal((batch, cols)).astype(np.float32)

@@ -250,6 +250,7 @@ def test_many_rows_multiply_by_the_weight_dequantized_in_tiles(monkeypatch, tile
     contract, without the packed kernel; fewer rows, or a float32 matmul precision that lets torch
     round (bf16 / tf32), take the kernel."""
     import eqcore.torch as et
+    from eqcore.tensor import QuantizedTensor
     from helpers import assert_matmul_close
 
     torch.manual_seed(1)
@@ -263,7 +264,13 @@ def test_many_rows_multiply_by_the_weight_dequantized_in_tiles(monkeypatch, tile
         monkeypatch.setattr(et, "TILE_WEIGHTS", tile_rows * 96)
     kernel, dense_linear = et.matmul, et._dense_linear
     monkeypatch.setattr(et, "matmul", lambda *a, **k: pytest.fail("the packed kernel ran"))
+    q(x)  # validates once, as the kernel path does
+    validated = []
+    real = QuantizedTensor.validate
+    monkeypatch.setattr(QuantizedTensor, "validate", lambda self: (validated.append(1), real(self))[1])
     y = q(x)
+    assert validated == [] or tile_rows  # not again per call (row blocks are validated as they are built)
+    monkeypatch.setattr(QuantizedTensor, "validate", real)
     assert y.shape == (2, et.dense_rows(43 * 96) // 2, 43)
     assert_matmul_close((y - bias).numpy(), x.numpy(), q.quantized)
     tiles = []
