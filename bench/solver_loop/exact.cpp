@@ -15,8 +15,10 @@
 namespace {
 
 constexpr double TINY = 1.401298464324817e-45;
-constexpr double SHRINK = 0.9, WINDOW = 1.1, MARGIN = 1e-6, BAND = 3e-14;
-constexpr int WINDOWS = 4, LLOYD = 4, LEVELS = 256, SHIFT = 8, BLOCKS = 4;
+constexpr double SHRINK = 0.9, WINDOW = 1.1, MARGIN = 1e-6, BAND = 3e-14, LLOYD_GAIN = 0.03;
+constexpr int LLOYD = 4, LEVELS = 256, SHIFT = 8, BLOCKS = 4;
+
+inline int window_count(float qmax) { return qmax < 2 ? 0 : qmax < 4 ? 1 : qmax < 16 ? 2 : 4; }
 
 inline float fmin_(float a, float b) { return b < a ? b : a; }
 inline float fmax_(float a, float b) { return b > a ? b : a; }
@@ -82,6 +84,22 @@ inline double direct_loss(const float* __restrict wa, const float* __restrict wt
     double e = sd * (double)code(wa[i], s, wtop[i]) - (double)wa[i];
     total += e * e;
   }
+  return total;
+}
+
+inline double loss_moments(const float* __restrict wa, const float* __restrict wtop, int64_t n, float s,
+                           double& Ao, double& Bo) {
+  double total = 0.0, A = 0.0, B = 0.0, sd = s;
+#pragma omp simd reduction(+ : total, A, B)
+  for (int64_t i = 0; i < n; i++) {
+    double c = (double)code(wa[i], s, wtop[i]), a = (double)wa[i];
+    double e = sd * c - a;
+    total += e * e;
+    A += c * c;
+    B += a * c;
+  }
+  Ao = A;
+  Bo = B;
   return total;
 }
 
@@ -292,27 +310,31 @@ float group_exact(const float* x, int64_t n, float qmax, float smax, Work& W, co
   prepare(x, n, qmax, wa, wtop, amax, C);
   if (amax == 0) return fmin_(1.0f, smax);
   float s = fmin_((float)((double)amax / (double)qmax), smax);
-  double best = direct_loss(wa, wtop, n, s);
+  double A, B;
+  double best = loss_moments(wa, wtop, n, s, A, B);
   float guess = fmin_((float)(std::sqrt(C / (double)n) * rms_step(qmax)), smax);
   if (guess > 0) {
-    double q = direct_loss(wa, wtop, n, guess);
+    double Ag, Bg;
+    double q = loss_moments(wa, wtop, n, guess, Ag, Bg);
     if (q < best) {
       best = q;
       s = guess;
+      A = Ag;
+      B = Bg;
     }
   }
   float best_s = s;
   for (int it = 0; it < LLOYD; it++) {
-    double A, B;
-    moments(wa, wtop, n, s, A, B);
     if (A <= 0.0) break;
     float s_new = fmin_((float)(B / A), smax);
     if (!(s_new > 0) || s_new == s) break;
-    double q = direct_loss(wa, wtop, n, s_new);
+    double q = loss_moments(wa, wtop, n, s_new, A, B);
     if (!(q < best)) break;
+    double gain = best - q;
     best = q;
     best_s = s_new;
     s = s_new;
+    if (gain < LLOYD_GAIN * best) break;
   }
   W.ks[0] = best_s;
   W.kq[0] = best;
@@ -335,12 +357,13 @@ float group_exact(const float* x, int64_t n, float qmax, float smax, Work& W, co
     }
     if ((double)s_hi > 2.0 * (double)amax || small_bound(wa, n, s_hi) > best) break;
   }
-  for (int it = 0; it < WINDOWS; it++) {
+  const int windows = window_count(qmax);
+  for (int it = 0; it < windows; it++) {
     float s2 = fmin_((float)((double)s_lo * WINDOW), best_s);
     if (s2 >= best_s || window_bound(wa, wtop, n, s_lo, s2) <= best) break;
     s_lo = s2;
   }
-  for (int it = 0; it < WINDOWS; it++) {
+  for (int it = 0; it < windows; it++) {
     float s1 = fmax_((float)((double)s_hi / WINDOW), best_s);
     if (s1 <= best_s || window_bound(wa, wtop, n, s1, s_hi) <= best) break;
     s_hi = s1;
