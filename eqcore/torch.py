@@ -30,11 +30,12 @@ TILE_WEIGHTS = 1 << 23  # weights of W per float32 tile when the CPU forward deq
 
 def dense_rows(weights: int) -> int:
     """Rows of x from which the CPU forward multiplies by W dequantized (float32 tiles, F.linear)
-    rather than by the packed kernel: where that was faster on a 2-core Zen 5, 256 rows for up to
-    4M weights (SmolLM2's 576x576 to 1536x576: crossovers at 256-320 with per-row scales, 200-256
-    for the codebook in groups of 96), 512 above (LLaMA-7B's 4096x4096 and 11008x4096: 384-512);
-    bench/results/matmul_cpu_large*.md."""
-    return 256 if weights <= 1 << 22 else 512
+    rather than by the packed kernel: the lowest crossover measured on a 2-core Zen 5, so that the
+    layer is never slower than that path (bench/results/matmul_cpu_large*.md): 176 rows for up to
+    4M weights (SmolLM2's 576x1536 lost from 192 rows on 2026-11-30, where torch's GEMM is fast;
+    576x576 and 1536x576 from 224-256; an earlier run put all three at 256-320), 320 above
+    (LLaMA-7B's 4096x4096 even at 320 rows and behind at 384 that day; 384-512 before)."""
+    return 176 if weights <= 1 << 22 else 320
 
 
 def _to_buffer(a) -> torch.Tensor:
