@@ -164,25 +164,37 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
             total += int64(cu - cw)
         return total
 
+    @jit
+    def reciprocal(s):
+        """1 / s (float64, s > 0) to an ulp or two, in a form that LLVM's reassoc cannot turn back
+        into a division where it multiplies (a * (1 / s) -> a / s: a division per element, 1.3x
+        the time of :func:`window_bound`): the quotient after a Newton step."""
+        r = 1.0 / s
+        return r * (2.0 - s * r)
+
     @jit_sum
     def window_bound(wa, wtop, n, s1, s2):
         """Lower bound of the loss at every scale in [s1, s2]: each entry on its own takes its
         best code and scale there; codes c reach [c s1, c s2], so an entry with no integer in
         [a / s2, a / s1] is at least as far as the nearest of those ranges (slightly shrunk:
-        the quotients are rounded)."""
+        the quotients are rounded). Needs max(wa) / s1 < 2^62."""
         lb = 0.0
-        i1 = 1.0 / float64(s1)
-        i2 = 1.0 / float64(s2)
+        i1 = reciprocal(float64(s1)) * (1.0 + MARGIN)
+        i2 = reciprocal(float64(s2)) * (1.0 - MARGIN)
         for i in range(n):
             a = float64(wa[i])
             top = float64(wtop[i])
-            lo = a * i2 * (1.0 - MARGIN)
-            hi = a * i1 * (1.0 + MARGIN)
-            below = min(math.floor(lo), top)
-            above = math.ceil(hi)
+            lo = a * i2
+            hi = a * i1
+            floor_lo = int64(lo)  # 0 <= lo, hi < 2^62 (the caller's guard): truncation is the floor
+            floor_hi = int64(hi)
+            ceil_lo = floor_lo + (1 if float64(floor_lo) < lo else 0)
+            ceil_hi = floor_hi + (1 if float64(floor_hi) < hi else 0)
+            below = min(float64(floor_lo), top)
+            above = float64(ceil_hi)
             e = min(a - below * float64(s2), above * float64(s1) - a if above <= top else math.inf)
             e = max(e, 0.0) * (1.0 - MARGIN)
-            lb += e * e if math.floor(hi) < math.ceil(lo) or math.ceil(lo) > top else 0.0
+            lb += e * e if floor_hi < ceil_lo or float64(ceil_lo) > top else 0.0
         return lb
 
     @jit
@@ -198,6 +210,59 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         if qmax < 16:
             return 2
         return 4
+
+    @jit
+    def lo_steps(qmax):
+        """The typical number of 0.9 steps down to the bracket's lower end: 3, 3, 2, 1 at 2, 3,
+        4, 8 bits (Student-t, Gaussian and SmolLM2-135M rows, 2026-11-30; any value gives the
+        same bracket, a good one in fewer passes)."""
+        if qmax < 4:
+            return 3
+        if qmax < 16:
+            return 2
+        return 1
+
+    @jit
+    def hi_steps(qmax):
+        """The typical number of 0.9 steps up to the bracket's upper end: 4, 4, 5, 12 at 2, 3, 4,
+        8 bits (as :func:`lo_steps`)."""
+        if qmax < 4:
+            return 4
+        if qmax < 16:
+            return 5
+        return 12
+
+    @jit
+    def lo_step(s, k):
+        """s after k steps down by SHRINK (each rounded to float32), or TINY once a step reaches
+        it or stalls (subnormals: 0.9 * s may round back to s)."""
+        for _ in range(k):
+            shrunk = float32(float64(s) * SHRINK)
+            if shrunk <= TINY or shrunk >= s:
+                return float32(TINY)
+            s = shrunk
+        return s
+
+    @jit
+    def hi_step(s, k):
+        """s after k steps up by 1 / SHRINK (each rounded to float32)."""
+        for _ in range(k):
+            s = float32(float64(s) / SHRINK)
+        return s
+
+    @jit
+    def lo_stops(wa, wtop, n, s, k, best):
+        """Whether step k down from s ends the lower search: it reaches TINY, or every scale at
+        or below it costs more than ``best``."""
+        t = lo_step(s, k)
+        return t <= TINY or clamp_bound(wa, wtop, n, t) > best
+
+    @jit
+    def hi_stops(wa, n, s, k, best, amax, smax):
+        """Whether step k up from s ends the upper search: it reaches smax or 2 max|x|, or every
+        scale at or above it costs more than ``best``."""
+        t = hi_step(s, k)
+        return t >= smax or float64(t) > 2.0 * float64(amax) or small_bound(wa, n, t) > best
 
     @jit
     def threshold(a, m, top):
@@ -292,8 +357,10 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
             wc[b] = 0
         for j in range(k):
             wc[uint32(wb[j] + 1)] += 1
-        for b in range(nb):
-            wc[b + 1] += wc[b]
+        run = int32(0)
+        for b in range(nb + 1):  # the running count in a register, not reloaded from wc
+            run += wc[b]
+            wc[b] = run
         for j in range(k):
             bj = uint32(wb[j])  # unsigned indices: no wraparound test (7% of the solver's time)
             p = uint32(wc[bj])
@@ -315,8 +382,9 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         wA[0] = A  # A stays an exact integer; B is summed with compensation (Fast2Sum: B >= a here,
         wB[0] = B  # since B still holds a * (m + 1) of the element that steps down)
         comp = 0.0
-        for j in range(k):
-            wA[j + 1] = wA[j] - float64(2 * (sk[j] & (LEVELS - 1)) + 1)
+        for j in range(k):  # A and B carried in registers, not reloaded from wA / wB
+            A -= float64(2 * (sk[j] & (LEVELS - 1)) + 1)
+            wA[j + 1] = A
             a = -float64(wa[uint32(sk[j] >> SHIFT)])
             t = B + a
             comp += (B - t) + a
@@ -372,25 +440,29 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
         ks[0] = best_s
         kq[0] = best
         # 2. the bracket
-        s_lo = best_s
-        while True:
-            shrunk = float32(float64(s_lo) * SHRINK)
-            if shrunk <= TINY or shrunk >= s_lo:  # subnormals: 0.9 * s may round back to s
-                s_lo = float32(TINY)
-                break
-            s_lo = shrunk
-            if clamp_bound(wa, wtop, n, s_lo) > best:
-                break
-        s_hi = best_s
-        while True:
-            s_hi = float32(float64(s_hi) / SHRINK)
-            if s_hi >= smax:
-                s_hi = smax
-                break
-            if float64(s_hi) > 2.0 * float64(amax) or small_bound(wa, n, s_hi) > best:
-                break
+        # (the first step k >= 1 that ends each search, found from a typical k: every step's
+        # test is monotone in k, so this is the k of stepping one by one, in about 2 passes)
+        k = lo_steps(qmax)
+        if lo_stops(wa, wtop, n, best_s, k, best):
+            while k > 1 and lo_stops(wa, wtop, n, best_s, k - 1, best):
+                k -= 1
+        else:
+            k += 1
+            while not lo_stops(wa, wtop, n, best_s, k, best):
+                k += 1
+        s_lo = lo_step(best_s, k)
+        k = hi_steps(qmax)
+        if hi_stops(wa, n, best_s, k, best, amax, smax):
+            while k > 1 and hi_stops(wa, n, best_s, k - 1, best, amax, smax):
+                k -= 1
+        else:
+            k += 1
+            while not hi_stops(wa, n, best_s, k, best, amax, smax):
+                k += 1
+        s_hi = min(hi_step(best_s, k), smax)
         # ... narrowed by windows from its ends inwards while a window's bound rules it out
-        windows = window_count(qmax)
+        # (only while every quotient a / s in the bracket fits an int64: not in degenerate rows)
+        windows = window_count(qmax) if float64(amax) < 1e18 * float64(s_lo) else 0
         for _ in range(windows):
             s2 = min(float32(float64(s_lo) * WINDOW), best_s)
             if s2 >= best_s or window_bound(wa, wtop, n, s_lo, s2) <= best:
