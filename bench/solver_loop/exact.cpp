@@ -19,6 +19,20 @@ constexpr double SHRINK = 0.9, WINDOW = 1.1, MARGIN = 1e-6, BAND = 3e-14, LLOYD_
 constexpr int LLOYD = 4, LEVELS = 256, SHIFT = 8, BLOCKS = 4;
 
 inline int window_count(float qmax) { return qmax < 2 ? 0 : qmax < 4 ? 1 : qmax < 16 ? 2 : 4; }
+inline int lo_steps(float qmax) { return qmax < 4 ? 3 : qmax < 16 ? 2 : 1; }
+inline int hi_steps(float qmax) { return qmax < 4 ? 4 : qmax < 16 ? 5 : 12; }
+inline float lo_step(float s, int k) {
+  for (int i = 0; i < k; i++) {
+    float shrunk = (float)((double)s * SHRINK);
+    if ((double)shrunk <= TINY || shrunk >= s) return (float)TINY;
+    s = shrunk;
+  }
+  return s;
+}
+inline float hi_step(float s, int k) {
+  for (int i = 0; i < k; i++) s = (float)((double)s / SHRINK);
+  return s;
+}
 
 inline float fmin_(float a, float b) { return b < a ? b : a; }
 inline float fmax_(float a, float b) { return b > a ? b : a; }
@@ -139,22 +153,25 @@ inline int64_t ends(const float* __restrict wa, const float* __restrict wtop, in
   return total;
 }
 
-// Numba's math.floor / math.ceil return int64 (x86: out of range gives INT64_MIN); here the same value
-// as a double (every int64 compared here is exact in double), since g++ turns (int64_t)floor(x) into
-// lfloor, which it cannot vectorise
-inline double as_int64(double f) { return f >= 0x1p63 ? -0x1p63 : (f < -0x1p63 ? -0x1p63 : f); }  // f is not NaN
+// the reciprocal after a Newton step, as in Numba (where reassoc would otherwise fold a * (1 / s) into a / s)
+inline double reciprocal(double s) {
+  double r = 1.0 / s;
+  return r * (2.0 - s * r);
+}
 
+// needs max(wa) / s1 < 2^62 (the caller's guard); Numba truncates to int64, here std::trunc gives the
+// same value as a double (g++ cannot vectorise the int64 form)
 inline double window_bound(const float* __restrict wa, const float* __restrict wtop, int64_t n, float s1, float s2) {
   double lb = 0.0;
-  double i1 = 1.0 / (double)s1, i2 = 1.0 / (double)s2;
+  double i1 = reciprocal((double)s1) * (1.0 + MARGIN), i2 = reciprocal((double)s2) * (1.0 - MARGIN);
 #pragma omp simd reduction(+ : lb)
   for (int64_t i = 0; i < n; i++) {
     double a = wa[i];
     double top = wtop[i];
-    double lo = a * i2 * (1.0 - MARGIN);
-    double hi = a * i1 * (1.0 + MARGIN);
-    double flo = as_int64(std::floor(lo)), chi = as_int64(std::ceil(hi));
-    double fhi = as_int64(std::floor(hi)), clo = as_int64(std::ceil(lo));
+    double lo = a * i2;
+    double hi = a * i1;
+    double flo = std::trunc(lo), fhi = std::trunc(hi);
+    double clo = flo + (flo < lo ? 1.0 : 0.0), chi = fhi + (fhi < hi ? 1.0 : 0.0);
     double below = dmin_(flo, top);
     double above = chi;
     double e = dmin_(a - below * (double)s2, above <= top ? above * (double)s1 - a : INFINITY);
@@ -256,7 +273,11 @@ void sweep_piece(const float* wa, const float* wtop, int64_t n, float u, float w
   }
   for (int64_t b = 0; b < nb + 1; b++) wc[b] = 0;
   for (int64_t j = 0; j < k; j++) wc[wb[j] + 1] += 1;
-  for (int64_t b = 0; b < nb; b++) wc[b + 1] += wc[b];
+  int32_t run = 0;
+  for (int64_t b = 0; b < nb + 1; b++) {
+    run += wc[b];
+    wc[b] = run;
+  }
   for (int64_t j = 0; j < k; j++) {
     int32_t p = wc[wb[j]];
     wc[wb[j]] = p + 1;
@@ -281,7 +302,8 @@ void sweep_piece(const float* wa, const float* wtop, int64_t n, float u, float w
   wB[0] = B;
   double comp = 0.0;
   for (int64_t j = 0; j < k; j++) {
-    wA[j + 1] = wA[j] - (double)(2 * (sk[j] & (LEVELS - 1)) + 1);
+    A -= (double)(2 * (sk[j] & (LEVELS - 1)) + 1);
+    wA[j + 1] = A;
     double a = -(double)wa[sk[j] >> SHIFT];
     double t = B + a;
     comp += (B - t) + a;
@@ -338,26 +360,31 @@ float group_exact(const float* x, int64_t n, float qmax, float smax, Work& W, co
   }
   W.ks[0] = best_s;
   W.kq[0] = best;
-  float s_lo = best_s;
-  while (true) {
-    float shrunk = (float)((double)s_lo * SHRINK);
-    if ((double)shrunk <= TINY || shrunk >= s_lo) {
-      s_lo = (float)TINY;
-      break;
-    }
-    s_lo = shrunk;
-    if (clamp_bound(wa, wtop, n, s_lo) > best) break;
+  auto lo_stops = [&](int k) {
+    float t = lo_step(best_s, k);
+    return (double)t <= TINY || clamp_bound(wa, wtop, n, t) > best;
+  };
+  auto hi_stops = [&](int k) {
+    float t = hi_step(best_s, k);
+    return t >= smax || (double)t > 2.0 * (double)amax || small_bound(wa, n, t) > best;
+  };
+  int k = lo_steps(qmax);
+  if (lo_stops(k)) {
+    while (k > 1 && lo_stops(k - 1)) k -= 1;
+  } else {
+    k += 1;
+    while (!lo_stops(k)) k += 1;
   }
-  float s_hi = best_s;
-  while (true) {
-    s_hi = (float)((double)s_hi / SHRINK);
-    if (s_hi >= smax) {
-      s_hi = smax;
-      break;
-    }
-    if ((double)s_hi > 2.0 * (double)amax || small_bound(wa, n, s_hi) > best) break;
+  float s_lo = lo_step(best_s, k);
+  k = hi_steps(qmax);
+  if (hi_stops(k)) {
+    while (k > 1 && hi_stops(k - 1)) k -= 1;
+  } else {
+    k += 1;
+    while (!hi_stops(k)) k += 1;
   }
-  const int windows = window_count(qmax);
+  float s_hi = fmin_(hi_step(best_s, k), smax);
+  const int windows = (double)amax < 1e18 * (double)s_lo ? window_count(qmax) : 0;
   for (int it = 0; it < windows; it++) {
     float s2 = fmin_((float)((double)s_lo * WINDOW), best_s);
     if (s2 >= best_s || window_bound(wa, wtop, n, s_lo, s2) <= best) break;

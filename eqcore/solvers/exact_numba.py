@@ -33,10 +33,21 @@ def _down(f):
     return np.int32(np.float32(f).view(np.int32) - 1).view(np.float32)
 
 
+@njit
+def _bits(f):
+    return np.float32(f).view(np.int32)
+
+
+@njit
+def _from_bits(i):
+    return np.int32(i).view(np.float32)
+
+
 # error_model="numpy": no zero-divisor test (and exception exit) in each division, which kept LLVM
 # from if-converting exact_thresholds' loop; no divisor here is ever 0, so no result changes
 _jit = njit(error_model="numpy")
-group_exact = make_group_exact(_jit, njit(fastmath={"reassoc"}, error_model="numpy"), _code, _up, _down)
+group_exact = make_group_exact(_jit, njit(fastmath={"reassoc"}, error_model="numpy"), _code, _up, _down, _bits,
+                               _from_bits)
 
 
 @njit(parallel=True, cache=True)

@@ -59,11 +59,13 @@ def rounding_bounds():
     return np.where(np.arange(LEVELS) % 2 == 0, h + above / 2, h - below / 2)
 
 
-def make_group_exact(jit, jit_sum, code, next_up, next_down):
+def make_group_exact(jit, jit_sum, code, next_up, next_down, bits=None, from_bits=None):
     """The per-group exact solver. ``jit`` compiles a function (``numba.njit`` or
     ``numba.cuda.jit(device=True)``), ``jit_sum`` one whose float sums may be reordered
     (vectorised); ``code(a, s, top)`` is the contract code magnitude of float32 a at float32 s
-    (a float), ``next_up`` / ``next_down`` the float32 neighbours of a positive float32."""
+    (a float), ``next_up`` / ``next_down`` the float32 neighbours of a positive float32.
+    ``bits`` / ``from_bits`` (optional): a float32's bit pattern as an int32 and back; with them
+    max |x| is an integer max, which LLVM vectorises (a float max it does not: 6x the time)."""
 
     @jit
     def rms_step(qmax):
@@ -77,20 +79,37 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down):
             return 0.335
         return 4.5 / (2.0 * (qmax + 1.0))
 
-    @jit_sum
-    def prepare(x, start, n, qmax, wa, wtop):
-        """Magnitudes and top codes into the workspace; (max |x|, C = sum a^2)."""
-        amax = float32(0.0)
-        C = 0.0
-        xs = x[start:start + n]  # from 0: LLVM does not vectorise a loop with a runtime start offset
-        for i in range(n):
-            v = xs[i]
-            a = abs(v)
-            wa[i] = a
-            wtop[i] = qmax + float32(1.0) if v < 0 else qmax
-            amax = max(amax, a)
-            C += float64(a) * float64(a)
-        return amax, C
+    if bits is None:
+        @jit_sum
+        def prepare(x, start, n, qmax, wa, wtop):
+            """Magnitudes and top codes into the workspace; (max |x|, C = sum a^2)."""
+            amax = float32(0.0)
+            C = 0.0
+            xs = x[start:start + n]  # from 0: LLVM does not vectorise a loop with a runtime start offset
+            for i in range(n):
+                v = xs[i]
+                a = abs(v)
+                wa[i] = a
+                wtop[i] = qmax + float32(1.0) if v < 0 else qmax
+                amax = max(amax, a)
+                C += float64(a) * float64(a)
+            return amax, C
+    else:
+        @jit_sum
+        def prepare(x, start, n, qmax, wa, wtop):
+            """As above, with max |x| as the max of the magnitudes' bit patterns (in the same
+            order as their values: they are >= 0)."""
+            amax = int32(0)
+            C = 0.0
+            xs = x[start:start + n]
+            for i in range(n):
+                v = xs[i]
+                a = abs(v)
+                wa[i] = a
+                wtop[i] = qmax + float32(1.0) if v < 0 else qmax
+                amax = max(amax, bits(a))
+                C += float64(a) * float64(a)
+            return from_bits(amax), C
 
     @jit_sum
     def moments(wa, wtop, n, s):
