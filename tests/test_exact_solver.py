@@ -228,3 +228,120 @@ def test_numba_breaks_ties_as_the_reference_does():
     for bits in (2, 3, 4, 8):
         cfg = QuantConfig(bits=bits)
         np.testing.assert_array_equal(exact_numba.optimize_scales(x, cfg), exact.optimize_scales(x, cfg))
+
+
+def python_body(**replace):
+    """The shared per-group body built as plain Python (no compilation), its helpers in a dict;
+    ``replace`` swaps helpers by name as they are built (a wrapper that records calls, say)."""
+    from eqcore.solvers import exact_sweep
+    from eqcore.solvers.exact_numba import _code, _down, _up
+
+    helpers = {}
+
+    def keep(f):
+        g = replace.get(f.__name__, lambda h: h)(f)
+        helpers[f.__name__] = g
+        return g
+
+    def code(a, s, top):
+        return _code.py_func(np.float32(a), np.float32(s), np.float32(top))
+
+    group_exact = exact_sweep.make_group_exact(keep, keep, code, _up.py_func, _down.py_func)
+    return group_exact, helpers
+
+
+def run_body(group_exact, x, qmax, ks, kq):
+    """group_exact on one row x (float32) with a fresh workspace and the given ks, kq."""
+    from eqcore.solvers.exact_numba import BOUNDS
+    from eqcore.solvers.exact_sweep import BLOCKS
+
+    n = x.size
+    cap = 4 * n + 64
+    f4, i4 = (lambda m: np.zeros(m, np.float32)), (lambda m: np.zeros(m, np.int32))
+    return group_exact(x, 0, n, np.float32(qmax), max_scale(np.float32, qmax), f4(n), f4(n), i4(n), i4(n),
+                       f4(cap + 1), i4(cap + BLOCKS), i4(cap), f4(cap), i4(cap), i4(2 * cap + 1), np.zeros(cap + 1),
+                       np.zeros(cap + 1), BOUNDS, ks, kq)
+
+
+def magnitudes(x, qmax):
+    """(|x|, top code) as the body's prepare writes them."""
+    return np.abs(x), np.where(x < 0, np.float32(qmax + 1), np.float32(qmax)).astype(np.float32)
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 48), bits=BITS,
+       scale=st.sampled_from([1e-3, 1.0, 3e4]), tail=st.sampled_from([1.5, 4, 50]))
+def test_the_bracket_search_ends_where_stepping_one_by_one_does(seed, n, bits, scale, tail):
+    """The bracket's searches start at a typical step count and walk from there; they must end at
+    the first step whose bound exceeds the best loss, as stepping by 0.9 one step at a time from
+    the Lloyd scale does (windows off, so the sweep starts on the searched bracket)."""
+    x = (np.random.default_rng(seed).standard_t(tail, n) * scale).astype(np.float32)
+    assume(np.abs(x).max() > 0)
+    seen = []
+    ks, kq = np.zeros(1, np.float32), np.zeros(1)
+
+    def record(ends):
+        def wrapped(wa, wtop, n_, u, w, wcu, wcw):
+            seen.append((u, w, ks[0], kq[0]))  # the Lloyd result until the sweep settles a scale
+            return ends(wa, wtop, n_, u, w, wcu, wcw)
+        return wrapped
+
+    group_exact, h = python_body(ends=record, window_count=lambda f: (lambda qmax: 0))
+    qmax = (1 << (bits - 1)) - 1
+    run_body(group_exact, x, qmax, ks, kq)
+    from eqcore.solvers.exact_sweep import SHRINK, TINY
+
+    u, w, best_s, best = seen[0]
+    wa, wtop = magnitudes(x, qmax)
+    smax = max_scale(np.float32, qmax)
+    s_lo = best_s  # stepping one by one, as the body did before the walk
+    while True:
+        shrunk = np.float32(float(s_lo) * SHRINK)
+        if shrunk <= TINY or shrunk >= s_lo:
+            s_lo = np.float32(TINY)
+            break
+        s_lo = shrunk
+        if h["clamp_bound"](wa, wtop, n, s_lo) > best:
+            break
+    s_hi = best_s
+    while True:
+        s_hi = np.float32(float(s_hi) / SHRINK)
+        if s_hi >= smax:
+            s_hi = smax
+            break
+        if float(s_hi) > 2.0 * float(wa.max()) or h["small_bound"](wa, n, s_hi) > best:
+            break
+    assert (u, w) == (s_lo, s_hi)
+
+
+def window_bound_numpy(wa, wtop, s1, s2):
+    """window_bound's formula with floor and ceil, as the body wrote it before truncation."""
+    from eqcore.solvers.exact_sweep import MARGIN
+
+    a, top = wa.astype(np.float64), wtop.astype(np.float64)
+    lo, hi = a / float(s2) * (1 - MARGIN), a / float(s1) * (1 + MARGIN)
+    below, above = np.minimum(np.floor(lo), top), np.ceil(hi)
+    e = np.minimum(a - below * float(s2), np.where(above <= top, above * float(s1) - a, np.inf))
+    e = np.maximum(e, 0.0) * (1 - MARGIN)
+    return float(np.sum(np.where((np.floor(hi) < np.ceil(lo)) | (np.ceil(lo) > top), e * e, 0.0)))
+
+
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), bits=BITS, lo=st.floats(0.05, 3.0),
+       ratio=st.floats(1.0, 1.12))
+def test_window_bound_is_a_lower_bound_of_the_loss_in_its_window(seed, n, bits, lo, ratio):
+    """Every float32 scale of [s1, s2] (a dense sample and both ends) costs at least window_bound."""
+    _, h = python_body()
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(3, n) * 0.5).astype(np.float32)
+    qmax = (1 << (bits - 1)) - 1
+    wa, wtop = magnitudes(x, qmax)
+    amax = max(float(wa.max()), 1e-3)
+    s1 = np.float32(lo * amax / qmax)
+    s2 = np.float32(float(s1) * ratio)
+    bound = h["window_bound"](wa, wtop, n, s1, s2)
+    assert bound == pytest.approx(window_bound_numpy(wa, wtop, s1, s2), rel=1e-9, abs=1e-300)
+    grid = np.unique(np.concatenate([np.linspace(s1, s2, 3001, dtype=np.float32), [s1, s2]]).astype(np.float32))
+    cfg = QuantConfig(bits=bits)
+    losses = loss_and_grad(np.broadcast_to(x, (grid.size, n)), grid, cfg.qmin, cfg.qmax)[0]
+    assert bound <= losses.min() * (1 + 1e-12), (bound, losses.min())

@@ -10,9 +10,11 @@ proves a bracket that holds the minimum and sweeps only the thresholds inside it
 2. A bracket [s_lo, s_hi] from two lower bounds that hold for every scale beyond it:
    below s, an entry with a >= top s (1 + 1e-6) keeps its top code and costs at least
    (a - top s)^2; above s, an entry a < s (1 - 1e-6) either rounds to 0 (cost a^2) or to a
-   code >= 1 (cost >= (s - a)^2). Stepping s down (up) by 0.9 until the bound exceeds L_best
-   gives s_lo (s_hi); beyond 2 max|x| every code is 0 and L = C >= L_best. Then windows of
-   ratio 1.1 are cut from each end while a sharper bound rules them out (:func:`window_bound`).
+   code >= 1 (cost >= (s - a)^2). The first of the steps s 0.9^k (s / 0.9^k), k >= 1, where the
+   bound exceeds L_best is s_lo (s_hi); beyond 2 max|x| every code is 0 and L = C >= L_best.
+   The bounds grow with k, so the search starts at the typical k for the bit width and walks
+   from there (about 2 passes). Then windows of ratio 1.1 are cut from each end while a
+   sharper bound rules them out (:func:`window_bound`).
 3. The sweep, in pieces whose thresholds fit the workspace: the codes at both ends of a piece
    give each element's levels inside it; each threshold is the exact float32 step of
    fl(a / s), in closed form (:func:`exact_thresholds`); they are bucket-sorted,
