@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __name__ == "__main__":  # compile afresh (a cache keyed on exact_numba.py misses edits to exact_sweep.py)
+if __name__ == "__main__":  # compile into a fresh cache, leaving the user's out of the run
     os.environ.setdefault("EQCORE_CACHE_DIR", tempfile.mkdtemp(prefix="eqcore-bench-cache-"))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
