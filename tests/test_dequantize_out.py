@@ -67,6 +67,19 @@ def test_outlier_casts_are_the_float64_formula(src, dst):
                                   b.astype(np.float64).clip(-top, top).astype(dst).view(np.uint8))
 
 
+def test_every_finite_float16_outlier_casts_to_bfloat16_as_the_formula():
+    """Numba's float16 -> bfloat16 outlier cast (exact to float32, one rounding) on all 63488
+    finite float16 values, ties and subnormals included."""
+    from eqcore.backends.numba import _outlier_values
+    from eqcore.dtypes import bfloat16
+
+    a = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    a = a[np.isfinite(a)]
+    got = _outlier_values(a, bfloat16)
+    assert got.dtype == bfloat16
+    np.testing.assert_array_equal(got.view(np.uint16), a.astype(np.float64).astype(bfloat16).view(np.uint16))
+
+
 def test_check_false_skips_validation_and_the_default_keeps_it(monkeypatch):
     """``check=False`` (as in matmul) skips ``qt.validate()``: QuantizedLinear's dense path takes a
     tensor it validated once; the default still refuses a tensor changed in place."""

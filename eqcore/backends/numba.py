@@ -366,12 +366,25 @@ def _half_to_f32(h, out):
         out[i] = half_bits_to_f32(h[i])
 
 
+@njit(parallel=True, cache=True)
+def _half_to_bf16(h, out):
+    for i in prange(h.shape[0]):
+        out[i] = f32_to_bf16_bits(half_bits_to_f32(h[i]))
+
+
 def _outlier_values(vals, dtype):
     """``saturate(vals, dtype)``, the outliers as the reference casts them; finite float16 into a
-    wider float by Numba's conversion (exact; NumPy's cast took 1.3 ms for 224k values)."""
-    if vals.dtype == np.float16 and dtype.itemsize >= 4 and all_finite(vals):
+    wider float or bfloat16 by Numba's conversion (exact, then one rounding; NumPy's cast took
+    1.3 ms for 224k values, ml_dtypes' to bfloat16 0.43 ms for 197k, 15% of a 4096x4096
+    dequantize)."""
+    if vals.dtype == np.float16 and (dtype.itemsize >= 4 or dtype == bfloat16) and all_finite(vals):
+        h = np.ascontiguousarray(vals).view(np.uint16)
+        if dtype == bfloat16:
+            b = np.empty(vals.shape[0], np.uint16)
+            _half_to_bf16(h, b)
+            return b.view(bfloat16)
         f32 = np.empty(vals.shape[0], np.float32)
-        _half_to_f32(np.ascontiguousarray(vals).view(np.uint16), f32)
+        _half_to_f32(h, f32)
         return f32.astype(dtype, copy=False)
     return saturate(vals, dtype)
 
