@@ -188,7 +188,6 @@ def test_cuda_kernel_has_no_spills(exact_ptx):
     import glob
     import os
     import shutil
-    import subprocess
 
     from eqcore.backends.nvrtc import ptxas_stats
 
