@@ -233,7 +233,7 @@ def python_body(**replace):
     """The shared per-group body built as plain Python (no compilation), its helpers in a dict;
     ``replace`` swaps helpers by name as they are built (a wrapper that records calls, say)."""
     from eqcore.solvers import exact_sweep
-    from eqcore.solvers.exact_numba import _code, _down, _up
+    from eqcore.solvers.exact_numba import _bits, _code, _down, _from_bits, _up
 
     helpers = {}
 
@@ -245,7 +245,8 @@ def python_body(**replace):
     def code(a, s, top):
         return _code.py_func(np.float32(a), np.float32(s), np.float32(top))
 
-    group_exact = exact_sweep.make_group_exact(keep, keep, code, _up.py_func, _down.py_func)
+    group_exact = exact_sweep.make_group_exact(keep, keep, code, _up.py_func, _down.py_func, _bits.py_func,
+                                               _from_bits.py_func)
     return group_exact, helpers
 
 

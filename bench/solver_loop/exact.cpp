@@ -368,22 +368,17 @@ float group_exact(const float* x, int64_t n, float qmax, float smax, Work& W, co
     float t = hi_step(best_s, k);
     return t >= smax || (double)t > 2.0 * (double)amax || small_bound(wa, n, t) > best;
   };
-  int k = lo_steps(qmax);
-  if (lo_stops(k)) {
-    while (k > 1 && lo_stops(k - 1)) k -= 1;
-  } else {
+  auto first_stop = [](int k, auto stops) {
+    if (stops(k)) {
+      while (k > 1 && stops(k - 1)) k -= 1;
+      return k;
+    }
     k += 1;
-    while (!lo_stops(k)) k += 1;
-  }
-  float s_lo = lo_step(best_s, k);
-  k = hi_steps(qmax);
-  if (hi_stops(k)) {
-    while (k > 1 && hi_stops(k - 1)) k -= 1;
-  } else {
-    k += 1;
-    while (!hi_stops(k)) k += 1;
-  }
-  float s_hi = fmin_(hi_step(best_s, k), smax);
+    while (!stops(k)) k += 1;
+    return k;
+  };
+  float s_lo = lo_step(best_s, first_stop(lo_steps(qmax), lo_stops));
+  float s_hi = fmin_(hi_step(best_s, first_stop(hi_steps(qmax), hi_stops)), smax);
   const int windows = (double)amax < 1e18 * (double)s_lo ? window_count(qmax) : 0;
   for (int it = 0; it < windows; it++) {
     float s2 = fmin_((float)((double)s_lo * WINDOW), best_s);

@@ -36,6 +36,12 @@ if SIMULATOR:
 
     def _down(f):
         return np.nextafter(np.float32(f), np.float32(0.0))
+
+    def _bits(f):
+        return np.float32(f).view(np.int32)
+
+    def _from_bits(i):
+        return np.int32(i).view(np.float32)
 else:
     from numba.cuda import libdevice
 
@@ -47,8 +53,16 @@ else:
     def _down(f):
         return libdevice.nextafterf(f, float32(0.0))
 
+    @cuda.jit(device=True)
+    def _bits(f):
+        return libdevice.float_as_int(f)
+
+    @cuda.jit(device=True)
+    def _from_bits(i):
+        return libdevice.int_as_float(i)
+
 _device = cuda.jit(device=True)
-group_exact = make_group_exact(_device, _device, _code, _up, _down)
+group_exact = make_group_exact(_device, _device, _code, _up, _down, _bits, _from_bits)
 
 
 def kernel(x, out, first, count, rows, cols, g, n_groups, qmax, smax,

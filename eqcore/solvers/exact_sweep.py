@@ -61,13 +61,12 @@ def rounding_bounds():
     return np.where(np.arange(LEVELS) % 2 == 0, h + above / 2, h - below / 2)
 
 
-def make_group_exact(jit, jit_sum, code, next_up, next_down, bits=None, from_bits=None):
+def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits):
     """The per-group exact solver. ``jit`` compiles a function (``numba.njit`` or
     ``numba.cuda.jit(device=True)``), ``jit_sum`` one whose float sums may be reordered
     (vectorised); ``code(a, s, top)`` is the contract code magnitude of float32 a at float32 s
-    (a float), ``next_up`` / ``next_down`` the float32 neighbours of a positive float32.
-    ``bits`` / ``from_bits`` (optional): a float32's bit pattern as an int32 and back; with them
-    max |x| is an integer max, which LLVM vectorises (a float max it does not: 6x the time)."""
+    (a float), ``next_up`` / ``next_down`` the float32 neighbours of a positive float32,
+    ``bits`` / ``from_bits`` a float32's bit pattern as an int32 and back."""
 
     @jit
     def rms_step(qmax):
@@ -81,37 +80,22 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits=None, from_bit
             return 0.335
         return 4.5 / (2.0 * (qmax + 1.0))
 
-    if bits is None:
-        @jit_sum
-        def prepare(x, start, n, qmax, wa, wtop):
-            """Magnitudes and top codes into the workspace; (max |x|, C = sum a^2)."""
-            amax = float32(0.0)
-            C = 0.0
-            xs = x[start:start + n]  # from 0: LLVM does not vectorise a loop with a runtime start offset
-            for i in range(n):
-                v = xs[i]
-                a = abs(v)
-                wa[i] = a
-                wtop[i] = qmax + float32(1.0) if v < 0 else qmax
-                amax = max(amax, a)
-                C += float64(a) * float64(a)
-            return amax, C
-    else:
-        @jit_sum
-        def prepare(x, start, n, qmax, wa, wtop):
-            """As above, with max |x| as the max of the magnitudes' bit patterns (in the same
-            order as their values: they are >= 0)."""
-            amax = int32(0)
-            C = 0.0
-            xs = x[start:start + n]
-            for i in range(n):
-                v = xs[i]
-                a = abs(v)
-                wa[i] = a
-                wtop[i] = qmax + float32(1.0) if v < 0 else qmax
-                amax = max(amax, bits(a))
-                C += float64(a) * float64(a)
-            return from_bits(amax), C
+    @jit_sum
+    def prepare(x, start, n, qmax, wa, wtop):
+        """Magnitudes and top codes into the workspace; (max |x|, C = sum a^2). max |x| is the max
+        of the magnitudes' bit patterns (in the same order as their values: they are >= 0), an
+        integer max, which LLVM vectorises (a float max it does not: 6x the time)."""
+        amax = int32(0)
+        C = 0.0
+        xs = x[start:start + n]  # from 0: LLVM does not vectorise a loop with a runtime start offset
+        for i in range(n):
+            v = xs[i]
+            a = abs(v)
+            wa[i] = a
+            wtop[i] = qmax + float32(1.0) if v < 0 else qmax
+            amax = max(amax, bits(a))
+            C += float64(a) * float64(a)
+        return from_bits(amax), C
 
     @jit_sum
     def moments(wa, wtop, n, s):
@@ -272,18 +256,28 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits=None, from_bit
         return s
 
     @jit
-    def lo_stops(wa, wtop, n, s, k, best):
-        """Whether step k down from s ends the lower search: it reaches TINY, or every scale at
-        or below it costs more than ``best``."""
+    def stops(wa, wtop, n, s, k, best, amax, smax, up):
+        """Whether step k from s ends its search. Down: it reaches TINY, or every scale at or below
+        it costs more than ``best``; up: it reaches smax or 2 max|x|, or every scale at or above
+        it costs more than ``best``."""
+        if up:
+            t = hi_step(s, k)
+            return t >= smax or float64(t) > 2.0 * float64(amax) or small_bound(wa, n, t) > best
         t = lo_step(s, k)
         return t <= TINY or clamp_bound(wa, wtop, n, t) > best
 
     @jit
-    def hi_stops(wa, n, s, k, best, amax, smax):
-        """Whether step k up from s ends the upper search: it reaches smax or 2 max|x|, or every
-        scale at or above it costs more than ``best``."""
-        t = hi_step(s, k)
-        return t >= smax or float64(t) > 2.0 * float64(amax) or small_bound(wa, n, t) > best
+    def first_stop(wa, wtop, n, s, k, best, amax, smax, up):
+        """The first step >= 1 that ends the search (:func:`stops`), walking from a typical k:
+        the test is monotone in k, so this is the step of stepping one by one, in about 2 passes."""
+        if stops(wa, wtop, n, s, k, best, amax, smax, up):
+            while k > 1 and stops(wa, wtop, n, s, k - 1, best, amax, smax, up):
+                k -= 1
+            return k
+        k += 1
+        while not stops(wa, wtop, n, s, k, best, amax, smax, up):
+            k += 1
+        return k
 
     @jit
     def threshold(a, m, top):
@@ -461,26 +455,8 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits=None, from_bit
         ks[0] = best_s
         kq[0] = best
         # 2. the bracket
-        # (the first step k >= 1 that ends each search, found from a typical k: every step's
-        # test is monotone in k, so this is the k of stepping one by one, in about 2 passes)
-        k = lo_steps(qmax)
-        if lo_stops(wa, wtop, n, best_s, k, best):
-            while k > 1 and lo_stops(wa, wtop, n, best_s, k - 1, best):
-                k -= 1
-        else:
-            k += 1
-            while not lo_stops(wa, wtop, n, best_s, k, best):
-                k += 1
-        s_lo = lo_step(best_s, k)
-        k = hi_steps(qmax)
-        if hi_stops(wa, n, best_s, k, best, amax, smax):
-            while k > 1 and hi_stops(wa, n, best_s, k - 1, best, amax, smax):
-                k -= 1
-        else:
-            k += 1
-            while not hi_stops(wa, n, best_s, k, best, amax, smax):
-                k += 1
-        s_hi = min(hi_step(best_s, k), smax)
+        s_lo = lo_step(best_s, first_stop(wa, wtop, n, best_s, lo_steps(qmax), best, amax, smax, False))
+        s_hi = min(hi_step(best_s, first_stop(wa, wtop, n, best_s, hi_steps(qmax), best, amax, smax, True)), smax)
         # ... narrowed by windows from its ends inwards while a window's bound rules it out
         # (only while every quotient a / s in the bracket fits an int64: not in degenerate rows)
         windows = window_count(qmax) if float64(amax) < 1e18 * float64(s_lo) else 0
