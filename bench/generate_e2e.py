@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "The history of the city began"
+DEFAULT_OUT = ROOT / "bench/results/generate_e2e.md"
 
 
 def build_float_folder(path: Path) -> None:
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-tokens", type=int, default=8192)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/generate_e2e.md"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--quantize-options", default="", help="extra `eqcore quantize` options (default: its defaults)")
     a = ap.parse_args(argv)
 
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
         "",
         f"Command: `python bench/generate_e2e.py --n-tokens {a.n_tokens}"
         + (f" --quantize-options \"{a.quantize_options}\"" if a.quantize_options else "")
+        + (f" --out {os.path.relpath(a.out, ROOT)}" if Path(a.out).resolve() != DEFAULT_OUT.resolve() else "")
         + f"`; date {time.strftime('%Y-%m-%d')}; "
         f"machine: {env.get('cpu', '?')}, {env.get('cores', '?')} cores, no GPU, 1-min load {load:.2f} at start; "
         f"transformers {transformers.__version__}, torch {torch.__version__}.",
