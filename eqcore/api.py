@@ -59,14 +59,15 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
     if not fused:
         check_weight(w)
     step = max(1, ROW_BLOCK_ELEMENTS // w.shape[1])
-    if name != "cupy" and config.rows_independent and w.shape[0] > step:  # bounded memory, same result
-        if fused and config.grid == "symmetric":  # into the result's arrays, one float32 workspace for every block
+    if name != "cupy" and config.rows_independent:  # bounded memory, same result
+        if fused and config.grid == "symmetric":  # into the result's arrays, block by block
             out = _Blocks(w, config, step)
             for r in range(0, w.shape[0], step):
                 _quantize_checked(w[r:r + step], config, name, out)
             return out.tensor(w, config)
-        return QuantizedTensor.stack_rows(_quantize_checked(w[r:r + step], config, name)
-                                          for r in range(0, w.shape[0], step))
+        if w.shape[0] > step:
+            return QuantizedTensor.stack_rows(_quantize_checked(w[r:r + step], config, name)
+                                              for r in range(0, w.shape[0], step))
     return _quantize_checked(w, config, name)
 
 
@@ -80,9 +81,17 @@ def _fused_split(be, config: QuantConfig, dtype) -> bool:
         and config.outlier_stats == "row" and config.sigma is not None and np.dtype(dtype) in be.SPLIT_DTYPES
 
 
+def _one_pass(config: QuantConfig) -> bool:
+    """Whether a fused split's rows are also solved, rounded and packed in the same pass
+    (``quantize_rows``): the symmetric grid, the exact solver and float scales."""
+    return config.grid == "symmetric" and config.solver_name == "exact" and not config.col_scales \
+        and config.scale_dtype != "log8"
+
+
 class _Blocks:
     """The arrays a fused, row-blocked quantize fills block by block: packed codes, scales, the
-    outliers' CSR pieces, and the float32 workspace every block reuses (no fresh pages)."""
+    outliers' CSR pieces, and the float32 workspace every block reuses (no fresh pages; None when
+    the blocks go in one pass, :func:`_one_pass`)."""
 
     def __init__(self, w, config: QuantConfig, step: int):
         rows, cols = w.shape
@@ -90,7 +99,7 @@ class _Blocks:
         log8 = config.scale_dtype == "log8"  # held as float32 values until the end
         self.scales = np.empty((rows, group_layout(cols, config.group_size)[1]),
                                np.float32 if log8 else SCALE_DTYPES[config.scale_dtype])
-        self.x = np.empty((min(step, rows), cols), np.float32)
+        self.x = None if _one_pass(config) else np.empty((min(step, rows), cols), np.float32)
         self.work = {}  # the split's scratch arrays
         self.row, self.outliers = 0, []  # outliers: each block's CSR
 
@@ -113,6 +122,13 @@ def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = N
     split only), its rows go into ``out`` (returns None)."""
     be = backends.get(name)
     if _fused_split(be, config, w.dtype):  # the default outlier rule: one fused pass
+        if out is not None and out.x is None:  # ... which also solves and packs (_one_pass)
+            rows = slice(out.row, out.row + w.shape[0])
+            _, scales, outliers = be.quantize_rows(w, config.sigma, config.bits, config.group_size,
+                                                   max_scale(w.dtype, config.qmax, config.scale_dtype),
+                                                   config.scale_dtype, out.qweight[rows], out.work)
+            out.add(scales, outliers)
+            return None
         x, outliers = be.split_outliers(w, config.sigma, *(() if out is None else (out.x[:w.shape[0]], out.work)))
         if out is None:  # the other grids weigh only the entries kept (as quantize_masked)
             keep = None if config.grid == "symmetric" or outliers.nnz == 0 else kept(outliers, w.shape)

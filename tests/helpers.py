@@ -56,3 +56,23 @@ def run_ptxas(exe, cc, text, name, timeout=300):
 
 # GPU Numba-CUDA kernels: an open finding, shared by the xfail markers of the launched-PTX tests
 FMA_ON_DEVICE = ("seen on an H200 (2026-11-29, numba-cuda 0.30.4, NVVM of CUDA 13.0): the PTX of the launched kernel has fma.rn.f64 although it is built inside no_fma_contraction with LTO off, while the same code compiled for sm_90/sm_90a without a GPU has none; results still match the reference within the GPU tests' tolerance. Open.")
+
+
+def rows_of(kind, rows, cols, rng):
+    """float64 rows that reach each of the split's paths."""
+    if kind == "t":  # LLM-like: a few outliers per row
+        return rng.standard_t(3, (rows, cols)) * 0.02
+    if kind == "ties":  # +-a: every |w - mean| sits on the threshold at sigma 1 (the in-order sums)
+        return np.where(rng.random((rows, cols)) < 0.5, -1.0, 1.0) * 2.0 ** rng.integers(-8, 8)
+    if kind == "levels":  # few distinct values: many ties
+        return rng.integers(-3, 4, (rows, cols)) * 0.125
+    if kind == "offset":  # a large mean and a tiny spread
+        return 1000.0 + rng.integers(0, 2, (rows, cols)) * 0.5
+    if kind == "wide":  # tiny and huge magnitudes in one row (float32: the plain sum in order)
+        return rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-30, 30, (rows, cols))
+    if kind == "edge":  # float32's largest values
+        w = rng.standard_normal((rows, cols))
+        w[:, 0] = 3.0e38
+        w[:, -1] = -3.0e38
+        return w
+    raise ValueError(kind)

@@ -694,10 +694,6 @@ def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, w
     its statistics need its own values). ``out``: a C-contiguous float32 array of w's shape to
     write x into, and ``work``: a dict for its scratch arrays, both kept across row blocks (no
     fresh pages). ValueError if w holds a NaN or an infinity (found by the same pass)."""
-    from ..dtypes import NONFINITE
-    from ..outliers import Outliers
-
-    dt = np.dtype(w.dtype)
     wv, kind = _weight_elements(w)
     if kind is None:
         return None
@@ -706,25 +702,42 @@ def split_outliers(w: np.ndarray, sigma: float, out: np.ndarray | None = None, w
         out = np.empty((rows, cols), np.float32)
     elif out.dtype != np.float32 or out.shape != (rows, cols) or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {(rows, cols)}")
+    stats = split_work(wv, {} if work is None else work)
+    _split_kernel(wv, kind, float(sigma), _chunks(rows), out, *stats)
+    return out, split_csr(w, wv, kind, stats)
+
+
+def split_work(wv, work: dict):
+    """The split's per-row arrays for weight elements ``wv`` (:func:`_weight_elements`): mean,
+    threshold, bounds, outlier counts and the kept slots (columns, raw values), held in ``work``
+    and reused by the next block of as many rows or fewer."""
+    rows, cols = wv.shape
     cap = split_slots(cols)
-    work = {} if work is None else work
     key = (cols, wv.dtype)
     if key not in work or work[key][0].shape[0] < rows:
         work[key] = (np.empty(rows), np.empty(rows), np.empty((rows, 2), np.float32), np.empty(rows, np.int64),
                      np.empty((rows, cap + SPLIT_SLACK), col_index_dtype(cols)),
                      np.empty((rows, cap + SPLIT_SLACK), wv.dtype))
-    mean, thr, bounds, counts, scols, svals = (a[:rows] for a in work[key])
-    _split_kernel(wv, kind, float(sigma), _chunks(rows), out, mean, thr, bounds, counts, scols, svals)
+    return tuple(a[:rows] for a in work[key])
+
+
+def split_csr(w, wv, kind, stats):
+    """The outliers' CSR (:class:`eqcore.outliers.Outliers`, raw values in w's dtype) once a split
+    kernel has filled ``stats`` (:func:`split_work`); ValueError if a row was not finite."""
+    from ..dtypes import NONFINITE
+    from ..outliers import Outliers
+
+    mean, thr, bounds, counts, scols, svals = stats
     if np.isnan(mean).any():
         raise ValueError(NONFINITE)
-    rowptr = np.zeros(rows + 1, np.int64)
+    rowptr = np.zeros(w.shape[0] + 1, np.int64)
     np.cumsum(counts, out=rowptr[1:])
     narrow = narrow_rowptr(rowptr)  # checks the count first
     nnz = int(rowptr[-1])
-    ocols, ovals = np.empty(nnz, col_index_dtype(cols)), np.empty(nnz, wv.dtype)
+    ocols, ovals = np.empty(nnz, col_index_dtype(w.shape[1])), np.empty(nnz, wv.dtype)
     if nnz:
         _split_fill(wv, kind, mean, thr, bounds, rowptr, scols, svals, ocols, ovals)
-    return out, Outliers(narrow, ocols, ovals.view(dt))
+    return Outliers(narrow, ocols, ovals.view(np.dtype(w.dtype)))
 
 
 def _chunks(rows: int) -> int:
@@ -742,6 +755,14 @@ def matmul(x, qt) -> np.ndarray:
 
 
 _FUSED = []  # numba_matmul.matmul, once imported
+
+
+def quantize_rows(w, sigma, bits, group_size, smax, scale_dtype, out=None, work=None):
+    """The default rules' quantize in one pass: :func:`eqcore.backends.numba_quantize.quantize_rows`
+    (imported on first use)."""
+    from .numba_quantize import quantize_rows as one_pass
+
+    return one_pass(w, sigma, bits, group_size, smax, scale_dtype, out, work)
 
 
 

@@ -50,32 +50,35 @@ group_exact = make_group_exact(_jit, njit(fastmath={"reassoc"}, error_model="num
                                _from_bits)
 
 
+@njit
+def workspace(g, cap):
+    """The per-thread workspace of :data:`group_exact` for groups of at most g and cap thresholds
+    per piece: (wa, wtop, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, ks, kq), in its argument order."""
+    return (np.empty(g, np.float32), np.empty(g, np.float32), np.empty(g, np.int32), np.empty(g, np.int32),
+            np.empty(cap + 1, np.float32), np.empty(cap + BLOCKS, np.int32), np.empty(cap, np.int32),
+            np.empty(cap, np.float32), np.empty(cap, np.int32), np.empty(2 * cap + 1, np.int32),
+            np.empty(cap + 1, np.float64), np.empty(cap + 1, np.float64), np.empty(1, np.float32),
+            np.empty(1, np.float64))
+
+
 @njit(parallel=True, cache=True)
 def _exact_kernel(flat, rows, cols, g, n_groups, qmax, smax, chunks, cap, bounds, out):
     total = rows * n_groups
     per = (total + chunks - 1) // chunks
     g = min(g, cols)
     for c in prange(chunks):  # one workspace per chunk, reused by its groups
-        wa = np.empty(g, np.float32)
-        wtop = np.empty(g, np.float32)
-        wcu = np.empty(g, np.int32)
-        wcw = np.empty(g, np.int32)
-        wt = np.empty(cap + 1, np.float32)
-        wb = np.empty(cap, np.int32)
-        wA = np.empty(cap + 1, np.float64)
-        wB = np.empty(cap + 1, np.float64)
-        st = np.empty(cap, np.float32)
-        wk = np.empty(cap + BLOCKS, np.int32)
-        sk = np.empty(cap, np.int32)
-        wc = np.empty(2 * cap + 1, np.int32)
-        ks = np.empty(1, np.float32)
-        kq = np.empty(1, np.float64)
+        wa, wtop, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, ks, kq = workspace(g, cap)
         for k in range(c * per, min(total, (c + 1) * per)):
             r = k // n_groups
             lo = (k - r * n_groups) * g
             n = min(g, cols - lo)
             out[k] = group_exact(flat, r * cols + lo, n, qmax, smax, wa, wtop, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB,
                                  bounds, ks, kq)
+
+
+def default_cap(g: int) -> int:
+    """Thresholds per workspace piece for groups of g (any cap >= 1 gives the same scales)."""
+    return 4 * g + 64
 
 
 def optimize_scales(x: np.ndarray, config, smax=None, cap=None) -> np.ndarray:
@@ -88,7 +91,7 @@ def optimize_scales(x: np.ndarray, config, smax=None, cap=None) -> np.ndarray:
     out = np.empty(rows * n_groups, dtype=np.float32)
     smax = max_scale(np.float32, config.qmax) if smax is None else np.float32(smax)
     chunks = max(1, min(rows * n_groups, 8 * numba.get_num_threads()))
-    cap = 4 * g + 64 if cap is None else max(1, int(cap))
+    cap = default_cap(g) if cap is None else max(1, int(cap))
     _exact_kernel(x.reshape(-1), rows, cols, g, n_groups, np.float32(config.qmax), smax, chunks, cap, BOUNDS,
                   out)
     return out.reshape(rows, n_groups)
