@@ -48,7 +48,7 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
     see :class:`QuantConfig`). Accepts NumPy, CuPy or any DLPack array; the result
     lives where the data does. ``backend``: "auto", "numpy" (reference), "numba", "cupy".
     """
-    config = config or QuantConfig()
+    config = config or _DEFAULT
     if options:
         config = config.replace(**options)
     w = check_weight(as_array(w), values=False)
@@ -71,6 +71,7 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
     return _quantize_checked(w, config, name)
 
 
+_DEFAULT = QuantConfig()  # frozen: shared by every call that gives none
 ROW_BLOCK_ELEMENTS = 1 << 22  # on the CPU, weights whose rows are independent go this many at a time
 
 

@@ -6,6 +6,7 @@ block, the group layout of scales, the outlier column-index dtype and the scale 
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -85,6 +86,11 @@ def float_dtype(scale_dtype) -> np.dtype:
 def max_scale(dtype, qmax: int, scale_dtype="float32") -> np.float32:
     """Largest float32 scale s, representable in ``scale_dtype``, with qmax * s <= the finite
     maximum of ``dtype`` (exact test)."""
+    return _max_scale(np.dtype(dtype), int(qmax), scale_dtype if isinstance(scale_dtype, str) else np.dtype(scale_dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _max_scale(dtype, qmax, scale_dtype):
     top = finite_max(dtype)
     sd = float_dtype(scale_dtype)
     s = np.float32(min(top / qmax, float(np.finfo(np.float16).max) if sd == np.float16 else top))

@@ -24,7 +24,7 @@ import numpy as np
 
 from .dtypes import all_finite
 from .interop import array_module
-from .layout import col_index_dtype, narrow_rowptr
+from .layout import col_index_dtype, narrow_rowptr, rowptr_dtype
 
 
 class Outliers(NamedTuple):
@@ -231,6 +231,8 @@ def to_csr(w: np.ndarray, mask: np.ndarray) -> Outliers:
 def concat_csr(parts) -> Outliers:
     """The CSR of consecutive row blocks (NumPy), given each block's own: row pointers shifted by
     the entries before the block, in :func:`eqcore.layout.rowptr_dtype` of the total."""
+    if len(parts) == 1 and parts[0].rowptr.dtype == rowptr_dtype(parts[0].nnz):  # already so
+        return parts[0]
     nnz = np.cumsum([0] + [p.nnz for p in parts])
     rowptr = np.concatenate([np.zeros(1, np.int64)] +
                             [np.asarray(p.rowptr[1:], np.int64) + n for p, n in zip(parts, nnz)])
