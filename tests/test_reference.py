@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings, strategies as st
 import eqcore
 from eqcore.config import QuantConfig
 from eqcore.backends.numpy import dequantize as dequantize_reference
-from eqcore.outliers import find_outliers
+from eqcore.outliers import concat_csr, find_outliers
 from eqcore.backends.numpy import pack, unpack
 from eqcore.layout import narrow_rowptr, packed_cols, rowptr_dtype, stored_bytes
 from eqcore.tensor import QuantizedTensor
@@ -227,6 +227,9 @@ def test_row_pointers_are_uint16_up_to_65535_outliers_then_int32():
     np.testing.assert_array_equal(eqcore.dequantize(back), eqcore.dequantize(qt))
     wide = dataclasses.replace(narrow[0], outlier_rowptr=narrow[0].outlier_rowptr.astype(np.int32))
     np.testing.assert_array_equal(eqcore.dequantize(wide), eqcore.dequantize(narrow[0]))  # both dtypes read alike
+    alone = concat_csr([wide.outliers])  # one block, int32 pointers as older files hold them: narrowed
+    assert alone.rowptr.dtype == np.uint16
+    np.testing.assert_array_equal(alone.rowptr, narrow[0].outlier_rowptr)
     bad = narrow[0].outlier_rowptr.copy()
     bad[3] = bad[4] + 1  # a decrease that uint16 differences would wrap around
     with pytest.raises(ValueError, match="non-decreasing"):
