@@ -634,14 +634,21 @@ def _split_kernel(w, kind, sigma, chunks, x, mean, thr, bounds, counts, scols, s
     for k in prange(chunks):
         flags = np.empty(cols + 8, np.bool_)
         for r in range(k * per, min(rows, k * per + per)):
-            xr = x[r]
-            s, a, s2 = _cast_sums(w[r], kind, xr)
-            m, t, lo, hi = _split_stats(xr, s, a, s2, kind, sigma)
-            mean[r], thr[r], bounds[r, 0], bounds[r, 1] = m, t, lo, hi
-            if m != m:
-                counts[r] = 0
-                continue
-            counts[r] = _split_zero(xr, w[r], m, t, lo, hi, flags, scols[r], svals[r])
+            split_row(w, kind, sigma, r, x[r], flags, mean, thr, bounds, counts, scols, svals)
+
+
+@njit
+def split_row(w, kind, sigma, r, xr, flags, mean, thr, bounds, counts, scols, svals):
+    """Row r of :func:`_split_kernel` into xr (float32, outliers zeroed) and the per-row arrays;
+    False when the row is not finite (its mean NaN, no outliers counted)."""
+    s, a, s2 = _cast_sums(w[r], kind, xr)
+    m, t, lo, hi = _split_stats(xr, s, a, s2, kind, sigma)
+    mean[r], thr[r], bounds[r, 0], bounds[r, 1] = m, t, lo, hi
+    if m != m:
+        counts[r] = 0
+        return False
+    counts[r] = _split_zero(xr, w[r], m, t, lo, hi, flags, scols[r], svals[r])
+    return True
 
 
 @njit(cache=True)

@@ -15,8 +15,7 @@ from numba import njit, prange
 
 from ..layout import group_layout, packed_cols
 from ..solvers.exact_numba import BOUNDS, default_cap, group_exact, workspace
-from .numba import (_cast_sums, _pack_row, _split_stats, _split_zero, _symmetric_codes, _weight_elements, split_csr,
-                    split_work)
+from .numba import _pack_row, _symmetric_codes, _weight_elements, split_csr, split_row, split_work
 from .numba_bits import f32_to_bf16_bits, f32_to_f16_bits, half_bits_to_f32
 
 SCALE_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2}  # the scale dtypes this pass rounds to
@@ -52,13 +51,8 @@ def _quantize_kernel(w, kind, sigma, g, qmax, smax, scale_kind, bits, chunks, ca
         codes = np.empty(cols, np.uint8)
         wa, wtop, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, ks, kq = workspace(g, cap)
         for r in range(k * per, min(rows, k * per + per)):
-            s, a, s2 = _cast_sums(w[r], kind, x)
-            m, t, lo, hi = _split_stats(x, s, a, s2, kind, sigma)
-            mean[r], thr[r], bnds[r, 0], bnds[r, 1] = m, t, lo, hi
-            if m != m:
-                counts[r] = 0
+            if not split_row(w, kind, sigma, r, x, flags, mean, thr, bnds, counts, scols, svals):
                 continue
-            counts[r] = _split_zero(x, w[r], m, t, lo, hi, flags, scols[r], svals[r])
             for j in range(n_groups):
                 c0 = j * g
                 n = min(g, cols - c0)
