@@ -61,7 +61,7 @@ def quantize(w, config: QuantConfig | None = None, *, backend: str = "auto", **o
     step = max(1, ROW_BLOCK_ELEMENTS // w.shape[1])
     if name != "cupy" and config.rows_independent:  # bounded memory, same result
         if fused and config.grid == "symmetric":  # into the result's arrays, block by block
-            out = _Blocks(w, config, step)
+            out = _Blocks(w, config, step, backends.one_pass(name) if _one_pass(config) else None)
             for r in range(0, w.shape[0], step):
                 _quantize_checked(w[r:r + step], config, name, out)
             return out.tensor(w, config)
@@ -83,24 +83,25 @@ def _fused_split(be, config: QuantConfig, dtype) -> bool:
 
 
 def _one_pass(config: QuantConfig) -> bool:
-    """Whether a fused split's rows are also solved, rounded and packed in the same pass
-    (``quantize_rows``): the symmetric grid, the exact solver and float scales."""
+    """Whether a fused split's rows may also be solved, rounded and packed in the same pass (the
+    backend's :func:`eqcore.backends.one_pass`): the symmetric grid, the exact solver and float scales."""
     return config.grid == "symmetric" and config.solver_name == "exact" and not config.col_scales \
         and config.scale_dtype != "log8"
 
 
 class _Blocks:
     """The arrays a fused, row-blocked quantize fills block by block: packed codes, scales, the
-    outliers' CSR pieces, and the float32 workspace every block reuses (no fresh pages; None when
-    the blocks go in one pass, :func:`_one_pass`)."""
+    outliers' CSR pieces, and the float32 workspace every block reuses (no fresh pages), or, when
+    the backend does the blocks in one pass, its ``quantize_rows`` (``one_pass``) instead."""
 
-    def __init__(self, w, config: QuantConfig, step: int):
+    def __init__(self, w, config: QuantConfig, step: int, one_pass=None):
         rows, cols = w.shape
         self.qweight = np.empty((rows, packed_cols(cols, config.bits)), np.uint32)
         log8 = config.scale_dtype == "log8"  # held as float32 values until the end
         self.scales = np.empty((rows, group_layout(cols, config.group_size)[1]),
                                np.float32 if log8 else SCALE_DTYPES[config.scale_dtype])
-        self.x = None if _one_pass(config) else np.empty((min(step, rows), cols), np.float32)
+        self.one_pass = one_pass
+        self.x = None if one_pass else np.empty((min(step, rows), cols), np.float32)
         self.work = {}  # the split's scratch arrays
         self.row, self.outliers = 0, []  # outliers: each block's CSR
 
@@ -123,9 +124,9 @@ def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = N
     split only), its rows go into ``out`` (returns None)."""
     be = backends.get(name)
     if _fused_split(be, config, w.dtype):  # the default outlier rule: one fused pass
-        if out is not None and out.x is None:  # ... which also solves and packs (_one_pass)
+        if out is not None and out.one_pass is not None:  # ... which also solves and packs
             rows = slice(out.row, out.row + w.shape[0])
-            _, scales, outliers = be.quantize_rows(w, config.sigma, config.bits, config.group_size,
+            _, scales, outliers = out.one_pass(w, config.sigma, config.bits, config.group_size,
                                                    max_scale(w.dtype, config.qmax, config.scale_dtype),
                                                    config.scale_dtype, out.qweight[rows], out.work)
             out.add(scales, outliers)

@@ -64,8 +64,8 @@ def test_quantize_takes_the_one_pass_where_it_applies(monkeypatch):
     """Default settings (any weight dtype the split takes, any float scale dtype) go through it, in
     row blocks too; log8 scales, Adam and the other grids do not."""
     calls = []
-    real = cpu.quantize_rows
-    monkeypatch.setattr(cpu, "quantize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = one.quantize_rows
+    monkeypatch.setattr(one, "quantize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     w = (np.random.default_rng(0).standard_t(4, (40, 96)) * 0.02).astype(np.float16)
     for options, taken in (({}, True), ({"scale_dtype": "bfloat16"}, True), ({"scale_dtype": "float32"}, True),
                            ({"scale_dtype": "log8"}, False), ({"solver": "adam"}, False),

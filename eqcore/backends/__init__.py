@@ -6,7 +6,8 @@
 
 Each backend module has the same operations with the same signatures (see
 :mod:`eqcore.backends.numpy`): ``name``, ``asarray``, ``encode``, ``pack``, ``unpack``,
-``dequantize``. Scale solvers are registered apart (:mod:`eqcore.solvers`). To add a backend:
+``dequantize``. Scale solvers are registered apart (:mod:`eqcore.solvers`); a backend may also
+do the default quantize in one pass per row (:data:`ONE_PASS`). To add a backend:
 write its module and add it to :data:`BACKENDS` (and give the solvers an entry for it).
 """
 from __future__ import annotations
@@ -17,6 +18,14 @@ from ..interop import is_cupy
 
 BACKENDS = {"numpy": "eqcore.backends.numpy", "numba": "eqcore.backends.numba", "cupy": "eqcore.backends.cupy"}
 CHOICES = ("auto", *BACKENDS)
+ONE_PASS = {"numba": "eqcore.backends.numba_quantize"}  # the default quantize in one pass per row
+
+
+def one_pass(name: str):
+    """Backend ``name``'s ``quantize_rows`` (the default rules' quantize in one pass: split, exact
+    scales, rounding and packing), imported on first use; None where it has none."""
+    module = ONE_PASS.get(name)
+    return None if module is None else importlib.import_module(module).quantize_rows
 
 
 _MODULES = {}

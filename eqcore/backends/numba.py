@@ -764,15 +764,6 @@ def matmul(x, qt) -> np.ndarray:
 _FUSED = []  # numba_matmul.matmul, once imported
 
 
-def quantize_rows(w, sigma, bits, group_size, smax, scale_dtype, out=None, work=None):
-    """The default rules' quantize in one pass: :func:`eqcore.backends.numba_quantize.quantize_rows`
-    (imported on first use)."""
-    from .numba_quantize import quantize_rows as one_pass
-
-    return one_pass(w, sigma, bits, group_size, smax, scale_dtype, out, work)
-
-
-
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)
 def _error_sums_kernel(w_hat, w, kind, step, out):
     rows, cols = w.shape
