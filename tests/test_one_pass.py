@@ -29,7 +29,7 @@ def three_steps(w, config):
 
 @settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.integers(1, 20), cols=st.integers(1, 300), src=st.sampled_from(["float16", "bfloat16", "float32"]),
-       kind=st.sampled_from(["t", "ties", "levels", "offset", "wide"]), bits=st.sampled_from([2, 3, 4, 8]),
+       kind=st.sampled_from(["t", "ties", "levels", "offset", "wide", "edge"]), bits=st.sampled_from([2, 3, 4, 8]),
        group=st.sampled_from([None, 16, 33, 128]), scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
        sigma=st.sampled_from([1.0, 3.0]), seed=st.integers(0, 2**32 - 1))
 def test_one_pass_equals_the_three_steps(rows, cols, src, kind, bits, group, scale_dtype, sigma, seed):
