@@ -127,8 +127,8 @@ def _quantize_checked(w, config: QuantConfig, name: str, out: _Blocks | None = N
         if out is not None and out.one_pass is not None:  # ... which also solves and packs
             rows = slice(out.row, out.row + w.shape[0])
             _, scales, outliers = out.one_pass(w, config.sigma, config.bits, config.group_size,
-                                                   max_scale(w.dtype, config.qmax, config.scale_dtype),
-                                                   config.scale_dtype, out.qweight[rows], out.work)
+                                               max_scale(w.dtype, config.qmax, config.scale_dtype),
+                                               config.scale_dtype, out.qweight[rows], out.work)
             out.add(scales, outliers)
             return None
         x, outliers = be.split_outliers(w, config.sigma, *(() if out is None else (out.x[:w.shape[0]], out.work)))

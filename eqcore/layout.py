@@ -86,7 +86,8 @@ def float_dtype(scale_dtype) -> np.dtype:
 def max_scale(dtype, qmax: int, scale_dtype="float32") -> np.float32:
     """Largest float32 scale s, representable in ``scale_dtype``, with qmax * s <= the finite
     maximum of ``dtype`` (exact test)."""
-    return _max_scale(np.dtype(dtype), int(qmax), scale_dtype if isinstance(scale_dtype, str) else np.dtype(scale_dtype))
+    sd = scale_dtype if isinstance(scale_dtype, str) else np.dtype(scale_dtype)
+    return _max_scale(np.dtype(dtype), int(qmax), sd)  # cached: a quantize call asks once per row block
 
 
 @functools.lru_cache(maxsize=None)
