@@ -124,12 +124,11 @@ def outside_share(rows: int, cols: int, seed: int, repeat: int) -> dict:
         stage = dict.fromkeys(STAGES, 0.0)
         stage[STAGES[0]] = best_time(lambda: api.check_weight(w, values=False), repeat, clock)[0]
         step = max(1, api.ROW_BLOCK_ELEMENTS // cols)
-        blocks = api._Blocks(w, cfg, step)
-        xbuf = np.empty((min(step, rows), cols), np.float32)  # the three-step pipeline's float32 x
+        blocks = api._Blocks(w, cfg, step)  # no one_pass: the three-step pipeline's float32 x in blocks.x
         for r in range(0, rows, step):
             wb = w[r:r + step]
             n = wb.shape[0]
-            t, (xb, outliers) = best_time(lambda: cpu.split_outliers(wb, cfg.sigma, out=xbuf[:n],
+            t, (xb, outliers) = best_time(lambda: cpu.split_outliers(wb, cfg.sigma, out=blocks.x[:n],
                                                                      work=blocks.work), repeat, clock)
             stage[STAGES[1]] += t
             t, s = best_time(lambda: optimize_scales(xb, cfg, smax), repeat, clock)

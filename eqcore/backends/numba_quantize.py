@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..layout import group_layout, packed_cols
+from ..layout import group_layout, packed_cols, qrange
 from ..solvers.exact_numba import BOUNDS, default_cap, group_exact, workspace
 from .numba import _pack_row, _symmetric_codes, _weight_elements, split_csr, split_row, split_work
 from .numba_bits import f32_to_bf16_bits, f32_to_f16_bits, half_bits_to_f32
@@ -83,8 +83,8 @@ def quantize_rows(w: np.ndarray, sigma: float, bits: int, group_size: int | None
         raise ValueError(f"out must be a C-contiguous uint32 array of shape {(rows, packed_cols(cols, bits))}")
     stats = split_work(wv, {} if work is None else work)
     scales = np.empty((rows, n_groups), np.float32)
-    qmax = (1 << (bits - 1)) - 1
+    qmax = qrange(bits)[1]
     chunks = max(1, min(rows, 8 * numba.get_num_threads()))
     _quantize_kernel(wv, kind, float(sigma), g, np.float32(qmax), np.float32(smax), scale_kind, bits, chunks,
-                     default_cap(min(g, cols)), BOUNDS, *stats, scales, out)
+                     default_cap(g), BOUNDS, *stats, scales, out)
     return out, scales, split_csr(w, wv, kind, stats)
