@@ -233,7 +233,7 @@ def python_body(**replace):
     """The shared per-group body built as plain Python (no compilation), its helpers in a dict;
     ``replace`` swaps helpers by name as they are built (a wrapper that records calls, say)."""
     from eqcore.solvers import exact_sweep
-    from eqcore.solvers.exact_numba import _bits, _code, _down, _from_bits, _up
+    from eqcore.solvers.exact_numba import _bits, _bits64, _code, _down, _from_bits, _from_bits64, _up
 
     helpers = {}
 
@@ -246,7 +246,7 @@ def python_body(**replace):
         return _code.py_func(np.float32(a), np.float32(s), np.float32(top))
 
     group_exact = exact_sweep.make_group_exact(keep, keep, code, _up.py_func, _down.py_func, _bits.py_func,
-                                               _from_bits.py_func)
+                                               _from_bits.py_func, _bits64.py_func, _from_bits64.py_func)
     return group_exact, helpers
 
 
@@ -345,3 +345,33 @@ def test_window_bound_is_a_lower_bound_of_the_loss_in_its_window(seed, n, bits, 
     cfg = QuantConfig(bits=bits)
     losses = loss_and_grad(np.broadcast_to(x, (grid.size, n)), grid, cfg.qmin, cfg.qmax)[0]
     assert bound <= losses.min() * (1 + 1e-12), (bound, losses.min())
+
+
+def compiled_helpers():
+    """The body's helpers compiled with numba.njit (each on first call)."""
+    import numba
+
+    from eqcore.solvers import exact_sweep
+    from eqcore.solvers.exact_numba import _bits, _bits64, _code, _down, _from_bits, _from_bits64, _up
+
+    helpers = {}
+
+    def keep(f):
+        helpers[f.__name__] = g = numba.njit(f)
+        return g
+
+    exact_sweep.make_group_exact(keep, keep, _code, _up, _down, _bits, _from_bits, _bits64, _from_bits64)
+    return helpers
+
+
+@settings(deadline=None, max_examples=80)
+@given(values=st.lists(st.one_of(st.floats(-1e-10, 1e300), st.sampled_from([0.0, -0.0, np.inf, 5e-324])),
+                       min_size=1, max_size=70), data=st.data())
+def test_least_is_the_min_clamped_at_zero(values, data):
+    """The sweep's band starts from max(0, min(losses[:m])), taken on the bit patterns."""
+    w = np.array(values, dtype=np.float64)
+    m = data.draw(st.integers(1, w.size))
+    expect = max(0.0, float(w[:m].min()))
+    for least in (python_body()[1]["least"], compiled_helpers()["least"]):
+        got = least(w, m)
+        assert got == expect and not np.signbit(got), (got, expect)

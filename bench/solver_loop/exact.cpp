@@ -42,6 +42,19 @@ inline double dmax_(double a, double b) { return b > a ? b : a; }
 // the contract: the float32 quotient, rounded half to even (rint), clamped to [0, top]
 inline float code(float a, float s, float top) { return fmin_(fmax_(std::rint(a / s), 0.0f), top); }
 
+// max(0, min(w[:m])) as the least bit pattern: an integer min (vectorised; a double min is not)
+inline double least(const double* w, int64_t m) {
+  int64_t b = 0x7FF0000000000000;
+  for (int64_t j = 0; j < m; j++) {
+    double v = w[j] > 0.0 ? w[j] : 0.0;
+    int64_t i;
+    std::memcpy(&i, &v, 8);
+    b = i < b ? i : b;
+  }
+  double r;
+  std::memcpy(&r, &b, 8);
+  return r;
+}
 inline float next_up(float f) { int32_t i; std::memcpy(&i, &f, 4); i += 1; std::memcpy(&f, &i, 4); return f; }
 inline float next_down(float f) { int32_t i; std::memcpy(&i, &f, 4); i -= 1; std::memcpy(&f, &i, 4); return f; }
 
@@ -318,8 +331,7 @@ void sweep_piece(const float* wa, const float* wtop, int64_t n, float u, float w
     wt[j] = s;
     wA[j] = hi >= lo ? q : INFINITY;
   }
-  double qmin = INFINITY;
-  for (int64_t j = 0; j < k + 1; j++) qmin = dmin_(qmin, wA[j]);
+  double qmin = least(wA, k + 1);
   for (int64_t j = 0; j < k + 1; j++)
     if (wA[j] <= qmin + BAND * C) settle(wa, wtop, n, wt[j], wA[j], C, W);
 }

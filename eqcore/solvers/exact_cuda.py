@@ -42,6 +42,12 @@ if SIMULATOR:
 
     def _from_bits(i):
         return np.int32(i).view(np.float32)
+
+    def _bits64(f):
+        return np.float64(f).view(np.int64)
+
+    def _from_bits64(i):
+        return np.int64(i).view(np.float64)
 else:
     from numba.cuda import libdevice
 
@@ -61,8 +67,16 @@ else:
     def _from_bits(i):
         return libdevice.int_as_float(i)
 
+    @cuda.jit(device=True)
+    def _bits64(f):
+        return libdevice.double_as_longlong(f)
+
+    @cuda.jit(device=True)
+    def _from_bits64(i):
+        return libdevice.longlong_as_double(i)
+
 _device = cuda.jit(device=True)
-group_exact = make_group_exact(_device, _device, _code, _up, _down, _bits, _from_bits)
+group_exact = make_group_exact(_device, _device, _code, _up, _down, _bits, _from_bits, _bits64, _from_bits64)
 
 
 def kernel(x, out, first, count, rows, cols, g, n_groups, qmax, smax,

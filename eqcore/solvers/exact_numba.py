@@ -43,11 +43,21 @@ def _from_bits(i):
     return np.int32(i).view(np.float32)
 
 
+@njit
+def _bits64(f):
+    return np.float64(f).view(np.int64)
+
+
+@njit
+def _from_bits64(i):
+    return np.int64(i).view(np.float64)
+
+
 # error_model="numpy": no zero-divisor test (and exception exit) in each division, which kept LLVM
 # from if-converting exact_thresholds' loop; no divisor here is ever 0, so no result changes
 _jit = njit(error_model="numpy")
 group_exact = make_group_exact(_jit, njit(fastmath={"reassoc"}, error_model="numpy"), _code, _up, _down, _bits,
-                               _from_bits)
+                               _from_bits, _bits64, _from_bits64)
 
 
 @njit
