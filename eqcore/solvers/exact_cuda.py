@@ -37,17 +37,11 @@ if SIMULATOR:
     def _down(f):
         return np.nextafter(np.float32(f), np.float32(0.0))
 
-    def _bits(f):
-        return np.float32(f).view(np.int32)
+    def _view(source, target):
+        return lambda v: source(v).view(target)
 
-    def _from_bits(i):
-        return np.int32(i).view(np.float32)
-
-    def _bits64(f):
-        return np.float64(f).view(np.int64)
-
-    def _from_bits64(i):
-        return np.int64(i).view(np.float64)
+    _bits, _from_bits = _view(np.float32, np.int32), _view(np.int32, np.float32)
+    _bits64, _from_bits64 = _view(np.float64, np.int64), _view(np.int64, np.float64)
 else:
     from numba.cuda import libdevice
 
@@ -59,21 +53,15 @@ else:
     def _down(f):
         return libdevice.nextafterf(f, float32(0.0))
 
-    @cuda.jit(device=True)
-    def _bits(f):
-        return libdevice.float_as_int(f)
+    def _view(cast):
+        """A device function calling libdevice's bit cast ``cast``."""
+        @cuda.jit(device=True)
+        def view(v):
+            return cast(v)
+        return view
 
-    @cuda.jit(device=True)
-    def _from_bits(i):
-        return libdevice.int_as_float(i)
-
-    @cuda.jit(device=True)
-    def _bits64(f):
-        return libdevice.double_as_longlong(f)
-
-    @cuda.jit(device=True)
-    def _from_bits64(i):
-        return libdevice.longlong_as_double(i)
+    _bits, _from_bits = _view(libdevice.float_as_int), _view(libdevice.int_as_float)
+    _bits64, _from_bits64 = _view(libdevice.double_as_longlong), _view(libdevice.longlong_as_double)
 
 _device = cuda.jit(device=True)
 group_exact = make_group_exact(_device, _device, _code, _up, _down, _bits, _from_bits, _bits64, _from_bits64)

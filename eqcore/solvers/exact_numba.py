@@ -33,24 +33,16 @@ def _down(f):
     return np.int32(np.float32(f).view(np.int32) - 1).view(np.float32)
 
 
-@njit
-def _bits(f):
-    return np.float32(f).view(np.int32)
+def _view(source, target):
+    """A compiled function: a ``source`` value's bit pattern read as a ``target`` value."""
+    @njit
+    def view(v):
+        return source(v).view(target)
+    return view
 
 
-@njit
-def _from_bits(i):
-    return np.int32(i).view(np.float32)
-
-
-@njit
-def _bits64(f):
-    return np.float64(f).view(np.int64)
-
-
-@njit
-def _from_bits64(i):
-    return np.int64(i).view(np.float64)
+_bits, _from_bits = _view(np.float32, np.int32), _view(np.int32, np.float32)
+_bits64, _from_bits64 = _view(np.float64, np.int64), _view(np.int64, np.float64)
 
 
 # error_model="numpy": no zero-divisor test (and exception exit) in each division, which kept LLVM
