@@ -1,10 +1,11 @@
-"""The exact scale solver against Adam-500, side by side on LLaMA-7B-shaped matrices (Numba, CPU).
+"""The exact scale solver against Adam-500 and Lloyd, side by side on LLaMA-7B-shaped matrices (Numba, CPU).
 
     python bench/exact_solver.py [--bits 4 3] [--quick]      # writes bench/results/exact_solver.md
 
 Weights: Student-t (df 5) * 0.02, seeded, outliers at 3 sigma zeroed as quantize() does. For each
 shape and setting: wall time of each solver (best of --repeat, after a warm-up call that compiles
-them), the total reconstruction loss of each, and on how many rows (groups) exact <= Adam.
+them), the total reconstruction loss of each, and on how many rows (groups) exact <= Adam; then
+Lloyd's iteration (``solver="lloyd"``), its time and its loss above the exact one.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np  # noqa: E402
 from eqcore.config import QuantConfig  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
-from eqcore.solvers import adam_numba, exact_numba  # noqa: E402
+from eqcore.solvers import adam_numba, exact_numba, lloyd_numba  # noqa: E402
 from eqcore.solvers.objective import group_view, loss_and_grad  # noqa: E402
 from bench.timing import best_time, write_report  # noqa: E402
 
@@ -57,13 +58,17 @@ def main(argv=None) -> int:
                 cfg = QuantConfig(bits=bits, group_size=g, steps=500)
                 adam_numba.optimize_scales(x[:4], cfg)
                 exact_numba.optimize_scales(x[:4], cfg)
+                lloyd_numba.solve(x[:4], cfg)
                 t_adam, s_adam = best_time(lambda: adam_numba.optimize_scales(x, cfg), a.repeat)
                 t_exact, s_exact = best_time(lambda: exact_numba.optimize_scales(x, cfg), a.repeat)
+                t_lloyd, (s_lloyd, _) = best_time(lambda: lloyd_numba.solve(x, cfg), a.repeat)
                 la, le = group_losses(x, s_adam, cfg), group_losses(x, s_exact, cfg)
+                ll = group_losses(x, s_lloyd, cfg)
                 le_ok = float(np.mean(le <= la * (1 + 1e-12)))
                 row = (f"| {rows}x{cols} | {bits} | {'row' if g is None else g} | {t_adam:.2f} | {t_exact:.2f} | "
                        f"**{t_adam / t_exact:.1f}x** | {la.sum():.6e} | {le.sum():.6e} | "
-                       f"{(la.sum() / le.sum() - 1) * 100:.4f} % | {le_ok:.2%} |")
+                       f"{(la.sum() / le.sum() - 1) * 100:.4f} % | {le_ok:.2%} | {t_lloyd:.2f} | "
+                       f"{(ll.sum() / le.sum() - 1) * 100:.4f} % |")
                 print(row, flush=True)
                 lines.append(row)
     load = os.getloadavg()
@@ -75,8 +80,8 @@ def main(argv=None) -> int:
         "Weights: Student-t (df 5) x 0.02, 3-sigma outliers zeroed. Times: best of "
         f"{a.repeat}, kernels compiled before timing. Loss: sum of squared reconstruction error.", "",
         "| shape | bits | group | Adam-500 s | exact s | speed-up | Adam loss | exact loss | Adam's excess | "
-        "groups with exact <= Adam |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "groups with exact <= Adam | Lloyd s | Lloyd's excess |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *lines, ""])
     return write_report(text, a.out, echo=False)
 
