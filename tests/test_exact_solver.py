@@ -1,5 +1,7 @@
 """The exact scale solver: never worse than Adam on any row or group, equal to a dense (and, on
 tiny inputs, exhaustive) scan of float32 scales, and the same answer on every backend."""
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -347,8 +349,10 @@ def test_window_bound_is_a_lower_bound_of_the_loss_in_its_window(seed, n, bits, 
     assert bound <= losses.min() * (1 + 1e-12), (bound, losses.min())
 
 
+@functools.lru_cache(maxsize=None)
 def compiled_helpers():
-    """The body's helpers compiled with numba.njit (each on first call)."""
+    """The body's helpers compiled with numba.njit (each on first call; built once, so that each
+    example does not compile them again)."""
     import numba
 
     from eqcore.solvers import exact_sweep
