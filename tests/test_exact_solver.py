@@ -379,3 +379,28 @@ def test_least_is_the_min_clamped_at_zero(values, data):
     for least in (python_body()[1]["least"], compiled_helpers()["least"]):
         got = least(w, m)
         assert got == expect and not np.signbit(got), (got, expect)
+
+
+@settings(deadline=None, max_examples=80)
+@given(data=st.data(), k=st.integers(0, 60), spread=st.sampled_from([0.0, 1e-6, 0.3, 4.0]),
+       repeats=st.booleans())
+def test_sort_thresholds_is_a_stable_sort(data, k, spread, repeats):
+    """The sweep's sort: st[:k], sk[:k] are wt[:k], wk[:k] in the stable order of wt, for any
+    thresholds in [u, w] (clusters in one bucket, repeats, one-ulp pieces); the slots past k are
+    untouched."""
+    u = np.float32(data.draw(st.sampled_from([1.401298464324817e-45, 1e-6, 0.5, 3e4])))
+    w = np.float32(u * np.float32(1 + spread)) if spread else u
+    w = max(w, u)
+    pick = st.floats(float(u), float(w), width=32) if w > u else st.just(float(u))
+    wt = np.array(data.draw(st.lists(pick, min_size=k, max_size=k)), dtype=np.float32)
+    if repeats and k > 1:
+        wt[::2] = wt[0]
+    wk = np.arange(k, dtype=np.int32) * 7 + 3  # distinct keys: equal thresholds show their order
+    order = np.argsort(wt, kind="stable")
+    for sort_thresholds in (python_body()[1]["sort_thresholds"], compiled_helpers()["sort_thresholds"]):
+        st_, sk = np.full(k + 2, -1, np.float32), np.full(k + 2, -1, np.int32)
+        wb, wc = np.zeros(k + 1, np.int32), np.zeros(2 * k + 2, np.int32)
+        sort_thresholds(wt.copy(), wk.copy(), k, u, w, wb, wc, st_, sk)
+        np.testing.assert_array_equal(st_[:k], wt[order])
+        np.testing.assert_array_equal(sk[:k], wk[order])
+        assert (st_[k:] == -1).all() and (sk[k:] == -1).all()

@@ -297,6 +297,21 @@ void sweep_piece(const float* wa, const float* wtop, int64_t n, float u, float w
     st[p] = wt[j];
     sk[p] = wk[j];
   }
+  if (k > 1) {  // one branch-free bubble pass, as in the Python body
+    float hi = st[0];
+    int32_t hi_key = sk[0];
+    for (int64_t j = 1; j < k; j++) {
+      float t = st[j];
+      int32_t key = sk[j];
+      bool swap = hi > t;
+      st[j - 1] = swap ? t : hi;
+      sk[j - 1] = swap ? key : hi_key;
+      hi = swap ? hi : t;
+      hi_key = swap ? hi_key : key;
+    }
+    st[k - 1] = hi;
+    sk[k - 1] = hi_key;
+  }
   for (int64_t j = 1; j < k; j++) {
     float t = st[j];
     if (st[j - 1] > t) {

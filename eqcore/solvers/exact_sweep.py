@@ -359,23 +359,10 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
         return from_bits64(least_bits)
 
     @jit
-    def sweep_piece(wa, wtop, n, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
-        """Every interval of [u, w] (inclusive), given its ``cnt`` thresholds fit the workspace."""
-        A, B = moments(wa, wtop, n, u)
-        if cnt == 0:
-            s, q = best_in(A, B, C, u, w)
-            settle(wa, wtop, n, s, q, C, ks, kq)
-            return
-        k = 0
-        for i in range(n):  # the thresholds: levels between the codes at u and at w
-            base = int32(i << SHIFT) + wcw[i]
-            for d in range(BLOCKS):  # written whether used or not (no branch); wk has the room
-                wk[uint32(k + d)] = base + d
-            for d in range(BLOCKS, wcu[i] - wcw[i]):
-                wk[uint32(k + d)] = base + d
-            k += wcu[i] - wcw[i]
-        exact_thresholds(wa, wtop, k, wk, wt, wb, bounds, wA, wB)  # wA, wB: scratch until the prefix sums
-        # bucket sort on t (two buckets per threshold), then insertion sort (linear here)
+    def sort_thresholds(wt, wk, k, u, w, wb, wc, st, sk):
+        """st[:k], sk[:k] = wt[:k], wk[:k] in the stable order of the thresholds wt (each in [u, w]):
+        a bucket sort (two buckets per threshold; wb, wc scratch), then one branch-free bubble pass
+        and an insertion sort, linear here."""
         nb = 2 * k
         scale = float32(float64(nb) / (float64(w) - float64(u))) if w > u else float32(0.0)
         for j in range(k):
@@ -394,6 +381,19 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
             wc[bj] = p + 1
             st[p] = wt[j]
             sk[p] = wk[j]
+        if k > 1:  # a branch-free bubble pass: it swaps every lone adjacent inversion (most of them:
+            hi = st[0]  # two thresholds in one bucket), which otherwise cost the insertion sort a
+            hi_key = sk[0]  # mispredicted branch each; strict >, so equal thresholds keep their order
+            for j in range(1, k):
+                t = st[j]
+                key = sk[j]
+                swap = hi > t
+                st[j - 1] = t if swap else hi
+                sk[j - 1] = key if swap else hi_key
+                hi = hi if swap else t
+                hi_key = hi_key if swap else key
+            st[k - 1] = hi
+            sk[k - 1] = hi_key
         for j in range(1, k):
             t = st[j]
             if st[j - 1] > t:
@@ -405,6 +405,25 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
                     p -= 1
                 st[p] = t
                 sk[p] = key
+
+    @jit
+    def sweep_piece(wa, wtop, n, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
+        """Every interval of [u, w] (inclusive), given its ``cnt`` thresholds fit the workspace."""
+        A, B = moments(wa, wtop, n, u)
+        if cnt == 0:
+            s, q = best_in(A, B, C, u, w)
+            settle(wa, wtop, n, s, q, C, ks, kq)
+            return
+        k = 0
+        for i in range(n):  # the thresholds: levels between the codes at u and at w
+            base = int32(i << SHIFT) + wcw[i]
+            for d in range(BLOCKS):  # written whether used or not (no branch); wk has the room
+                wk[uint32(k + d)] = base + d
+            for d in range(BLOCKS, wcu[i] - wcw[i]):
+                wk[uint32(k + d)] = base + d
+            k += wcu[i] - wcw[i]
+        exact_thresholds(wa, wtop, k, wk, wt, wb, bounds, wA, wB)  # wA, wB: scratch until the prefix sums
+        sort_thresholds(wt, wk, k, u, w, wb, wc, st, sk)
         # the codes of interval j ([st[j-1], st[j]) ) follow the first j steps: prefix sums
         wA[0] = A  # A stays an exact integer; B is summed with compensation (Fast2Sum: B >= a here,
         wB[0] = B  # since B still holds a * (m + 1) of the element that steps down)
