@@ -278,7 +278,8 @@ void sweep_piece(const float* wa, const float* wtop, int64_t n, float u, float w
   }
   exact_thresholds(wa, wtop, k, wk, wt, wb, bounds, wA, wB);  // wA, wB: scratch until the prefix sums
   int64_t nb = 2 * k;
-  float scale = w > u ? (float)((double)nb / ((double)w - (double)u)) : 0.0f;
+  double per = (double)nb / ((double)w - (double)u);  // capped as in the Python body
+  float scale = w > u ? (float)(per < 3e38 ? per : 3e38) : 0.0f;
   for (int64_t j = 0; j < k; j++) {
     int64_t b = (int32_t)((wt[j] - u) * scale);
     b = b > 0 ? b : 0;

@@ -364,7 +364,9 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
         a bucket sort (two buckets per threshold; wb, wc scratch), then one branch-free bubble pass
         and an insertion sort, linear here."""
         nb = 2 * k
-        scale = float32(float64(nb) / (float64(w) - float64(u))) if w > u else float32(0.0)
+        # buckets per unit of t, capped below float32's max (a piece a few subnormals wide would
+        # give inf, and (t - u) * inf an inf or NaN bucket index); (t - u) * scale stays <= ~nb
+        scale = float32(min(float64(nb) / (float64(w) - float64(u)), 3e38)) if w > u else float32(0.0)
         for j in range(k):
             wb[j] = min(max(int32((wt[j] - u) * scale), 0), nb - 1)
         for b in range(nb + 1):
