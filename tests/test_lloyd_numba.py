@@ -127,3 +127,29 @@ def test_vector_leaves_are_numpys():
         got = np.array(lloyd_numba._leaf4(*b, m))
         expect = np.array([r[:m].sum() for r in b])  # NumPy's 0.0 + pairwise sum
         np.testing.assert_array_equal((0.0 + got).view(np.uint64), expect.view(np.uint64))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(GRIDS), st.sampled_from([2, 4, 8]), st.integers(0, 2**32 - 1))
+def test_a_taken_out_entry_counts_for_nothing(grid_codebook, bits, seed):
+    """The scales do not depend on a taken-out entry's column scale, even one whose grid value
+    overflows float32 there (the loss once had 0 * inf = NaN for its group, which then kept its
+    first scale)."""
+    grid, codebook = grid_codebook
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(3, (2, 16)) * 10.0).astype(np.float32)
+    keep = np.ones(x.shape, bool)
+    keep[:, 5] = False
+    x[~keep] = 0.0
+    col = rng.uniform(0.5, 2.0, 16).astype(np.float32)
+    huge = col.copy()
+    huge[5] = np.float32(3e38)
+    config = QuantConfig(bits=bits, grid=grid, codebook=codebook, solver="lloyd")
+    cb = codebook_for(x / col, config)
+    for solve in (lloyd.solve, lloyd_numba.solve):
+        with np.errstate(over="ignore"):  # the overflow itself is the case under test
+            a = solve(x, config, codebook=cb, col=col, keep=keep)
+            b = solve(x, config, codebook=cb, col=huge, keep=keep)
+        np.testing.assert_array_equal(bits_of(a[0]), bits_of(b[0]))
+        if a[1] is not None:
+            np.testing.assert_array_equal(bits_of(a[1]), bits_of(b[1]))

@@ -12,7 +12,8 @@ reference's arithmetic in the reference's order, so scales and zero-points are b
 * each group sum is NumPy's: ``0.0 + pairwise(terms over the padded group)``, NumPy's
   pairwise summation (runs of < 8 in order, blocks of <= 128 in 8 strided accumulators, longer
   runs halved at a multiple of 8), over all ``g`` positions of the padded group, the padding
-  and the outliers contributing exact zeros as in the reference;
+  and the outliers contributing exact zeros as in the reference (a zero, not 0 * inf, where a
+  taken-out entry's grid value overflows);
 * without column scales its loops read x alone, and without a mask it uses a mask of ones: the
   reference's x / 1, v * 1, real * e and 1 * (1 * 1) are exact, so neither changes a result.
 
@@ -252,7 +253,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 v = np.float32(v * cv[j])
             e = np.float64(v) - np.float64(xj)
             r = rv[j]
-            B0[i] = (r * e) * e
+            B0[i] = (r * e) * e if r > 0.0 else 0.0  # not 0 * inf
             l64 = np.float64(li)
             wl = (wv[j] if has_col else r) * l64
             B1[i] = wl * l64
@@ -274,7 +275,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 v = np.float32(v * cv[j])
             e = np.float64(v) - x64
             r = rv[j]
-            B0[i] = (r * e) * e
+            B0[i] = (r * e) * e if r > 0.0 else 0.0  # not 0 * inf
             l64 = np.float64(li)
             wl = (wv[j] if has_col else r) * l64
             B1[i] = wl * l64
@@ -286,7 +287,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 q = min(max(np.rint(np.float32(yv[j] / s)), qmin), qmax)
                 li = np.float32(np.float32(q - qmin) + qmin)
                 e = np.float64(np.float32(np.float32(li * s) * cv[j])) - np.float64(xr[j])
-                B0[i] = (rv[j] * e) * e
+                B0[i] = (rv[j] * e) * e if rv[j] > 0.0 else 0.0
                 l64 = np.float64(li)
                 wl = wv[j] * l64
                 B1[i] = wl * l64
@@ -300,7 +301,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 x64 = np.float64(xj)
                 e = np.float64(np.float32(li * s)) - x64
                 r = rv[j]
-                B0[i] = (r * e) * e
+                B0[i] = (r * e) * e if r > 0.0 else 0.0  # not 0 * inf
                 l64 = np.float64(li)
                 wl = r * l64
                 B1[i] = wl * l64
@@ -314,7 +315,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 q = min(max(np.rint(np.float32(np.float32(yv[j] / s) + z)), zero), nmax)
                 li = np.float32(q - z)
                 e = np.float64(np.float32(np.float32(li * s) * cv[j])) - np.float64(xr[j])
-                B0[i] = (rv[j] * e) * e
+                B0[i] = (rv[j] * e) * e if rv[j] > 0.0 else 0.0
                 uu = np.float64(li) + z64
                 wu = wv[j] * uu
                 B1[i] = wu
@@ -329,7 +330,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 x64 = np.float64(xj)
                 e = np.float64(np.float32(li * s)) - x64
                 r = rv[j]
-                B0[i] = (r * e) * e
+                B0[i] = (r * e) * e if r > 0.0 else 0.0  # not 0 * inf
                 uu = np.float64(li) + z64
                 wu = r * uu
                 B1[i] = wu
