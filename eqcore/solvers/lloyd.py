@@ -80,8 +80,8 @@ def solve(x, config, smax=None, codebook=None, col=None, keep=None):
     def score(s32, z32):  # each group's dequantization error, and its levels
         lev, v = dequant_values(yg if cg is None else xg, s32[:, None], bits, None if z32 is None else z32[:, None],
                                 cb, cg)
-        e = xp.where(real > 0, v.astype(np.float64) - xg, 0.0)  # not 0 * inf where a kept outlier's
-        return (real * e * e).sum(axis=1), lev.astype(np.float64)  # grid value overflows: a NaN loss
+        e = xp.where(real > 0, v.astype(np.float64) - xg, 0.0)  # not 0 * inf where a taken-out
+        return (real * e * e).sum(axis=1), lev.astype(np.float64)  # entry's grid value overflows
 
     s32, z32 = params(s, m)
     best_loss, lev = score(s32, z32)

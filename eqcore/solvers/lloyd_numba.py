@@ -218,6 +218,13 @@ def _levels_search(t, m, mids, cb, lv):
 
 
 @_inline
+def _masked_square(r, e):
+    """The reference's (r * e) * e of a mask r in {0, 1}, as an exact zero where r is 0 (not
+    0 * inf where a taken-out entry's grid value overflows)."""
+    return (r * e) * e if r > 0.0 else 0.0
+
+
+@_inline
 def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mids, cb, t, lv, B0, B1, B2, B3):
     """The per-element terms of the group's entries lo .. lo + m - 1 into B0.. (from 0): loss
     (r e) e, and the least-squares step's (w lev) lev, (w lev) y, or w u, (w u) u, (w u) y."""
@@ -253,7 +260,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 v = np.float32(v * cv[j])
             e = np.float64(v) - np.float64(xj)
             r = rv[j]
-            B0[i] = (r * e) * e if r > 0.0 else 0.0  # not 0 * inf
+            B0[i] = _masked_square(r, e)
             l64 = np.float64(li)
             wl = (wv[j] if has_col else r) * l64
             B1[i] = wl * l64
@@ -275,7 +282,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 v = np.float32(v * cv[j])
             e = np.float64(v) - x64
             r = rv[j]
-            B0[i] = (r * e) * e if r > 0.0 else 0.0  # not 0 * inf
+            B0[i] = _masked_square(r, e)
             l64 = np.float64(li)
             wl = (wv[j] if has_col else r) * l64
             B1[i] = wl * l64
@@ -287,7 +294,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 q = min(max(np.rint(np.float32(yv[j] / s)), qmin), qmax)
                 li = np.float32(np.float32(q - qmin) + qmin)
                 e = np.float64(np.float32(np.float32(li * s) * cv[j])) - np.float64(xr[j])
-                B0[i] = (rv[j] * e) * e if rv[j] > 0.0 else 0.0
+                B0[i] = _masked_square(rv[j], e)
                 l64 = np.float64(li)
                 wl = wv[j] * l64
                 B1[i] = wl * l64
@@ -301,7 +308,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 x64 = np.float64(xj)
                 e = np.float64(np.float32(li * s)) - x64
                 r = rv[j]
-                B0[i] = (r * e) * e if r > 0.0 else 0.0  # not 0 * inf
+                B0[i] = _masked_square(r, e)
                 l64 = np.float64(li)
                 wl = r * l64
                 B1[i] = wl * l64
@@ -315,7 +322,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 q = min(max(np.rint(np.float32(np.float32(yv[j] / s) + z)), zero), nmax)
                 li = np.float32(q - z)
                 e = np.float64(np.float32(np.float32(li * s) * cv[j])) - np.float64(xr[j])
-                B0[i] = (rv[j] * e) * e if rv[j] > 0.0 else 0.0
+                B0[i] = _masked_square(rv[j], e)
                 uu = np.float64(li) + z64
                 wu = wv[j] * uu
                 B1[i] = wu
@@ -330,7 +337,7 @@ def _terms(grid, has_col, xr, yv, cv, rv, wv, lo, m, s, z, qmin, qmax, nmax, mid
                 x64 = np.float64(xj)
                 e = np.float64(np.float32(li * s)) - x64
                 r = rv[j]
-                B0[i] = (r * e) * e if r > 0.0 else 0.0  # not 0 * inf
+                B0[i] = _masked_square(r, e)
                 uu = np.float64(li) + z64
                 wu = r * uu
                 B1[i] = wu
