@@ -11,6 +11,7 @@ import time
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import ml_dtypes
 import numpy as np
 
 from eqcore.solvers import adam_cuda as cuda_scales
@@ -78,21 +79,27 @@ def main() -> int:
     return exact_cases()
 
 
-# the exact solver: (rows, cols, bits, group_size, workspace cap); a cap of 4 forces many pieces
+# the exact solver: (rows, cols, bits, group_size, workspace cap[, pool]); a cap of 4 forces many
+# pieces; a pool: the row's entries drawn from that many bfloat16 values, so that the sweep goes
+# over distinct (magnitude, top) pairs with counts (512 entries at 8 bits take that path)
 EXACT_CASES = [(2, 24, 4, None, None), (2, 20, 2, 8, 4), (1, 16, 8, None, None), (2, 12, 3, 5, 2),
-               (1, 10, 4, None, 1), (3, 7, 3, 1, None)]
+               (1, 10, 4, None, 1), (3, 7, 3, 1, None), (1, 512, 8, None, None, 40)]
 
 
 def exact_cases() -> int:
     t0 = time.time()
-    for i, (rows, cols, bits, group, cap) in enumerate(EXACT_CASES):
+    for i, (rows, cols, bits, group, cap, *pool) in enumerate(EXACT_CASES):
         cfg = QuantConfig(bits=bits, group_size=group)
         x = make(rows, cols, 100 + i)
+        if pool:
+            rng = np.random.default_rng(i)
+            values = rng.choice(x[x != 0], pool[0]) * rng.choice([-1, 1], pool[0])
+            x = rng.choice(values, (rows, cols)).astype(ml_dtypes.bfloat16).astype(np.float32)
         got = exact_cuda.optimize_scales(x, cfg, cap=cap)
         ref = exact.optimize_scales(x, cfg)
         lg, lr_ = reconstruction_loss(x, got, cfg), reconstruction_loss(x, ref, cfg)
         ok = got.dtype == np.float32 and got.shape == ref.shape and np.all(lg <= lr_ * (1 + 1e-12))
-        print(f"exact {rows}x{cols} bits={bits} group={group} cap={cap}: {'exact' if ok else 'MISMATCH'} "
+        print(f"exact {rows}x{cols} bits={bits} group={group} cap={cap} pool={pool}: {'exact' if ok else 'MISMATCH'} "
               f"same scales {np.mean(got == ref):.2f} loss gpu={lg.sum():.6e} ref={lr_.sum():.6e}")
         if not ok:
             print("got", got, "\nref", ref)

@@ -2,6 +2,7 @@
 tiny inputs, exhaustive) scan of float32 scales, and the same answer on every backend."""
 import functools
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -252,16 +253,17 @@ def python_body(**replace):
     return group_exact, helpers
 
 
-def run_body(group_exact, x, qmax, ks, kq):
-    """group_exact on one row x (float32) with a fresh workspace and the given ks, kq."""
+def run_body(group_exact, x, qmax, ks, kq, cap=None):
+    """group_exact on one row x (float32) with a fresh workspace (room for ``cap`` thresholds a
+    piece, default 4 n + 64) and the given ks, kq."""
     from eqcore.solvers.exact_numba import BOUNDS
     from eqcore.solvers.exact_sweep import BLOCKS
 
     n = x.size
-    cap = 4 * n + 64
+    cap = 4 * n + 64 if cap is None else cap
     f4, i4 = (lambda m: np.zeros(m, np.float32)), (lambda m: np.zeros(m, np.int32))
     return group_exact(x, 0, n, np.float32(qmax), max_scale(np.float32, qmax), f4(n), f4(n), i4(n), i4(n),
-                       f4(cap + 1), i4(cap + BLOCKS), i4(cap), f4(cap), i4(cap), i4(2 * cap + 1), np.zeros(cap + 1),
+                       f4(n + 1), f4(n + 1), f4(n + 1), f4(cap + 1), i4(cap + BLOCKS), i4(cap), f4(cap), i4(cap), i4(2 * cap + 1), np.zeros(cap + 1),
                        np.zeros(cap + 1), BOUNDS, ks, kq)
 
 
@@ -405,3 +407,98 @@ def test_sort_thresholds_is_a_stable_sort(data, k, spread, repeats):
         np.testing.assert_array_equal(st_[:k], wt[order])
         np.testing.assert_array_equal(sk[:k], wk[order])
         assert (st_[k:] == -1).all() and (sk[k:] == -1).all()
+
+
+HALVES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+
+
+@st.composite
+def half_rows(draw):
+    """A row of bfloat16 or float16 values (as float32) drawn from a small pool, signs mixed:
+    magnitudes repeat, as the distinct-pairs step expects."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    pool = rng.standard_t(3, draw(st.integers(1, 12))) * draw(st.sampled_from([1e-3, 0.02, 1.0, 300.0]))
+    n = draw(st.integers(1, 64))
+    x = (rng.choice(pool, n) * rng.choice([-1.0, 1.0], n)).astype(draw(st.sampled_from(HALVES)))
+    assume(np.isfinite(x).all())
+    return x.astype(np.float32)
+
+
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(x=half_rows(), bits=BITS)
+def test_the_sweep_over_distinct_pairs_equals_the_reference(x, bits):
+    """With the distinct (magnitude, top) pairs always taken (where the workspace holds their
+    slots), the body's scale has the reference's loss: each threshold stands for its count."""
+    calls = []
+
+    def record(distinct):
+        def wrapped(*args):
+            en = distinct(*args)
+            calls.append(en)
+            return en
+        return wrapped
+
+    always = lambda f: (lambda n, slots, room, C, s_lo, s_hi: 2 * slots + 2 <= room)  # noqa: E731
+    group_exact, _ = python_body(worth_counting=always, distinct=record)
+    qmax = (1 << (bits - 1)) - 1
+    got = run_body(group_exact, x, qmax, np.zeros(1, np.float32), np.zeros(1), cap=16384)
+    want = exact.best_scale(x, qmax, max_scale(np.float32, qmax))
+    cfg = QuantConfig(bits=bits)
+    np.testing.assert_allclose(group_losses(x[None], [got], cfg), group_losses(x[None], [want], cfg), rtol=REL)
+    if np.abs(x).max() > 0 and np.abs(x).max() < 1e4:  # slots for a few binades: the room holds them
+        assert calls and 1 <= calls[0] <= np.unique(x).size
+
+
+@settings(deadline=None, max_examples=80)
+@given(data=st.data(), n=st.integers(0, 80), dtype=st.sampled_from(HALVES), first_at=st.floats(0, 1),
+       zeros=st.booleans())
+def test_distinct_counts_each_pair_once(data, n, dtype, first_at, zeros):
+    """``distinct``: each (magnitude, top) pair of the entries at or above the first slot once,
+    with its count (compiled and as Python), whatever sits below (zeros included or not)."""
+    entry = st.one_of(st.just(0.0), st.floats(0.25, 2.0, width=16))
+    x = np.array(data.draw(st.lists(entry, min_size=n, max_size=n)), np.float32).astype(dtype).astype(np.float32)
+    x[data.draw(st.integers(1, 3))::3] *= -1
+    qmax = np.float32(7)
+    wa, wtop = magnitudes(x, qmax)
+    shift = 16 if dtype == HALVES[0] else 13
+    keys = wa.view(np.int32) >> shift
+    lo, hi = int(np.float32(0.25).view(np.int32)) >> shift, int(np.float32(2.0).view(np.int32)) >> shift
+    first = 0 if zeros else lo + int(first_at * (hi - lo))
+    slots = hi - first + 1
+    keep = keys >= first
+    pairs, counts = np.unique(np.stack([wa[keep], wtop[keep]]), axis=1, return_counts=True)
+    bodies = (compiled_helpers(),) if slots > 4096 else (python_body()[1], compiled_helpers())  # zeros: 16k-131k slots
+    for distinct in (body["distinct"] for body in bodies):
+        da, dtop, dcnt = (np.full(n + 1, -1, np.float32) for _ in range(3))
+        wc = np.full(2 * slots + 2, -7, np.int32)
+        k = distinct(wa, wtop, n, qmax, first, slots, shift, wc, da, dtop, dcnt)
+        got = sorted(zip(da[:k].tolist(), dtop[:k].tolist(), dcnt[:k].tolist()))
+        assert got == sorted(zip(pairs[0].tolist(), pairs[1].tolist(), counts.astype(float).tolist()))
+
+
+def test_bfloat16_rows_sweep_their_distinct_pairs_and_match_the_reference():
+    """Real-sized bfloat16 rows take the distinct pairs on their own (about a third of a 2048-wide
+    row's magnitudes repeat), and the compiled solver, which takes them too, gives the reference's
+    scales; float16 rows of 384 do not take them (too many slots for their entries)."""
+    calls = []
+
+    def record(distinct):
+        def wrapped(*args):
+            calls.append(distinct(*args))
+            return calls[-1]
+        return wrapped
+
+    group_exact, _ = python_body(distinct=record)
+    rng = np.random.default_rng(5)
+    for dtype, cols, bits, taken in ((HALVES[0], 2048, 4, True), (HALVES[0], 1024, 8, True), (HALVES[0], 2048, 2, True),
+                                     (HALVES[1], 384, 4, False)):
+        x = (rng.standard_t(4, (3, cols)) * 0.02).astype(np.float32)
+        x[np.abs(x) > 3 * x.std()] = 0
+        x = x.astype(dtype).astype(np.float32)
+        cfg = QuantConfig(bits=bits)
+        want = exact.optimize_scales(x, cfg)
+        np.testing.assert_array_equal(exact_numba.optimize_scales(x, cfg), want)
+        calls.clear()
+        got = run_body(group_exact, x[0], cfg.qmax, np.zeros(1, np.float32), np.zeros(1))
+        assert got == want[0, 0]
+        assert bool(calls) == taken and (not taken or calls[0] < 0.8 * cols), (dtype, cols, bits, calls)

@@ -15,7 +15,11 @@ proves a bracket that holds the minimum and sweeps only the thresholds inside it
    The bounds grow with k, so the search starts at the typical k for the bit width and walks
    from there (about 2 passes). Then windows of ratio 1.1 are cut from each end while a
    sharper bound rules them out (:func:`window_bound`).
-3. The sweep, in pieces whose thresholds fit the workspace: the codes at both ends of a piece
+3. Where magnitudes repeat (bfloat16 weights: a 4096-wide row has about a third distinct),
+   each distinct (magnitude, top) pair in the bracket's range once, with its count
+   (:func:`distinct`, a counting sort on the bit patterns): the sweep's work then follows the
+   distinct pairs, and each of its steps moves A and B by count times an entry's.
+4. The sweep, in pieces whose thresholds fit the workspace: the codes at both ends of a piece
    give each element's levels inside it; each threshold is the exact float32 step of
    fl(a / s), in closed form (:func:`exact_thresholds`); they are bucket-sorted,
    A and B follow by prefix sums, and every interval offers the float32 points on either side
@@ -27,7 +31,7 @@ Written as plain loops over arrays, most of them branch-free so that LLVM vector
 the CPU, and built by :func:`make_group_exact` from a few compiled helpers so that
 ``numba.njit`` and ``numba.cuda.jit(device=True)`` compile the same code. Workspace, for a group
 of n and room for cap thresholds per piece (any cap >= 1; a small one only means more pieces):
-wa, wtop float32 (n); wcu, wcw int32 (n); wt, st float32, wb, sk int32, wA, wB float64
+wa, wtop float32 (n); wcu, wcw int32 (n); wda, wdtop, wdcnt float32 (n + 1); wt, st float32, wb, sk int32, wA, wB float64
 (cap + 1 each); wk int32 (cap + BLOCKS); wc int32 (2 cap + 1); ks float32, kq float64 (1: the best scale and its loss).
 """
 from __future__ import annotations
@@ -47,6 +51,8 @@ LLOYD_GAIN = 0.03  # measured 2026-11-30, 1 thread: on SmolLM2-135M's rows 3-11%
 BAND = 3e-14  # the quadratic form's error, in units of C (a few float64 roundings of ~C terms)
 LEVELS = 256  # codes are below 2^8: an element and a level share one int32 as i << SHIFT | m
 SHIFT = 8
+DISTINCT = 8.0  # a threshold swept costs about this many entries counted: 2026-12-01, 1 thread, bfloat16
+# Student-t rows of 384-4096 at 2, 3, 4 and 8 bits, 8 was as fast as the best of 2, 4, 8 and 16 at every width
 BLOCKS = 4  # pair generation writes this many entries per element unconditionally (wk's slack)
 
 
@@ -83,10 +89,12 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
 
     @jit_sum
     def prepare(x, start, n, qmax, wa, wtop):
-        """Magnitudes and top codes into the workspace; (max |x|, C = sum a^2). max |x| is the max
-        of the magnitudes' bit patterns (in the same order as their values: they are >= 0), an
-        integer max, which LLVM vectorises (a float max it does not: 6x the time)."""
+        """Magnitudes and top codes into the workspace; (max |x|, C = sum a^2, the OR of the
+        magnitudes' bit patterns). max |x| is the max of the bit patterns (in the same order as
+        their values: they are >= 0), an integer max, which LLVM vectorises (a float max it does
+        not: 6x the time)."""
         amax = int32(0)
+        ored = int32(0)
         C = 0.0
         xs = x[start:start + n]  # from 0: LLVM does not vectorise a loop with a runtime start offset
         for i in range(n):
@@ -95,8 +103,54 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
             wa[i] = a
             wtop[i] = qmax + float32(1.0) if v < 0 else qmax
             amax = max(amax, bits(a))
+            ored |= bits(a)
             C += float64(a) * float64(a)
-        return from_bits(amax), C
+        return from_bits(amax), C, ored
+
+    @jit
+    def repeat_shift(ored):
+        """How far right a magnitude's bit pattern shifts losslessly, given the OR of them all: 16
+        when every one is a bfloat16 value, 13 a float16 value, else -1 (few repeats to expect)."""
+        if ored & 0xFFFF == 0:
+            return 16
+        if ored & 0x1FFF == 0:
+            return 13
+        return -1
+
+    @jit
+    def worth_counting(n, slots, room, C, s_lo, s_hi):
+        """Whether counting the distinct pairs of n entries over 2 ``slots`` should cost less than
+        the sweep saves: each repeat saves its thresholds in [s_lo, s_hi], about RMS (1 / s_lo -
+        1 / s_hi) of them, each about DISTINCT times the cost of counting an entry or a slot. The
+        repeats are at least about those of n entries spread evenly over the slots, a fraction
+        r / (2 + r) of them at r entries a slot (real rows, denser at small magnitudes, repeat
+        more). Never when the slots (2 + 2 slots entries) outgrow ``room`` or 4 n (float16 rows of
+        a few hundred: an integer test first, as the rest takes tens of nanoseconds)."""
+        if slots > 4 * n or 2 * slots + 2 > room:
+            return False
+        r = float64(n) / (2.0 * float64(slots))
+        per = math.sqrt(C / float64(n)) * (1.0 / float64(s_lo) - 1.0 / float64(s_hi))
+        return per * r * r * DISTINCT >= (2.0 + r) * (r + 1.0)
+
+    @jit
+    def distinct(wa, wtop, n, qmax, first, slots, shift, wc, da, dtop, dcnt):
+        """The distinct (magnitude, top) pairs of the entries with magnitude >= first << shift, by
+        a counting sort on the bit patterns shifted right by ``shift`` (lossless: see
+        :func:`repeat_shift`), ``slots`` of them per sign (wc: 2 slots + 2 entries): each pair
+        once into da, dtop, its count into dcnt (n + 1 entries each); returns how many."""
+        for b in range(2 * slots + 2):
+            wc[b] = 0
+        for i in range(n):  # slot 2 d + (1 if negative), d = 0 for the entries below the first
+            d = max((bits(wa[i]) >> shift) - first + 1, 0)
+            wc[uint32(2 * d + (1 if wtop[i] > qmax else 0))] += 1
+        k = 0
+        for b in range(2, 2 * slots + 2):  # written whether used or not (no branch): room for n + 1
+            c = wc[b]
+            da[k] = from_bits(int32((b >> 1) - 1 + first) << shift)
+            dtop[k] = qmax + float32(b & 1)
+            dcnt[k] = float32(c)
+            k += 1 if c > 0 else 0
+        return k
 
     @jit_sum
     def moments(wa, wtop, n, s):
@@ -409,35 +463,50 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
                 sk[p] = key
 
     @jit
-    def sweep_piece(wa, wtop, n, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
-        """Every interval of [u, w] (inclusive), given its ``cnt`` thresholds fit the workspace."""
+    def sweep_piece(wa, wtop, n, ea, etop, en, ecnt, weighted, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA,
+                    wB, bounds, ks, kq):
+        """Every interval of [u, w] (inclusive), given its ``cnt`` thresholds fit the workspace. The
+        thresholds are those of ea, etop (en entries: wa, wtop, or their distinct pairs, each
+        standing for ecnt of them if ``weighted``), with wcu, wcw their codes at u and w."""
         A, B = moments(wa, wtop, n, u)
         if cnt == 0:
             s, q = best_in(A, B, C, u, w)
             settle(wa, wtop, n, s, q, C, ks, kq)
             return
         k = 0
-        for i in range(n):  # the thresholds: levels between the codes at u and at w
+        for i in range(en):  # the thresholds: levels between the codes at u and at w
             base = int32(i << SHIFT) + wcw[i]
             for d in range(BLOCKS):  # written whether used or not (no branch); wk has the room
                 wk[uint32(k + d)] = base + d
             for d in range(BLOCKS, wcu[i] - wcw[i]):
                 wk[uint32(k + d)] = base + d
             k += wcu[i] - wcw[i]
-        exact_thresholds(wa, wtop, k, wk, wt, wb, bounds, wA, wB)  # wA, wB: scratch until the prefix sums
+        exact_thresholds(ea, etop, k, wk, wt, wb, bounds, wA, wB)  # wA, wB: scratch until the prefix sums
         sort_thresholds(wt, wk, k, u, w, wb, wc, st, sk)
         # the codes of interval j ([st[j-1], st[j]) ) follow the first j steps: prefix sums
         wA[0] = A  # A stays an exact integer; B is summed with compensation (Fast2Sum: B >= a here,
         wB[0] = B  # since B still holds a * (m + 1) of the element that steps down)
         comp = 0.0
-        for j in range(k):  # A and B carried in registers, not reloaded from wA / wB
-            A -= float64(2 * (sk[j] & (LEVELS - 1)) + 1)
-            wA[j + 1] = A
-            a = -float64(wa[uint32(sk[j] >> SHIFT)])
-            t = B + a
-            comp += (B - t) + a
-            B = t
-            wB[j + 1] = B + comp
+        if weighted:  # a step for all the entries of a pair at once (c a is exact: 24 + 24 bits)
+            for j in range(k):
+                i = uint32(sk[j] >> SHIFT)
+                c = float64(ecnt[i])
+                A -= float64(2 * (sk[j] & (LEVELS - 1)) + 1) * c
+                wA[j + 1] = A
+                a = -float64(ea[i]) * c
+                t = B + a
+                comp += (B - t) + a
+                B = t
+                wB[j + 1] = B + comp
+        else:
+            for j in range(k):  # A and B carried in registers, not reloaded from wA / wB
+                A -= float64(2 * (sk[j] & (LEVELS - 1)) + 1)
+                wA[j + 1] = A
+                a = -float64(ea[uint32(sk[j] >> SHIFT)])
+                t = B + a
+                comp += (B - t) + a
+                B = t
+                wB[j + 1] = B + comp
         for j in range(k + 1):  # every interval's best float32 point (none where it is empty)
             lo = u if j == 0 else st[j - 1]
             hi = w if j == k else next_down(st[j])
@@ -450,9 +519,10 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
                 settle(wa, wtop, n, wt[j], wA[j], C, ks, kq)
 
     @jit
-    def group_exact(x, start, n, qmax, smax, wa, wtop, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
+    def group_exact(x, start, n, qmax, smax, wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb, st, sk, wc, wA, wB,
+                    bounds, ks, kq):
         """The float32 scale <= smax of least contract loss for x[start:start+n]."""
-        amax, C = prepare(x, start, n, qmax, wa, wtop)
+        amax, C, ored = prepare(x, start, n, qmax, wa, wtop)
         if amax == 0:
             return min(float32(1.0), smax)
         # 1. Lloyd from the better of the max-abs scale and an RMS-based guess (each scale's loss
@@ -501,17 +571,33 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
             if s1 <= best_s or window_bound(wa, wtop, n, s1, s_hi) <= best:
                 break
             s_hi = s1
-        # 3. the sweep, piece by piece (wt holds cap + 1 entries: one per interval)
+        # 3. the thresholds of each distinct (magnitude, top) once, with its count, where the
+        # magnitudes repeat (bfloat16 weights: a third of a 4096-wide row's are distinct) and a
+        # counting sort over the bracket's range of magnitudes costs less than the row; magnitudes
+        # below 0.49 s_lo round to code 0 throughout the bracket and take no part
+        shift = repeat_shift(ored)
+        weighted = False
+        en = n
+        if shift >= 0:
+            first = bits(float32(float64(s_lo) * 0.49)) >> shift
+            slots = (bits(amax) >> shift) - first + 1
+            if worth_counting(n, slots, wc.shape[0], C, s_lo, s_hi):
+                en = distinct(wa, wtop, n, qmax, first, slots, shift, wc, wda, wdtop, wdcnt)
+                weighted = True
+        ea = wda if weighted else wa
+        etop = wdtop if weighted else wtop
+        # 4. the sweep, piece by piece (wt holds cap + 1 entries: one per interval)
         cap = int64(wt.shape[0]) - 1
         u = s_lo
         while True:
             w = s_hi
-            cnt = ends(wa, wtop, n, u, w, wcu, wcw)
+            cnt = ends(ea, etop, en, u, w, wcu, wcw)
             while cnt > cap:
                 half = float32(float64(u) + 0.5 * (float64(w) - float64(u)))
                 w = u if half == w else half  # one ulp wide: [u, u] holds no threshold
-                cnt = ends(wa, wtop, n, u, w, wcu, wcw)
-            sweep_piece(wa, wtop, n, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq)
+                cnt = ends(ea, etop, en, u, w, wcu, wcw)
+            sweep_piece(wa, wtop, n, ea, etop, en, wdcnt, weighted, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA,
+                        wB, bounds, ks, kq)
             if w >= s_hi:
                 break
             u = next_up(w)
