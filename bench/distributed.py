@@ -1,9 +1,10 @@
 """One process vs a Dask LocalCluster converting a synthetic LLaMA-shaped checkpoint.
 
-    python bench/distributed.py [--layers 2 --workers 2 --bits 4]
+    python bench/distributed.py [--layers 2 --workers 2 --bits 4 --dtype float16]
 
 The checkpoint: ``--layers`` decoder layers of LLaMA-7B shapes (q, k, v, o 4096 x 4096; gate, up
-11008 x 4096; down 4096 x 11008), float16, Student-t(5) * 0.02 weights, seeded. Both runs use the
+11008 x 4096; down 4096 x 11008), float16 (LLaMA-2's) or bfloat16 (most later models'),
+Student-t(5) * 0.02 weights, seeded. Both runs use the
 Numba backend with every core: one process with all Numba threads, or ``--workers`` worker
 processes whose Numba threads add up to the cores. Numba is compiled (one process) and the
 workers warmed up (a small conversion) before timing, and the two runs alternate ``--repeat``
@@ -29,6 +30,7 @@ os.environ.setdefault("EQCORE_CACHE_DIR", str(Path.home() / ".cache" / "eqcore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # not bench/, where this file would shadow the distributed package
 
+import ml_dtypes  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -40,6 +42,7 @@ from eqcore.io.distributed import local_cluster, require_dask  # noqa: E402
 from eqcore.io.safetensors import SafetensorsWriter  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
 
+DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 LLAMA_7B = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
             "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
             "mlp.down_proj": (4096, 11008)}
@@ -63,15 +66,15 @@ def machine() -> dict:
             "dask.distributed": importlib.metadata.version("distributed")}
 
 
-def write_checkpoint(path: Path, layers: int, seed: int) -> int:
-    """The synthetic checkpoint (float16) with a norm per layer; returns its quantized weights."""
+def write_checkpoint(path: Path, layers: int, seed: int, dtype=np.float16) -> int:
+    """The synthetic checkpoint (``dtype``) with a norm per layer; returns its quantized weights."""
     rng = np.random.default_rng(seed)
     n = 0
     with SafetensorsWriter(path, {"format": "pt"}) as w:
         for i in range(layers):
-            w.add(f"model.layers.{i}.input_layernorm.weight", np.ones(4096, np.float16))
+            w.add(f"model.layers.{i}.input_layernorm.weight", np.ones(4096, dtype))
             for name, shape in LLAMA_7B.items():
-                w.add(f"model.layers.{i}.{name}.weight", (rng.standard_t(5, shape) * 0.02).astype(np.float16))
+                w.add(f"model.layers.{i}.{name}.weight", (rng.standard_t(5, shape) * 0.02).astype(dtype))
                 n += shape[0] * shape[1]
     return n
 
@@ -88,7 +91,7 @@ def convert(src, dst, cfg, client=None):
     return best_time(lambda: quantize_checkpoint(src, dst, cfg, backend="numba", progress=False, client=client))
 
 
-def per_shape_seconds(cfg, seed: int) -> dict:
+def per_shape_seconds(cfg, seed: int, dtype=np.float16) -> dict:
     """Each 7B shape's quantize + error time on one Numba thread (a worker's share here)."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -96,7 +99,7 @@ def per_shape_seconds(cfg, seed: int) -> dict:
     numba.set_num_threads(1)
     try:
         for shape in sorted(set(LLAMA_7B.values())):
-            w = (rng.standard_t(5, shape) * 0.02).astype(np.float16)
+            w = (rng.standard_t(5, shape) * 0.02).astype(dtype)
             out[shape], _ = best_time(lambda: quantize_rows(w, cfg, "numba"))
     finally:
         numba.set_num_threads(before)
@@ -125,6 +128,7 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--tiny", type=int, default=200, help="tensors in the overhead checkpoint")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="the checkpoint's weights")
     ap.add_argument("--repeat", type=int, default=2, help="alternating pairs of runs; the best of each is kept")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distributed.md")
     args = ap.parse_args(argv)
@@ -139,13 +143,13 @@ def main(argv=None):
         tmp = Path(tmp)
         src, tiny = tmp / "llama.safetensors", tmp / "tiny.safetensors"
         t0 = time.perf_counter()
-        weights = write_checkpoint(src, args.layers, args.seed)
+        weights = write_checkpoint(src, args.layers, args.seed, DTYPES[args.dtype])
         write_tiny(tiny, args.tiny)
         print(f"wrote {src.stat().st_size / 1e9:.2f} GB checkpoint in {time.perf_counter() - t0:.1f} s")
 
         numba.set_num_threads(cores)
         convert(tiny, tmp / "warm.safetensors", cfg)  # compile / load the Numba cache
-        shape_s = per_shape_seconds(cfg, args.seed)
+        shape_s = per_shape_seconds(cfg, args.seed, DTYPES[args.dtype])
         t_tiny_1, _ = convert(tiny, tmp / "tiny1.safetensors", cfg)
 
         threads = max(1, cores // args.workers)
@@ -181,7 +185,7 @@ def main(argv=None):
              f"{args.bits}-bit)", "", f"Generated by `{cmd}`.", "",
              *(f"- {k}: {v}" for k, v in info.items()),
              f"- load average (1 min) before each pair of runs: {', '.join(loads)}; at the end: {load_end}",
-             f"- checkpoint: {args.layers} layers x 7 matrices of LLaMA-7B shapes, float16, Student-t(5) * 0.02, "
+             f"- checkpoint: {args.layers} layers x 7 matrices of LLaMA-7B shapes, {args.dtype}, Student-t(5) * 0.02, "
              f"seed {args.seed}: {weights / 1e6:.0f}M quantized weights; {cfg.describe()}, backend numba", "",
              f"| run (best of {args.repeat}, alternating) | wall time | speed-up |", "|---|---|---|",
              f"| 1 process, {cores} Numba threads | {t_one:.2f} s | 1.00x |",

@@ -1,8 +1,10 @@
 """The exact scale solver against Adam-500 and Lloyd, side by side on LLaMA-7B-shaped matrices (Numba, CPU).
 
-    python bench/exact_solver.py [--bits 4 3] [--quick]      # writes bench/results/exact_solver.md
+    python bench/exact_solver.py [--bits 4 3] [--dtype float32] [--quick]   # writes bench/results/exact_solver.md
 
-Weights: Student-t (df 5) * 0.02, seeded, outliers at 3 sigma zeroed as quantize() does. For each
+Weights: Student-t (df 5) * 0.02, seeded, rounded to ``--dtype`` (float32: every magnitude distinct;
+bfloat16: a third of a 4096-wide row's, which the exact solver sweeps once each), outliers at 3
+sigma zeroed as quantize() does. For each
 shape and setting: wall time of each solver (best of --repeat, after a warm-up call that compiles
 them), the total reconstruction loss of each, and on how many rows (groups) exact <= Adam; then
 Lloyd's iteration (``solver="lloyd"``), its time and its loss above the exact one.
@@ -19,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import ml_dtypes  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -30,6 +33,7 @@ from eqcore.solvers.objective import group_view, loss_and_grad  # noqa: E402
 from bench.timing import best_time, write_report  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
 def group_losses(x, s, cfg):
@@ -43,13 +47,14 @@ def main(argv=None) -> int:
     p.add_argument("--group-sizes", type=lambda v: None if v == "row" else int(v), nargs="+", default=[None, 128])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="one shape, 1024 rows")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the weights' values (solved in float32)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "exact_solver.md")
     a = p.parse_args(argv)
     shapes = [(1024, 4096)] if a.quick else SHAPES
     rng = np.random.default_rng(0)
     lines = []
     for rows, cols in shapes:
-        w = (rng.standard_t(5, size=(rows, cols)) * 0.02).astype(np.float32)
+        w = (rng.standard_t(5, size=(rows, cols)) * 0.02).astype(DTYPES[a.dtype]).astype(np.float32)
         _, mask = find_outliers(w, 3.0)
         x = w.copy()
         x[mask] = 0
@@ -77,7 +82,7 @@ def main(argv=None) -> int:
         f"{cpu_name()}, {numba.get_num_threads()} threads, {platform.python_version()}, numba {numba.__version__}; "
         f"{datetime.date.today()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
         f"Command: `python bench/exact_solver.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-        "Weights: Student-t (df 5) x 0.02, 3-sigma outliers zeroed. Times: best of "
+        f"Weights: Student-t (df 5) x 0.02 as {a.dtype}, 3-sigma outliers zeroed. Times: best of "
         f"{a.repeat}, kernels compiled before timing. Loss: sum of squared reconstruction error.", "",
         "| shape | bits | group | Adam-500 s | exact s | speed-up | Adam loss | exact loss | Adam's excess | "
         "groups with exact <= Adam | Lloyd s | Lloyd's excess |",
