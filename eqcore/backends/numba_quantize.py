@@ -49,15 +49,15 @@ def _quantize_kernel(w, kind, sigma, g, qmax, smax, scale_kind, bits, chunks, ca
         x = np.empty(cols, np.float32)
         flags = np.empty(cols + 8, np.bool_)
         codes = np.empty(cols, np.uint8)
-        wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb, st, sk, wc, wA, wB, ks, kq = workspace(g, cap)
+        wa, wtop, wcu, wcw, wd, wt, wk, wb, st, sk, wc, wA, wB, ks, kq = workspace(g, cap)
         for r in range(k * per, min(rows, k * per + per)):
             if not split_row(w, kind, sigma, r, x, flags, mean, thr, bnds, counts, scols, svals):
                 continue
             for j in range(n_groups):
                 c0 = j * g
                 n = min(g, cols - c0)
-                sc = round_scale(group_exact(x, c0, n, qmax, smax, wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb, st,
-                                             sk, wc, wA, wB, bounds, ks, kq), scale_kind)
+                sc = round_scale(group_exact(x, c0, n, qmax, smax, wa, wtop, wcu, wcw, wd, wt, wk, wb, st, sk,
+                                             wc, wA, wB, bounds, ks, kq), scale_kind)
                 scales[r, j] = sc
                 _symmetric_codes(x[c0:c0 + n], sc, qmin, qmax, codes[c0:c0 + n])
             _pack_row(codes, bits, out[r])

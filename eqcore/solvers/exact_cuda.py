@@ -68,7 +68,7 @@ group_exact = make_group_exact(_device, _device, _code, _up, _down, _bits, _from
 
 
 def kernel(x, out, first, count, rows, cols, g, n_groups, qmax, smax,
-           wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
+           wa, wtop, wcu, wcw, wd, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
     """Thread j solves group first + j (row-major over (row, group)) with workspace row j."""
     j = cuda.grid(1)
     if j >= count:
@@ -78,14 +78,13 @@ def kernel(x, out, first, count, rows, cols, g, n_groups, qmax, smax,
     lo = (k - r * n_groups) * g
     n = min(g, cols - lo)
     out[r, k - r * n_groups] = group_exact(x, r * cols + lo, n, qmax, smax, wa[j], wtop[j], wcu[j], wcw[j],
-                                           wda[j], wdtop[j], wdcnt[j], wt[j], wk[j], wb[j], st[j], sk[j], wc[j], wA[j], wB[j], bounds,
+                                           wd[j], wt[j], wk[j], wb[j], st[j], sk[j], wc[j], wA[j], wB[j], bounds,
                                            ks[j], kq[j])
 
 
 SIGNATURE = ("void(float32[::1], float32[:, ::1], int64, int64, int64, int64, int64, int64, float32, float32, "
-             "float32[:, ::1], float32[:, ::1], int32[:, ::1], int32[:, ::1], float32[:, ::1], float32[:, ::1], "
-             "float32[:, ::1], float32[:, ::1], int32[:, ::1], "
-             "int32[:, ::1], float32[:, ::1], int32[:, ::1], int32[:, ::1], float64[:, ::1], float64[:, ::1], "
+             "float32[:, ::1], float32[:, ::1], int32[:, ::1], int32[:, ::1], float32[:, :, ::1], float32[:, ::1], "
+             "int32[:, ::1], int32[:, ::1], float32[:, ::1], int32[:, ::1], int32[:, ::1], float64[:, ::1], float64[:, ::1], "
              "float64[::1], float32[:, ::1], float64[:, ::1])")
 _KERNEL = []
 
@@ -108,7 +107,7 @@ def workspace(batch: int, g: int, cap: int, xp):
     """The workspace arrays of ``batch`` threads for groups of ``g`` (``xp``: numpy or a device module)."""
     e = xp.empty
     return (e((batch, g), np.float32), e((batch, g), np.float32), e((batch, g), np.int32), e((batch, g), np.int32),
-            e((batch, g + 1), np.float32), e((batch, g + 1), np.float32), e((batch, g + 1), np.float32),
+            e((batch, 3, g + 1), np.float32),
             e((batch, cap + 1), np.float32), e((batch, cap + BLOCKS), np.int32), e((batch, cap + 1), np.int32),
             e((batch, cap + 1), np.float32), e((batch, cap + 1), np.int32), e((batch, 2 * cap + 1), np.int32),
             e((batch, cap + 1), np.float64), e((batch, cap + 1), np.float64))

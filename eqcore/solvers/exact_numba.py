@@ -55,15 +55,15 @@ group_exact = make_group_exact(_jit, njit(fastmath={"reassoc"}, error_model="num
 @njit
 def workspace(g, cap):
     """The per-thread workspace of :data:`group_exact` for groups of at most g and cap thresholds
-    per piece: (wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb, st, sk, wc, wA, wB, ks, kq), in its
-    argument order. The distinct pairs' arrays are allocated last: placed before the sweep's, they
-    moved those relative to one another and cost 2-5% (1 thread, 384 columns, 2026-12-01)."""
+    per piece: (wa, wtop, wcu, wcw, wd, wt, wk, wb, st, sk, wc, wA, wB, ks, kq), in its argument order.
+    The distinct pairs' wd is allocated last: placed before the sweep's arrays, it moved those
+    relative to one another and cost 2-5% (1 thread, 384 columns, 2026-12-01)."""
     wa, wtop, wcu, wcw = np.empty(g, np.float32), np.empty(g, np.float32), np.empty(g, np.int32), np.empty(g, np.int32)
     wt, wk, wb = np.empty(cap + 1, np.float32), np.empty(cap + BLOCKS, np.int32), np.empty(cap, np.int32)
     st, sk, wc = np.empty(cap, np.float32), np.empty(cap, np.int32), np.empty(2 * cap + 1, np.int32)
     wA, wB, ks, kq = np.empty(cap + 1, np.float64), np.empty(cap + 1, np.float64), np.empty(1, np.float32), np.empty(1)
-    wda, wdtop, wdcnt = np.empty(g + 1, np.float32), np.empty(g + 1, np.float32), np.empty(g + 1, np.float32)
-    return wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb, st, sk, wc, wA, wB, ks, kq
+    wd = np.empty((3, g + 1), np.float32)
+    return wa, wtop, wcu, wcw, wd, wt, wk, wb, st, sk, wc, wA, wB, ks, kq
 
 
 @njit(parallel=True, cache=True)
@@ -74,12 +74,12 @@ def _exact_kernel(flat, rows, cols, g, n_groups, qmax, smax, chunks, cap, bounds
     for c in prange(chunks):  # one workspace per chunk, reused by its groups
         # unpacked once: a tuple (or a slice of one) at each call would count a reference to each
         # array, per group (2% of a 384-column row's time)
-        wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb, st, sk, wc, wA, wB, ks, kq = workspace(g, cap)
+        wa, wtop, wcu, wcw, wd, wt, wk, wb, st, sk, wc, wA, wB, ks, kq = workspace(g, cap)
         for k in range(c * per, min(total, (c + 1) * per)):
             r = k // n_groups
             lo = (k - r * n_groups) * g
             n = min(g, cols - lo)
-            out[k] = group_exact(flat, r * cols + lo, n, qmax, smax, wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb,
+            out[k] = group_exact(flat, r * cols + lo, n, qmax, smax, wa, wtop, wcu, wcw, wd, wt, wk, wb,
                                  st, sk, wc, wA, wB, bounds, ks, kq)
 
 

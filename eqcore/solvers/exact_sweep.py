@@ -31,8 +31,8 @@ Written as plain loops over arrays, most of them branch-free so that LLVM vector
 the CPU, and built by :func:`make_group_exact` from a few compiled helpers so that
 ``numba.njit`` and ``numba.cuda.jit(device=True)`` compile the same code. Workspace, for a group
 of n and room for cap thresholds per piece (any cap >= 1; a small one only means more pieces):
-wa, wtop float32 (n); wcu, wcw int32 (n); wda, wdtop, wdcnt float32 (n + 1); wt, st float32, wb, sk int32, wA, wB float64
-(cap + 1 each); wk int32 (cap + BLOCKS); wc int32 (2 cap + 1); ks float32, kq float64 (1: the best scale and its loss).
+wa, wtop float32 (n); wcu, wcw int32 (n); wd float32 (3, n + 1: the distinct pairs' magnitudes,
+tops and counts); wt, st float32, wb, sk int32, wA, wB float64 (cap + 1 each); wk int32 (cap + BLOCKS); wc int32 (2 cap + 1); ks float32, kq float64 (1: the best scale and its loss).
 """
 from __future__ import annotations
 
@@ -463,16 +463,15 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
                 sk[p] = key
 
     @jit
-    def sweep_piece(wa, wtop, n, ea, etop, en, ecnt, weighted, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA,
-                    wB, bounds, ks, kq):
-        """Every interval of [u, w] (inclusive), given its ``cnt`` thresholds fit the workspace. The
-        thresholds are those of ea, etop (en entries: wa, wtop, or their distinct pairs, each
-        standing for ecnt of them if ``weighted``), with wcu, wcw their codes at u and w."""
-        A, B = moments(wa, wtop, n, u)
+    def sweep_piece(ea, etop, en, ecnt, weighted, u, w, A, B, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds):
+        """The candidates of [u, w] (inclusive), given its ``cnt`` thresholds fit the workspace and
+        (A, B) are the moments at u: the best float32 point of every interval whose quadratic loss
+        is within BAND * C of the least, into wt (scales) and wA (losses); returns how many. The
+        thresholds are those of ea, etop (en entries: the group's, or its distinct pairs, each
+        standing for ecnt of them if ``weighted``), wcu, wcw their codes at u and w."""
         if cnt == 0:
-            s, q = best_in(A, B, C, u, w)
-            settle(wa, wtop, n, s, q, C, ks, kq)
-            return
+            wt[0], wA[0] = best_in(A, B, C, u, w)
+            return 1
         k = 0
         for i in range(en):  # the thresholds: levels between the codes at u and at w
             base = int32(i << SHIFT) + wcw[i]
@@ -484,8 +483,8 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
         exact_thresholds(ea, etop, k, wk, wt, wb, bounds, wA, wB)  # wA, wB: scratch until the prefix sums
         sort_thresholds(wt, wk, k, u, w, wb, wc, st, sk)
         # the codes of interval j ([st[j-1], st[j]) ) follow the first j steps: prefix sums
-        wA[0] = A  # A stays an exact integer; B is summed with compensation (Fast2Sum: B >= a here,
-        wB[0] = B  # since B still holds a * (m + 1) of the element that steps down)
+        wA[0] = A  # A stays an exact integer; B is summed with compensation (Fast2Sum: B >= the step
+        wB[0] = B  # here, since B still holds the stepping entries' a (m + 1))
         comp = 0.0
         if weighted:  # a step for all the entries of a pair at once (c a is exact: 24 + 24 bits)
             for j in range(k):
@@ -514,33 +513,16 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
             wt[j] = s
             wA[j] = q if hi >= lo else math.inf
         qmin = least(wA, k + 1)
-        for j in range(k + 1):  # the candidates the quadratic form cannot tell apart
+        m = 0
+        for j in range(k + 1):  # the candidates the quadratic form cannot tell apart, in order
             if wA[j] <= qmin + BAND * C:
-                settle(wa, wtop, n, wt[j], wA[j], C, ks, kq)
+                wt[m] = wt[j]
+                wA[m] = wA[j]
+                m += 1
+        return m
 
     @jit
-    def sweep(wa, wtop, n, ea, etop, en, ecnt, weighted, s_lo, s_hi, C, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds,
-              ks, kq):
-        """Every interval of [s_lo, s_hi], piece by piece (wt holds cap + 1 entries: one per
-        interval); ``weighted`` is a compile-time constant at each call (a copy each)."""
-        cap = int64(wt.shape[0]) - 1
-        u = s_lo
-        while True:
-            w = s_hi
-            cnt = ends(ea, etop, en, u, w, wcu, wcw)
-            while cnt > cap:
-                half = float32(float64(u) + 0.5 * (float64(w) - float64(u)))
-                w = u if half == w else half  # one ulp wide: [u, u] holds no threshold
-                cnt = ends(ea, etop, en, u, w, wcu, wcw)
-            sweep_piece(wa, wtop, n, ea, etop, en, ecnt, weighted, u, w, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA,
-                        wB, bounds, ks, kq)
-            if w >= s_hi:
-                break
-            u = next_up(w)
-
-    @jit
-    def group_exact(x, start, n, qmax, smax, wa, wtop, wcu, wcw, wda, wdtop, wdcnt, wt, wk, wb, st, sk, wc, wA, wB,
-                    bounds, ks, kq):
+    def group_exact(x, start, n, qmax, smax, wa, wtop, wcu, wcw, wd, wt, wk, wb, st, sk, wc, wA, wB, bounds, ks, kq):
         """The float32 scale <= smax of least contract loss for x[start:start+n]."""
         amax, C, ored = prepare(x, start, n, qmax, wa, wtop)
         if amax == 0:
@@ -596,18 +578,36 @@ def make_group_exact(jit, jit_sum, code, next_up, next_down, bits, from_bits, bi
         # counting sort over the bracket's range of magnitudes costs less than the row; magnitudes
         # below 0.49 s_lo round to code 0 throughout the bracket and take no part
         shift = repeat_shift(ored)
+        weighted = False
+        en = n
         if shift >= 0:
             first = bits(float32(float64(s_lo) * 0.49)) >> shift
             slots = (bits(amax) >> shift) - first + 1
             if worth_counting(n, slots, wc.shape[0], C, s_lo, s_hi):
-                en = distinct(wa, wtop, n, qmax, first, slots, shift, wc, wda, wdtop, wdcnt)
-                sweep(wa, wtop, n, wda, wdtop, en, wdcnt, True, s_lo, s_hi, C, wcu, wcw, wt, wk, wb, st, sk, wc, wA,
-                      wB, bounds, ks, kq)
-                return ks[0]
-        # 4. the sweep (as its own compiled copy, without the counts: a sweep_piece that held both
-        # prefix loops was 2-4% slower on float16 rows, 1 thread, 2026-12-01)
-        sweep(wa, wtop, n, wa, wtop, n, wdcnt, False, s_lo, s_hi, C, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB, bounds,
-              ks, kq)
+                en = distinct(wa, wtop, n, qmax, first, slots, shift, wc, wd[0], wd[1], wd[2])
+                weighted = True
+        ea = wd[0] if weighted else wa  # views only where taken (each counts a reference)
+        etop = wd[1] if weighted else wtop
+        ecnt = wd[2] if weighted else wa
+        # 4. the sweep, piece by piece (wt holds cap + 1 entries: one per interval); each piece's
+        # candidates settled by the direct sum over the whole group, as in the reference
+        cap = int64(wt.shape[0]) - 1
+        u = s_lo
+        while True:
+            w = s_hi
+            cnt = ends(ea, etop, en, u, w, wcu, wcw)
+            while cnt > cap:
+                half = float32(float64(u) + 0.5 * (float64(w) - float64(u)))
+                w = u if half == w else half  # one ulp wide: [u, u] holds no threshold
+                cnt = ends(ea, etop, en, u, w, wcu, wcw)
+            A, B = moments(wa, wtop, n, u)
+            m = sweep_piece(ea, etop, en, ecnt, weighted, u, w, A, B, C, cnt, wcu, wcw, wt, wk, wb, st, sk, wc, wA, wB,
+                            bounds)
+            for j in range(m):
+                settle(wa, wtop, n, wt[j], wA[j], C, ks, kq)
+            if w >= s_hi:
+                break
+            u = next_up(w)
         return ks[0]
 
     return group_exact
