@@ -263,8 +263,8 @@ def run_body(group_exact, x, qmax, ks, kq, cap=None):
     cap = 4 * n + 64 if cap is None else cap
     f4, i4 = (lambda m: np.zeros(m, np.float32)), (lambda m: np.zeros(m, np.int32))
     return group_exact(x, 0, n, np.float32(qmax), max_scale(np.float32, qmax), f4(n), f4(n), i4(n), i4(n),
-                       np.zeros((3, n + 1), np.float32), f4(cap + 1), i4(cap + BLOCKS), i4(cap), f4(cap), i4(cap), i4(2 * cap + 1), np.zeros(cap + 1),
-                       np.zeros(cap + 1), BOUNDS, ks, kq)
+                       np.zeros((3, n + 1), np.float32), f4(cap + 1), i4(cap + BLOCKS), i4(cap), f4(cap), i4(cap),
+                       i4(2 * cap + 1), np.zeros(cap + 1), np.zeros(cap + 1), BOUNDS, ks, kq)
 
 
 def magnitudes(x, qmax):

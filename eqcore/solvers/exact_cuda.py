@@ -84,8 +84,8 @@ def kernel(x, out, first, count, rows, cols, g, n_groups, qmax, smax,
 
 SIGNATURE = ("void(float32[::1], float32[:, ::1], int64, int64, int64, int64, int64, int64, float32, float32, "
              "float32[:, ::1], float32[:, ::1], int32[:, ::1], int32[:, ::1], float32[:, :, ::1], float32[:, ::1], "
-             "int32[:, ::1], int32[:, ::1], float32[:, ::1], int32[:, ::1], int32[:, ::1], float64[:, ::1], float64[:, ::1], "
-             "float64[::1], float32[:, ::1], float64[:, ::1])")
+             "int32[:, ::1], int32[:, ::1], float32[:, ::1], int32[:, ::1], int32[:, ::1], float64[:, ::1], "
+             "float64[:, ::1], float64[::1], float32[:, ::1], float64[:, ::1])")
 _KERNEL = []
 
 

@@ -32,7 +32,8 @@ the CPU, and built by :func:`make_group_exact` from a few compiled helpers so th
 ``numba.njit`` and ``numba.cuda.jit(device=True)`` compile the same code. Workspace, for a group
 of n and room for cap thresholds per piece (any cap >= 1; a small one only means more pieces):
 wa, wtop float32 (n); wcu, wcw int32 (n); wd float32 (3, n + 1: the distinct pairs' magnitudes,
-tops and counts); wt, st float32, wb, sk int32, wA, wB float64 (cap + 1 each); wk int32 (cap + BLOCKS); wc int32 (2 cap + 1); ks float32, kq float64 (1: the best scale and its loss).
+tops and counts); wt, st float32, wb, sk int32, wA, wB float64 (cap + 1 each); wk int32
+(cap + BLOCKS); wc int32 (2 cap + 1); ks float32, kq float64 (1: the best scale and its loss).
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ LLOYD_GAIN = 0.03  # measured 2026-11-30, 1 thread: on SmolLM2-135M's rows 3-11%
 BAND = 3e-14  # the quadratic form's error, in units of C (a few float64 roundings of ~C terms)
 LEVELS = 256  # codes are below 2^8: an element and a level share one int32 as i << SHIFT | m
 SHIFT = 8
-DISTINCT = 8.0  # a threshold swept costs about this many entries counted: 2026-12-01, 1 thread, bfloat16
-# Student-t rows of 384-4096 at 2, 3, 4 and 8 bits, 8 was as fast as the best of 2, 4, 8 and 16 at every width
+DISTINCT = 8.0  # a threshold swept costs about this many entries counted (2026-12-01, 1 thread, bfloat16
+# Student-t rows of 384-4096 at 2, 3, 4 and 8 bits: 8 was as fast as the best of 2, 4, 8 and 16 at every width)
 BLOCKS = 4  # pair generation writes this many entries per element unconditionally (wk's slack)
 
 
