@@ -30,19 +30,18 @@ os.environ.setdefault("EQCORE_CACHE_DIR", str(Path.home() / ".cache" / "eqcore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # not bench/, where this file would shadow the distributed package
 
-import ml_dtypes  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.timing import best_time  # noqa: E402
 from eqcore.config import QuantConfig  # noqa: E402
+from eqcore.dtypes import weight_dtype  # noqa: E402
 from eqcore.io.checkpoint import quantize_checkpoint  # noqa: E402
 from eqcore.io.compute import quantize_rows  # noqa: E402
 from eqcore.io.distributed import local_cluster, require_dask  # noqa: E402
 from eqcore.io.safetensors import SafetensorsWriter  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
 
-DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 LLAMA_7B = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
             "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
             "mlp.down_proj": (4096, 11008)}
@@ -128,7 +127,7 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--tiny", type=int, default=200, help="tensors in the overhead checkpoint")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="the checkpoint's weights")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="float16", help="the checkpoint's weights")
     ap.add_argument("--repeat", type=int, default=2, help="alternating pairs of runs; the best of each is kept")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distributed.md")
     args = ap.parse_args(argv)
@@ -143,13 +142,13 @@ def main(argv=None):
         tmp = Path(tmp)
         src, tiny = tmp / "llama.safetensors", tmp / "tiny.safetensors"
         t0 = time.perf_counter()
-        weights = write_checkpoint(src, args.layers, args.seed, DTYPES[args.dtype])
+        weights = write_checkpoint(src, args.layers, args.seed, weight_dtype(args.dtype))
         write_tiny(tiny, args.tiny)
         print(f"wrote {src.stat().st_size / 1e9:.2f} GB checkpoint in {time.perf_counter() - t0:.1f} s")
 
         numba.set_num_threads(cores)
         convert(tiny, tmp / "warm.safetensors", cfg)  # compile / load the Numba cache
-        shape_s = per_shape_seconds(cfg, args.seed, DTYPES[args.dtype])
+        shape_s = per_shape_seconds(cfg, args.seed, weight_dtype(args.dtype))
         t_tiny_1, _ = convert(tiny, tmp / "tiny1.safetensors", cfg)
 
         threads = max(1, cores // args.workers)

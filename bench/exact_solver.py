@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import ml_dtypes  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eqcore.config import QuantConfig  # noqa: E402
+from eqcore.dtypes import weight_dtype  # noqa: E402
 from eqcore.machine import cpu_name  # noqa: E402
 from eqcore.outliers import find_outliers  # noqa: E402
 from eqcore.solvers import adam_numba, exact_numba, lloyd_numba  # noqa: E402
@@ -33,7 +33,6 @@ from eqcore.solvers.objective import group_view, loss_and_grad  # noqa: E402
 from bench.timing import best_time, write_report  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
 def group_losses(x, s, cfg):
@@ -47,14 +46,14 @@ def main(argv=None) -> int:
     p.add_argument("--group-sizes", type=lambda v: None if v == "row" else int(v), nargs="+", default=[None, 128])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="one shape, 1024 rows")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the weights' values (solved in float32)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32", help="the weights' values (solved in float32)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "exact_solver.md")
     a = p.parse_args(argv)
     shapes = [(1024, 4096)] if a.quick else SHAPES
     rng = np.random.default_rng(0)
     lines = []
     for rows, cols in shapes:
-        w = (rng.standard_t(5, size=(rows, cols)) * 0.02).astype(DTYPES[a.dtype]).astype(np.float32)
+        w = (rng.standard_t(5, size=(rows, cols)) * 0.02).astype(weight_dtype(a.dtype)).astype(np.float32)
         _, mask = find_outliers(w, 3.0)
         x = w.copy()
         x[mask] = 0

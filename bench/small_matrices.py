@@ -4,9 +4,9 @@
 
 Issue 13's target: small matrices (MiniLM's 1536x384 and 384x1536, Gemma-270M-like 640x640 and
 2048x640) no slower per weight than a large one (4096x4096). Each shape is a float16 (or
-``--dtype``) Student-t(4) * 0.02 weight quantized with eqcore's defaults (``eqcore.quantize(w)``); every round times each
-shape once, in turn (so that all see the same load), and a tiny 8x64 matrix gives the fixed cost
-of a call. Reported: the median and best wall time per weight over the rounds, and each shape's
+``--dtype``) Student-t(4) * 0.02 weight quantized with eqcore's defaults (``eqcore.quantize(w)``);
+every round times each shape once, in turn (so that all see the same load), and a tiny 8x64
+matrix gives the fixed cost of a call. Reported: the median and best wall time per weight over the rounds, and each shape's
 ratio to the large one (median over median).
 """
 from __future__ import annotations
@@ -21,17 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import ml_dtypes  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import eqcore  # noqa: E402
+from eqcore.dtypes import weight_dtype  # noqa: E402
 from bench.timing import interleaved, machine_line, write_report  # noqa: E402
 
 SMALL = ((1536, 384), (384, 1536), (640, 640), (2048, 640))
 LARGE = (4096, 4096)
 TINY = (8, 64)
-DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
 def measure(repeat: int, threads: int, dtype=np.float16) -> dict:
@@ -52,11 +51,11 @@ def measure(repeat: int, threads: int, dtype=np.float16) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=9, help="rounds (each times every shape once)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="the weights' dtype")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="float16", help="the weights' dtype")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "small_matrices.md")
     args = ap.parse_args(argv)
     load0 = os.getloadavg()[0]
-    res = {th: measure(args.repeat, th, DTYPES[args.dtype]) for th in (1, min(2, numba.config.NUMBA_NUM_THREADS))}
+    res = {th: measure(args.repeat, th, weight_dtype(args.dtype)) for th in (1, min(2, numba.config.NUMBA_NUM_THREADS))}
     load1 = os.getloadavg()[0]
     lines = [f"# Quantize time per weight: small matrices against {LARGE[0]}x{LARGE[1]} "
              f"({datetime.date.today().isoformat()})", "",

@@ -11,12 +11,12 @@ import time
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import ml_dtypes
 import numpy as np
 
 from eqcore.solvers import adam_cuda as cuda_scales
 from eqcore.solvers import exact, exact_cuda
 from eqcore.config import QuantConfig
+from eqcore.dtypes import bfloat16
 from eqcore.solvers.adam import optimize_scales as optimize_scales_reference
 from eqcore.solvers.objective import reconstruction_loss
 
@@ -94,7 +94,7 @@ def exact_cases() -> int:
         if pool:
             rng = np.random.default_rng(i)
             values = rng.choice(x[x != 0], pool[0]) * rng.choice([-1, 1], pool[0])
-            x = rng.choice(values, (rows, cols)).astype(ml_dtypes.bfloat16).astype(np.float32)
+            x = rng.choice(values, (rows, cols)).astype(bfloat16).astype(np.float32)
         got = exact_cuda.optimize_scales(x, cfg, cap=cap)
         ref = exact.optimize_scales(x, cfg)
         lg, lr_ = reconstruction_loss(x, got, cfg), reconstruction_loss(x, ref, cfg)

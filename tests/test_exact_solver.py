@@ -2,13 +2,13 @@
 tiny inputs, exhaustive) scan of float32 scales, and the same answer on every backend."""
 import functools
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from eqcore.config import QuantConfig
+from eqcore.dtypes import bfloat16
 from eqcore.layout import max_scale
 from eqcore.solvers import adam, exact, exact_numba
 from eqcore.solvers.objective import group_view, loss_and_grad, reconstruction_loss
@@ -409,7 +409,7 @@ def test_sort_thresholds_is_a_stable_sort(data, k, spread, repeats):
         assert (st_[k:] == -1).all() and (sk[k:] == -1).all()
 
 
-HALVES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+HALVES = (bfloat16, np.dtype(np.float16))
 
 
 @st.composite
