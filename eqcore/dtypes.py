@@ -55,7 +55,26 @@ def saturate(a, dtype):
         if finite_max(a.dtype) <= finite_max(dtype):  # nothing to clamp
             return a.astype(np.float32).astype(dtype)
     top = finite_max(dtype)
-    return a.astype(np.float64).clip(-top, top).astype(dtype)
+    a = a.astype(np.float64).clip(-top, top)
+    return float64_to_bfloat16(a) if dtype == bfloat16 else a.astype(dtype)
+
+
+def float64_to_bfloat16(a):
+    """float64 ``a`` (finite, within bfloat16's range) rounded once, to nearest even, to bfloat16
+    (NumPy or CuPy): to float32 rounding to odd (toward zero, then the last bit set where that was
+    inexact), whose 16 spare bits make the second rounding exact. ml_dtypes' own cast rounds
+    twice (through float32) before 0.7 and once from 0.7; this gives one answer under any version,
+    the CUDA kernels' (``from_f64`` in raw_kernels/eqcore.cuh)."""
+    from .interop import array_module
+
+    xp = array_module(a)
+    f = a.astype(np.float32)
+    bits = f.view(np.int32)
+    bits = bits - (xp.abs(f.astype(np.float64)) > xp.abs(a)).astype(np.int32)  # rounded up: one step back
+    bits = bits | (bits.view(np.float32).astype(np.float64) != a).astype(np.int32)  # inexact: odd
+    u = bits.view(np.uint32)
+    out = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return out.view(bfloat16)
 
 
 # a float dtype's unsigned view and the bits of +inf (an all-ones exponent): read as that unsigned

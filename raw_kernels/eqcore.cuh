@@ -58,12 +58,15 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ double from_f32<double>(float v) { return (double)v; }
 
-// float64 outlier values: direct single rounding to f16 / f32 (as NumPy); to bf16 via
-// float32 (as ml_dtypes, whose float64 -> bfloat16 cast rounds twice).
+// float64 outlier values: one rounding to nearest even, to every dtype (eqcore.dtypes.saturate).
+// To bf16 through a float32 rounded to odd (toward zero, then the last bit set where inexact),
+// whose 16 spare bits make the second rounding exact (eqcore.dtypes.float64_to_bfloat16).
 template <class T> __device__ __forceinline__ T from_f64(double v);
 template <> __device__ __forceinline__ __half from_f64<__half>(double v) { return __double2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f64<__nv_bfloat16>(double v) {
-    return __float2bfloat16_rn(__double2float_rn(v));
+    const float f = __double2float_rz(v);
+    const unsigned odd = __float_as_uint(f) | ((double)f != v ? 1u : 0u);
+    return __float2bfloat16_rn(__uint_as_float(odd));
 }
 template <> __device__ __forceinline__ float from_f64<float>(double v) { return __double2float_rn(v); }
 template <> __device__ __forceinline__ double from_f64<double>(double v) { return v; }

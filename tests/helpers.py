@@ -76,3 +76,30 @@ def rows_of(kind, rows, cols, rng):
         w[:, -1] = -3.0e38
         return w
     raise ValueError(kind)
+
+
+def nearest_bfloat16(a):
+    """float64 values rounded once to the nearest bfloat16, ties to even, by exact rational
+    comparison with the two neighbours among all finite bfloat16 values (the specification that
+    :func:`eqcore.dtypes.float64_to_bfloat16` and the CUDA ``from_f64`` meet)."""
+    from fractions import Fraction
+
+    from eqcore.dtypes import bfloat16
+
+    table = np.arange(1 << 16, dtype=np.uint16).view(bfloat16).astype(np.float64)
+    order = np.argsort(table, kind="stable")
+    order = order[np.isfinite(table[order])]
+    vals, codes = table[order], order.astype(np.uint16)
+    out = np.empty(len(a), np.uint16)
+    for i, d in enumerate(np.asarray(a, np.float64)):
+        j = int(np.searchsorted(vals, d))
+        if j < len(vals) and vals[j] == d:
+            out[i] = codes[j] if d != 0 or not np.signbit(d) else 0x8000
+            continue
+        lo, hi = j - 1, j  # vals[lo] < d < vals[hi]
+        below, above = Fraction(d) - Fraction(vals[lo]), Fraction(vals[hi]) - Fraction(d)
+        pick = lo if below < above else hi if above < below else (lo if codes[lo] % 2 == 0 else hi)
+        out[i] = codes[pick]
+        if vals[pick] == 0:  # zero keeps d's sign
+            out[i] = 0x8000 if d < 0 else 0
+    return out.view(bfloat16)

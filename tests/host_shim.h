@@ -59,6 +59,10 @@ inline __half __float2half_rn(float f) { return f16_bits((_Float16)f); }
 inline __half __double2half(double d) { return f16_bits((_Float16)d); }  // one rounding
 inline float __half2float(__half h) { _Float16 v; std::memcpy(&v, &h.x, 2); return (float)v; }
 inline float __double2float_rn(double d) { return (float)d; }
+inline float __double2float_rz(double d) {  // toward zero: one step back where rounding went outward
+    float f = (float)d;
+    return std::fabs((double)f) > std::fabs(d) ? std::nextafter(f, 0.0f) : f;
+}
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     unsigned u = __float_as_uint(f);

@@ -2,11 +2,12 @@
 refusals of arrays it cannot fill."""
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import eqcore
 from eqcore.dtypes import bfloat16
 
-from helpers import weights
+from helpers import nearest_bfloat16, weights
 
 DTYPES = [np.dtype(np.float16), bfloat16, np.dtype(np.float32), np.dtype(np.float64)]
 
@@ -59,12 +60,30 @@ def test_outlier_casts_are_the_float64_formula(src, dst):
     a[:4] = [finite_max(src), -finite_max(src), 6e-8, -1e-45]
     a = a.clip(-finite_max(src), finite_max(src)).astype(src)  # finite: the shortcuts apply
     top = finite_max(dst)
-    want = a.astype(np.float64).clip(-top, top).astype(dst)
+    want = a.astype(np.float64).clip(-top, top)
+    want = nearest_bfloat16(want) if dst == bfloat16 else want.astype(dst)  # one rounding, any ml_dtypes
     for f in (saturate, _outlier_values):
         np.testing.assert_array_equal(f(a, dst).view(np.uint8), want.view(np.uint8))
     b = np.array([np.inf, -np.inf, 1.0]).astype(src)  # never in a valid tensor, but saturate clamps them
     np.testing.assert_array_equal(saturate(b, dst).view(np.uint8),
                                   b.astype(np.float64).clip(-top, top).astype(dst).view(np.uint8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-3.38e38, 3.38e38, allow_nan=False, allow_infinity=False), min_size=1, max_size=40),
+       st.integers(0, 2**16 - 1), st.integers(-2**28, 2**28))
+def test_float64_to_bfloat16_rounds_once(vals, code, nudge):
+    """float64 -> bfloat16 is one rounding to nearest even (ml_dtypes' own cast is two before 0.7):
+    arbitrary doubles, and doubles a few float64 ulps off a bfloat16 value or off the midpoint
+    of two (where rounding through float32 goes wrong)."""
+    from eqcore.dtypes import float64_to_bfloat16
+
+    b = np.array([code, min(code + 1, 0xFFFF)], np.uint16).view(bfloat16).astype(np.float64)  # neighbours
+    extra = [b[0], (b[0] + b[1]) / 2] if np.all(np.isfinite(b)) else []
+    extra = [np.frombuffer(np.float64(e).tobytes(), np.int64)[0] + nudge for e in extra]
+    extra = [v for v in np.array(extra, np.int64).view(np.float64) if np.isfinite(v) and abs(v) <= 3.38e38]
+    a = np.array(vals + extra, np.float64)
+    np.testing.assert_array_equal(float64_to_bfloat16(a).view(np.uint16), nearest_bfloat16(a).view(np.uint16))
 
 
 def test_every_finite_float16_outlier_casts_to_bfloat16_as_the_formula():

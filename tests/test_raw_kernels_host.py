@@ -249,12 +249,14 @@ def test_dequant_outliers_really_scattered(lib):
 
 
 def test_float64_outliers_round_like_the_reference(lib):
-    """float64 -> bfloat16 rounds twice (ml_dtypes), float64 -> float16 once (NumPy)."""
+    """float64 outliers round once to every dtype (bfloat16 too, whatever ml_dtypes' own cast does:
+    it rounds twice before 0.7): 1 + 2^-8 + 2^-30 -> bfloat16 1 + 2^-7, not 1 (ties to even)."""
     vals = np.array([1 + 2**-8 + 2**-30, 1 + 2**-11 + 2**-40, -(1 + 2**-11 + 2**-40), 1e-40], np.float64)
     qt = QuantizedTensor(np.zeros((1, 4), np.uint32), np.ones((1, 1), np.float32), np.array([0, 4], np.int32),
                          np.arange(4, dtype=np.uint16), vals, shape=(1, 4), dtype="float64", bits=4)
     for out_dtype in ("float16", "bfloat16", "float32", "float64"):
         same_bits(dequant_host(lib, qt, out_dtype), dequantize_reference(qt, out_dtype))
+    assert float(dequant_host(lib, qt, "bfloat16")[0, 0]) == 1 + 2**-7
 
 
 def gemv_host(lib, x, qt: QuantizedTensor, misalign=False, warps=None) -> np.ndarray:
