@@ -60,17 +60,14 @@ def saturate(a, dtype):
 
 
 def float64_to_bfloat16(a):
-    """float64 ``a`` (finite, within bfloat16's range) rounded once, to nearest even, to bfloat16
-    (NumPy or CuPy): to float32 rounding to odd (toward zero, then the last bit set where that was
+    """float64 ``a`` (finite, within bfloat16's range) rounded once, to nearest even, to bfloat16:
+    to float32 rounding to odd (toward zero, then the last bit set where that was
     inexact), whose 16 spare bits make the second rounding exact. ml_dtypes' own cast rounds
     twice (through float32) before 0.7 and once from 0.7; this gives one answer under any version,
     the CUDA kernels' (``from_f64`` in raw_kernels/eqcore.cuh)."""
-    from .interop import array_module
-
-    xp = array_module(a)
     f = a.astype(np.float32)
     bits = f.view(np.int32)
-    bits = bits - (xp.abs(f.astype(np.float64)) > xp.abs(a)).astype(np.int32)  # rounded up: one step back
+    bits = bits - (abs(f.astype(np.float64)) > abs(a)).astype(np.int32)  # rounded up: one step back
     bits = bits | (bits.view(np.float32).astype(np.float64) != a).astype(np.int32)  # inexact: odd
     u = bits.view(np.uint32)
     out = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)

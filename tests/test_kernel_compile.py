@@ -2,8 +2,10 @@
 options eqcore uses at run time (eqcore.backends.nvrtc), and ptxas reports no spills and no
 stack. Needs NVRTC (the CUDA pip wheels and cuda-bindings); no GPU. Prints a register table
 (pytest -s)."""
+import os
 import re
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -28,12 +30,26 @@ def by_file(names):
     return files
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def compiled(request):
-    """(arch, {source file: Compiled}) for every kernel the library can launch."""
+@pytest.fixture(scope="module")
+def compiled_all():
+    """{arch: {source file: Compiled}} for every kernel the library can launch, each (file, arch)
+    compiled in its own thread (NVRTC releases the GIL: on 2 cores the gate took 574 s one at a
+    time, 2026-12-02, AMD EPYC (znver3))."""
     _nvrtc()
-    return request.param, {f: nvrtc.nvrtc_compile(names, request.param, ["--ptxas-options=-v"])
-                           for f, names in by_file(launch.all_names()).items()}
+    jobs = [(arch, f, names) for f, names in by_file(launch.all_names()).items() for arch in ARCHS]
+    jobs.sort(key=lambda j: -len(j[2]))  # the files with the most kernels first
+    with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        done = pool.map(lambda j: nvrtc.nvrtc_compile(j[2], j[0], ["--ptxas-options=-v"]), jobs)
+        out = {arch: {} for arch in ARCHS}
+        for (arch, f, _), c in zip(jobs, done):
+            out[arch][f] = c
+    return out
+
+
+@pytest.fixture(params=ARCHS)
+def compiled(request, compiled_all):
+    """(arch, {source file: Compiled})."""
+    return request.param, compiled_all[request.param]
 
 
 def test_ptxas_stats_reads_the_nvrtc_log():
