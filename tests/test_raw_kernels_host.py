@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 import eqcore
 from eqcore.backends import launch, nvrtc
 from eqcore.backends.numpy import dequantize as dequantize_reference
-from eqcore.dtypes import bfloat16, weight_dtype
-from eqcore.outliers import find_outliers
+from eqcore.dtypes import weight_dtype
 from eqcore.backends.numpy import pack, unpack
 from eqcore.backends.numpy import encode as encode_reference
 from eqcore.layout import group_layout

@@ -4,7 +4,6 @@ trying it as a new user would (and with deliberately bad input)."""
 import json
 import os
 import signal
-import socket
 import stat
 import struct
 import subprocess
