@@ -49,7 +49,7 @@ _bits64, _from_bits64 = _view(np.float64, np.int64), _view(np.int64, np.float64)
 # from if-converting exact_thresholds' loop; no divisor here is ever 0, so no result changes
 _jit = njit(error_model="numpy")
 group_exact = make_group_exact(_jit, njit(fastmath={"reassoc"}, error_model="numpy"), _code, _up, _down, _bits,
-                               _from_bits, _bits64, _from_bits64)
+                               _from_bits, _bits64, _from_bits64, njit(lambda v: np.trunc(v)))
 
 
 @njit
