@@ -652,12 +652,24 @@ def split_row(w, kind, sigma, r, xr, flags, mean, thr, bounds, counts, scols, sv
 
 
 @njit(cache=True)
-def _split_fill(w, kind, mean, thr, bounds, rowptr, scols, svals, ocols, ovals):
-    """The CSR of the outliers :func:`_split_kernel` counted: a row's kept slots, or, for a row with
-    more outliers than slots, its columns and raw values found again. One thread: it copies only
-    the outliers (a parallel launch would cost more than it saves)."""
+def _split_fill(w, kind, mean, thr, bounds, counts, scols, svals):
+    """(False, ...) if a row was not finite (its mean NaN), else (True, int64 row pointers, columns,
+    raw values): the CSR of the outliers :func:`_split_kernel` counted, from a row's kept slots or,
+    for a row with more outliers than slots, its columns and raw values found again. One thread
+    and one call: it copies only the outliers (a parallel launch, or NumPy steps each touching
+    cold code after the kernel, would cost more than it saves)."""
     rows, cols = w.shape
     cap = scols.shape[1] - SPLIT_SLACK
+    rowptr = np.empty(rows + 1, np.int64)
+    rowptr[0] = 0
+    ok = True
+    for r in range(rows):
+        ok &= mean[r] == mean[r]
+        rowptr[r + 1] = rowptr[r] + counts[r]
+    ocols = np.empty(rowptr[rows] if ok else 0, scols.dtype)
+    ovals = np.empty(rowptr[rows] if ok else 0, svals.dtype)
+    if not ok:
+        return False, rowptr, ocols, ovals
     for r in range(rows):
         p, n = rowptr[r], rowptr[r + 1] - rowptr[r]
         if n <= cap:
@@ -672,6 +684,7 @@ def _split_fill(w, kind, mean, thr, bounds, rowptr, scols, svals, ocols, ovals):
                 ocols[p] = c
                 ovals[p] = w[r, c]
                 p += 1
+    return True, rowptr, ocols, ovals
 
 
 def split_slots(cols: int) -> int:
@@ -734,17 +747,10 @@ def split_csr(w, wv, kind, stats):
     from ..dtypes import NONFINITE
     from ..outliers import Outliers
 
-    mean, thr, bounds, counts, scols, svals = stats
-    if np.isnan(mean).any():
+    ok, rowptr, ocols, ovals = _split_fill(wv, kind, *stats)
+    if not ok:
         raise ValueError(NONFINITE)
-    rowptr = np.zeros(w.shape[0] + 1, np.int64)
-    np.cumsum(counts, out=rowptr[1:])
-    narrow = narrow_rowptr(rowptr)  # checks the count first
-    nnz = int(rowptr[-1])
-    ocols, ovals = np.empty(nnz, col_index_dtype(w.shape[1])), np.empty(nnz, wv.dtype)
-    if nnz:
-        _split_fill(wv, kind, mean, thr, bounds, rowptr, scols, svals, ocols, ovals)
-    return Outliers(narrow, ocols, ovals.view(np.dtype(w.dtype)))
+    return Outliers(narrow_rowptr(rowptr), ocols, ovals.view(np.dtype(w.dtype)))
 
 
 def _chunks(rows: int) -> int:
