@@ -198,6 +198,56 @@ def test_rows_dot_is_each_rows_levels_times_x(width, grouped, bits, kind, nwu, g
     assert np.all(np.abs(got - want) <= bound)
 
 
+_SIGNED = {(b, n, w): _rows_caller(numba_simd.rows_dot(b, n, 1, w, signed=True), n, 1)
+           for w in (8, 16) for b in (2, 4) for n in (4, 1)}
+
+
+@pytest.mark.parametrize("width", [8, 16])
+@given(st.sampled_from([2, 4]), st.sampled_from([4, 1]), st.integers(0, 70), st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=40, deadline=None)
+def test_signed_rows_dot_is_the_symmetric_lookup(width, bits, nrows, nwu, seed):
+    """rows_dot(signed=True) makes each code's level code + qmin by sign extension: the sum of
+    levels times x within the float32 bound, and, where the host runs the lookup at this width,
+    the lookup's result with the symmetric table bit for bit. A wrong flip, shift or sign fails."""
+    per = 32 // bits
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2 ** 32, (nrows, nwu), dtype=np.uint64).astype(np.uint32)
+    xt = rng.normal(size=(1, per, nwu)).astype(np.float32)
+    levels = np.arange(1 << bits, dtype=np.float32) - (1 << (bits - 1))
+    lut = np.ascontiguousarray(np.tile(levels[np.arange(16) % (1 << bits)], (nrows, 1)))
+    n = nwu - nwu % width
+    codes = (q[:, None, :n] >> (bits * np.arange(per, dtype=np.uint32))[None, :, None]) & np.uint32((1 << bits) - 1)
+    lev = levels[codes].astype(np.float64)
+    got = np.array(_SIGNED[bits, nrows, width](q, xt, lut), np.float64).reshape(nrows, 1)
+    want = np.einsum("ikw,bkw->ib", lev, xt[:, :, :n].astype(np.float64))
+    bound = 1e-5 * np.einsum("ikw,bkw->ib", np.abs(lev), np.abs(xt[:, :, :n]).astype(np.float64)) + 1e-30
+    assert np.all(np.abs(got - want) <= bound)
+    if _HOST[width]:
+        looked = np.array(_ROWS[False, bits, nrows, 1, width](q, xt, lut), np.float64).reshape(nrows, 1)
+        assert np.array_equal(got, looked)
+
+
+@needs_simd
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("rows", [4, 11])
+def test_batch_1_signed_levels_give_the_lookups_product(monkeypatch, bits, rows):
+    """Batch 1 on the symmetric grid through the row-lookup kernel: levels by sign extension (the
+    default at 8 lanes) and by lookup give the same product bit for bit, outliers and the rows
+    after the last block of 4 included."""
+    w = weights(rows, 700, seed=bits, dtype=np.float16)
+    qt = eqcore.quantize(w, bits=bits, sigma=2.5, steps=3)
+    assert qt.outlier_vals.size > 0
+    x = np.random.default_rng(rows).normal(size=(1, 700)).astype(np.float32)
+    seen, kernel, ys = [], nb._gemv_rows_kernel, {}
+    monkeypatch.setattr(nb, "_gemv_rows_kernel", lambda *a: seen.append(a[11]) or kernel(*a))
+    for signed in (False, True):
+        monkeypatch.setattr(nb, "SIGNED_LEVELS", signed)
+        ys[signed] = eqcore.matmul(x, qt)
+    assert seen == [False, True]
+    assert np.array_equal(ys[True], ys[False])
+    close(ys[True], x, qt)
+
+
 def test_rows_dot_takes_2_and_4_bits():
     with pytest.raises(ValueError, match="2 or 4 bits"):
         numba_simd.rows_dot(8, 4)

@@ -529,6 +529,10 @@ _lev2, _lev4, _lev2_off, _lev4_off, _lev8_off = (group_levels(b, o, WIDTH or 8) 
                                                  ((2, False), (4, False), (2, True), (4, True), (8, True)))
 _rows4_2, _rows4_4, _rows4x2_2, _rows4x2_4, _rows4x4_2, _rows4x4_4, _rows1_2, _rows1_4 = (
     rows_dot(b, n, nx, WIDTH or 8) for n, nx in ((4, 1), (4, 2), (4, 4), (1, 1)) for b in (2, 4))
+_srows4_2, _srows4_4, _srows1_2, _srows1_4 = (
+    rows_dot(b, n, 1, WIDTH or 8, signed=True) for n in (4, 1) for b in (2, 4))
+SIGNED_LEVELS = WIDTH == 8  # batch 1 on the symmetric grid: levels by sign extension, not lookup, where a
+# lookup takes two vpermps and a blend (AVX2: 4096x4096 4-bit, 2 threads, Zen 3, 2026-12-02: see README)
 _grows4_2, _grows4_4, _grows4x2_2, _grows4x2_4, _grows1_2, _grows1_4 = (
     rows_dot(b, n, nx, WIDTH or 8, grouped=True) for n, nx in ((4, 1), (4, 2), (1, 1)) for b in (2, 4))
 ROWS_BATCH = 4  # rows of x up to which one scale per row, 2 and 4 bits, take the row-lookup GEMV (batch 4: 1.5-2.1
@@ -664,11 +668,13 @@ def _gemv_group_rows_kernel(xt, x, qweight, lut, scales, rel, first, bits, rowpt
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_rows_kernel(xt, x, qweight, luts, step, scales, bits, rowptr, ocols, dvals, dkind, chunks, out):
+def _gemv_rows_kernel(xt, x, qweight, luts, step, scales, bits, rowptr, ocols, dvals, dkind, signed, chunks, out):
     """Batches up to ROWS_BATCH, one scale per row, codes of 2 or 4 bits: rows in blocks of 4, each
     block's lookup dots with the rows of x, up to 4 at a time (:func:`_rows_block`; row r's levels
     by code ``luts[r * step]``, 16 entries: code + qmin, code - zero or a codebook), then its scale
-    and outliers (:func:`_gemv_row`). ``xt`` as :func:`_gemv_simd_kernel` takes it."""
+    and outliers (:func:`_gemv_row`). ``xt`` as :func:`_gemv_simd_kernel` takes it. ``signed``
+    (the symmetric grid's code + qmin tables, batch 1): the levels by sign extension instead
+    (``rows_dot(signed=True)``, the same values)."""
     nwu = xt.shape[2]
     rows = qweight.shape[0]
     batch = xt.shape[0]
@@ -683,15 +689,24 @@ def _gemv_rows_kernel(xt, x, qweight, luts, step, scales, bits, rowptr, ocols, d
             if nr == 4:
                 qs = _block_rows(qweight, r0, qpad)
                 ls = (luts[r0 * step], luts[(r0 + 1) * step], luts[(r0 + 2) * step], luts[(r0 + 3) * step])
-                for b0 in range(0, batch, 4):
-                    _rows_block(qs, xt, ls, b0, min(4, batch - b0), bits, acc)
+                if signed:
+                    xs1 = (xt[0],)
+                    t1 = _srows4_4(qs, xs1, ls) if bits == 4 else _srows4_2(qs, xs1, ls)
+                    for i in range(4):
+                        acc[i, 0] = t1[i]
+                else:
+                    for b0 in range(0, batch, 4):
+                        _rows_block(qs, xt, ls, b0, min(4, batch - b0), bits, acc)
             else:
                 for i in range(nr):
                     q1 = (_whole_vectors(qweight, r0 + i, qpad),)
                     l1 = (luts[(r0 + i) * step],)
                     for b in range(batch):
                         xs1 = (xt[b],)
-                        acc[i, b] = (_rows1_4(q1, xs1, l1) if bits == 4 else _rows1_2(q1, xs1, l1))[0]
+                        if signed:
+                            acc[i, b] = (_srows1_4(q1, xs1, l1) if bits == 4 else _srows1_2(q1, xs1, l1))[0]
+                        else:
+                            acc[i, b] = (_rows1_4(q1, xs1, l1) if bits == 4 else _rows1_2(q1, xs1, l1))[0]
             for i in range(nr):
                 _gemv_row(acc[i], r0 + i, scales[r0 + i, 0], rowptr, ocols, dvals, dkind, x, out)
 
@@ -884,7 +899,8 @@ def matmul(x, qt) -> np.ndarray:
                    _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4), threads), out)
             return out
         if lookup:
-            launch(_gemv_rows_kernel, xt, x, qw, *luts, row_scales, bits, rowptr, ocols, dvals, dkind,
+            signed = SIGNED_LEVELS and batch == 1 and grid == GRID_SYMMETRIC and luts[1] == 0
+            launch(_gemv_rows_kernel, xt, x, qw, *luts, row_scales, bits, rowptr, ocols, dvals, dkind, signed,
                    _chunks(-(-rows // 4), threads), out)
             return out
         if table is not None:

@@ -192,7 +192,7 @@ def group_levels(bits: int, offset: bool, width: int = WIDTH):
     return levels
 
 
-def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH, grouped: bool = False):
+def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH, grouped: bool = False, signed: bool = False):
     """An intrinsic ``dot(qs, xs, luts) -> (float32,) * (nrows * nx)``: for each of ``nrows`` rows i
     and ``nx`` rows of x b, at [i * nx + b], the sum over slots k < 32 // bits and words w < nwu -
     nwu % width of luts[i][code] * xs[b][k, w], code = bits k * bits of qs[i][w] (``qs``, ``luts``,
@@ -208,7 +208,12 @@ def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH, grouped: bo
     first)`` with each row's group scales ``sgs[i]`` in whole-word groups (``rel``, ``first`` as
     :func:`group_dot` takes them): each word's sum over its slots, then times its group's scale
     (a word's slots share its group), so the scale costs one FMA per word, not one multiply per
-    code. Two accumulators a row at batch 1 (per vector and in all, when grouped), one above."""
+    code. Two accumulators a row at batch 1 (per vector and in all, when grouped), one above.
+
+    ``signed``: the levels are the symmetric grid's code + qmin (code - 2^(bits-1)), the same
+    float32 values its tables hold, made without a lookup: each word XOR 2^(bits-1) in every slot,
+    then a slot's field sign-extended by two shifts and converted (``luts`` unread). At 8 lanes
+    (AVX2) that is 3 instructions a code, none a shuffle, against two ``vpermps`` and a blend."""
     if bits not in (2, 4):
         raise ValueError(f"rows_dot looks up codes of 2 or 4 bits, not {bits}")
     vf, vi = ir.VectorType(_F32, width), ir.VectorType(_I32, width)
@@ -257,11 +262,18 @@ def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH, grouped: bo
                     for acc in a:
                         builder.store(zero, acc)
                 sums = words
+            if signed:  # every slot's top bit flipped: its field read as signed is code - 2^(bits-1)
+                flip = sum(1 << (k * bits + bits - 1) for k in range(32 // bits))
+                qv = [builder.xor(q, ir.Constant(vi, [flip - (1 << 32)] * width)) for q in qv]
             for k in range(32 // bits):
                 xv = [builder.load(_slot_vector(builder, a, k, w, vf), align=4) for a in xa]
                 for i in range(nrows):
-                    code = qv[i] if k == 0 else builder.lshr(qv[i], ir.Constant(vi, [k * bits] * width))
-                    lev = _lookup(builder, width, tables[i], code)
+                    if signed:
+                        top = builder.shl(qv[i], ir.Constant(vi, [32 - bits * (k + 1)] * width))
+                        lev = builder.sitofp(builder.ashr(top, ir.Constant(vi, [32 - bits] * width)), vf)
+                    else:
+                        code = qv[i] if k == 0 else builder.lshr(qv[i], ir.Constant(vi, [k * bits] * width))
+                        lev = _lookup(builder, width, tables[i], code)
                     for b in range(nx):
                         add(sums[i * nx + b][k % nacc], lev, xv[b])
             if grouped:
