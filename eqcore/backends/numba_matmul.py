@@ -8,7 +8,8 @@ W is never formed whole. The kernels, by layout and batch:
 
 - one scale per row, 2/4-bit codes, any grid, batches up to :data:`ROWS_BATCH`, on hosts with
   AVX2 or AVX-512: the row-lookup GEMV (:func:`_gemv_rows_kernel`): 4 rows of W at a time, each
-  code's level one register lookup (:func:`eqcore.backends.numba_simd.rows_dot`), each load of x
+  code's level one register lookup (:func:`eqcore.backends.numba_simd.rows_dot`; at batch 1 on the
+  symmetric grid with AVX2, a sign extension instead, :data:`SIGNED_LEVELS`), each load of x
   serving the 4 rows; without SIMD (and for 8 bits) up to :data:`GEMV_BATCH` rows of x take slot
   dots (:func:`_slot_kernels`), codes unpacked in registers;
 - groups of whole words, batches up to :data:`SIMD_BATCH`: the same lookup with each word's slot
