@@ -900,7 +900,7 @@ def matmul(x, qt) -> np.ndarray:
                    _masked_ok(xt, _largest_level(qt, bits), bits), _chunks(-(-rows // 4), threads), out)
             return out
         if lookup:
-            signed = SIGNED_LEVELS and batch == 1 and grid == GRID_SYMMETRIC and luts[1] == 0
+            signed = SIGNED_LEVELS and batch == 1 and grid == GRID_SYMMETRIC  # its tables: code + qmin
             launch(_gemv_rows_kernel, xt, x, qw, *luts, row_scales, bits, rowptr, ocols, dvals, dkind, signed,
                    _chunks(-(-rows // 4), threads), out)
             return out

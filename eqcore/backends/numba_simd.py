@@ -247,7 +247,8 @@ def rows_dot(bits: int, nrows: int, nx: int = 1, width: int = WIDTH, grouped: bo
             sa = unpack(nrows, signature.args[3], args[3])
             ra, fa = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[4:], args[4:]))
             words = accumulators()
-        tables = [[_load(builder, a.data, _I64(8 * h), vf) for h in range(TABLE // width)] for a in la]
+        tables = None if signed else [[_load(builder, a.data, _I64(8 * h), vf) for h in range(TABLE // width)]
+                                      for a in la]
         pf = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
         with cgutils.for_range(builder, builder.udiv(builder.extract_value(xa[0].shape, 1), _I64(width))) as loop:
             w = builder.mul(loop.index, _I64(width))
