@@ -175,6 +175,7 @@ def test_no_corruption_crashes_the_process(tmp_path):
         p.write_bytes(_emit(header, bad))
         paths.append(p)
     # one process for all of them (40 imports of eqcore took 76-120 s): a crash in any ends it early
-    r = subprocess.run([sys.executable, "-c", CRASH, *map(str, paths)], capture_output=True, text=True, timeout=300)
+    names = [str(p) for p in paths]
+    r = subprocess.run([sys.executable, "-c", CRASH, *names], capture_output=True, text=True, timeout=300)
     seen = r.stdout.splitlines()
-    assert r.returncode == 0 and seen == [*map(str, paths), "done"], (seen[-2:], r.returncode, r.stderr[-1000:])
+    assert r.returncode == 0 and seen == [*names, "done"], (seen[-2:], r.returncode, r.stderr[-1000:])
