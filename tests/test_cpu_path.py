@@ -141,6 +141,17 @@ def test_optimize_scales_moves_and_improves():
     assert np.all(reconstruction_loss(w, s, cfg) <= reconstruction_loss(w, s0, cfg))
 
 
+@pytest.mark.parametrize("group_size", [None, 16, 24])
+def test_optimize_scales_in_row_blocks_is_bit_identical(monkeypatch, group_size):
+    """The solve is split into calls of bounded work (so that Ctrl-C is not held long); a
+    block boundary must change no scale, a last block shorter than the others included."""
+    w = weights(37, 64, 5)
+    cfg = QuantConfig(bits=3, steps=30, group_size=group_size)
+    whole = adam_numba.optimize_scales(w, cfg)
+    monkeypatch.setattr(adam_numba, "CALL_WORK", 1)  # the smallest block: 4 rows a thread
+    np.testing.assert_array_equal(adam_numba.optimize_scales(w, cfg), whole)
+
+
 # -- encode / pack / unpack -------------------------------------------------------
 @SETTINGS
 @given(shape=shapes, bits=st.sampled_from(BITS), kind=st.sampled_from(["none", "divisor", "odd", "big"]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from ..backends.numba import quant_code
 from ..layout import group_layout, max_scale
@@ -17,6 +17,7 @@ from . import rowmath
 
 initial_scale = njit(rowmath.initial_scale)
 adam_step = njit(rowmath.adam_step)
+CALL_WORK = 1 << 28  # weight-steps per kernel call (~0.1-0.3 s), so that Ctrl-C is never long held
 
 
 # reassoc lets LLVM vectorise the float64 sums; quant_code is compiled apart, without it
@@ -81,6 +82,10 @@ def optimize_scales(x: np.ndarray, config, smax=None) -> np.ndarray:
     out = np.empty(rows * n_groups, dtype=np.float32)
     b1, b2 = config.betas
     smax = max_scale(np.float32, config.qmax) if smax is None else np.float32(smax)
-    _optimize_kernel(x.reshape(-1), rows, cols, g, n_groups, np.float32(config.qmin), np.float32(config.qmax),
-                     int(config.steps), float(config.lr), float(b1), float(b2), float(config.eps), smax, out)
+    block = max(4 * get_num_threads(), CALL_WORK // max(1, cols * config.steps))
+    for r in range(0, rows, block):  # each group is solved alone: the blocks change no result
+        part = x[r:r + block]
+        _optimize_kernel(part.reshape(-1), part.shape[0], cols, g, n_groups, np.float32(config.qmin),
+                         np.float32(config.qmax), int(config.steps), float(config.lr), float(b1), float(b2),
+                         float(config.eps), smax, out[r * n_groups:(r + part.shape[0]) * n_groups])
     return out.reshape(rows, n_groups)
