@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
+import contextlib
 import sys
 
 from .backends import CHOICES
@@ -12,17 +12,10 @@ from .io.folders import OutputExistsError
 from .config import QuantConfig
 from .errors import ClusterError
 from .grids import CODEBOOKS
+from .interrupts import Terminated, raised_at_safe_points
 from .layout import GRIDS, SCALE_DTYPES, SUPPORTED_BITS
 from .outliers import SELECTORS
 from .solvers import SOLVERS
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
 
 
 def _config(a) -> QuantConfig:
@@ -137,9 +130,10 @@ def _fmt(v, spec):
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     debug = a.debug or os.environ.get("EQCORE_DEBUG", "") not in ("", "0")
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if argv is None else None
+    signals = raised_at_safe_points() if argv is None else contextlib.nullcontext()
     try:
-        return _run(a)
+        with signals:
+            return _run(a)
     except Terminated:
         if debug:
             raise
@@ -169,9 +163,6 @@ def main(argv=None) -> int:
             msg = f"{msg}: {e.filename}"
         print(f"eqcore {a.command}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(a) -> int:
