@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
-import contextlib
 import sys
 
 from .backends import CHOICES
