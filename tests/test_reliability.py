@@ -540,8 +540,17 @@ def _signal_self_then_spin(sig):
     return "finished"
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Python's own SIGINT handler, even where the tests run in a background job (CI), which
+    inherits SIGINT ignored, a state raised_at_safe_points keeps."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("sig, exc", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
-def test_a_signal_in_a_finalizer_is_not_swallowed(sig, exc):
+def test_a_signal_in_a_finalizer_is_not_swallowed(sig, exc, sigint_as_in_a_terminal):
     """Python prints and drops an exception raised in __del__ (as in llvmlite's), so a plain
     handler lets the conversion run on after Ctrl-C; the signal must arrive after it instead."""
     class Finalized:
@@ -554,7 +563,8 @@ def test_a_signal_in_a_finalizer_is_not_swallowed(sig, exc):
         pytest.fail("the signal was swallowed")
 
 
-def test_a_signal_in_the_jit_compiler_waits_until_it_returns_and_says_so(monkeypatch, capsys):
+def test_a_signal_in_the_jit_compiler_waits_until_it_returns_and_says_so(monkeypatch, capsys,
+                                                                        sigint_as_in_a_terminal):
     jit = {"__name__": "numba.core.fake", "os": os}
     compile_ = type(_signal_self_then_spin)(_signal_self_then_spin.__code__, jit)  # its frame is in "numba"
     monkeypatch.setattr(interrupts, "SAY_AFTER", -1.0)  # say it at once
