@@ -38,26 +38,27 @@ def raised_at_safe_points():
     """Within: SIGINT raises KeyboardInterrupt and SIGTERM raises :class:`Terminated`, in a safe
     frame only. A SIGINT that the caller ignored (``nohup``, a background job) stays ignored.
     Main thread only; the previous handlers are restored on exit."""
-    pending, said = [], []
+    held, said = None, False  # (the latest signal, when the first was held); the notice given
 
     def deliver(frame):
+        nonlocal held, said
         if unsafe(frame):
-            if not said and time.monotonic() - pending[0][1] > SAY_AFTER:
-                said.append(True)
+            if not said and time.monotonic() - held[1] > SAY_AFTER:
+                said = True
                 print("eqcore: stopping once the JIT compiler finishes (it cannot be stopped safely before)",
                       file=sys.stderr, flush=True)
             signal.setitimer(signal.ITIMER_REAL, RETRY)
             return
-        signum = pending.pop()[0]
-        pending.clear()
+        signum, held = held[0], None
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     def on_signal(signum, frame):
-        pending.append((signum, time.monotonic()))
+        nonlocal held
+        held = (signum, time.monotonic() if held is None else held[1])
         deliver(frame)
 
     def on_alarm(signum, frame):
-        if pending:
+        if held is not None:
             deliver(frame)
 
     handlers = {signal.SIGTERM: on_signal, signal.SIGALRM: on_alarm}
